@@ -1,0 +1,275 @@
+"""The token-shard format: WebDataset tars of pre-tokenized text plus one manifest.json.
+
+    SHARDS/
+      manifest.json          dtype, tokenizer sha256, per shard: name, split, tokens, bytes, sha256
+      train-000000.tar ...   samples `{key}.tokens`: raw little-endian uint16/uint32 token ids
+      val-000000.tar ...
+
+A sample is a chunk of whole documents, each followed by EOS, so packing at train time is a plain
+concatenation. Chunks (about a million characters of text each) rather than one sample per document
+keep per-sample tar overhead off the loader's hot path. Documents go to val by a hash of their text,
+so the split is stable whatever the order or the number of cores.
+
+`write_shards` tokenizes on every core; `read_manifest` and `read_shard` are the reading side the
+loader uses, over local paths or any URL WebDataset opens (http(s)://, pipe:, gs://, ...).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import tarfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import webdataset as wds
+from tqdm import tqdm
+
+from scalelm.data.checksum import sha256_file
+from scalelm.data.readers import list_input_files, read_documents
+from scalelm.data.tokenizer import SPECIAL_IDS, load_tokenizer
+from scalelm.data.workers import default_workers, imap_ordered
+from scalelm.errors import DataError
+
+FORMAT = "scalelm-shards"
+VERSION = 1
+MANIFEST = "manifest.json"
+SPLITS = ("train", "val")
+CHUNK_CHARS = 1 << 20
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def parse_size(text: str) -> int:
+    """'256MB' -> 268435456 (binary units: KB, MB, GB, TB, with or without the i); plain numbers are bytes."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)I?B?\s*", text.upper())
+    if not match:
+        raise DataError(f"size {text!r} is not understood: write e.g. 256MB, 1GB or 1048576")
+    number, unit = match.groups()
+    return int(float(number) * (1 << (10 * " KMGT".index(unit or " "))))
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """uint16 while every id fits, else uint32."""
+    return np.dtype(np.uint16 if vocab_size <= 1 << 16 else np.uint32)
+
+
+def is_val(text: str, val_fraction: float) -> bool:
+    """Whether a document belongs to the validation split: a hash of its text, not its position."""
+    h = int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little")
+    return h < val_fraction * 2**64
+
+
+def write_shards(inputs: Sequence[str | Path], tokenizer: str | Path, out: str | Path, *,
+                 shard_size: int = 256 << 20, val_fraction: float = 0.01, workers: int | None = None,
+                 overwrite: bool = False, progress: bool = True) -> dict:
+    """Tokenize the documents in `inputs` into train/val tar shards under `out`; returns the manifest."""
+    out = Path(out)
+    if not 0.0 <= val_fraction < 1.0:
+        raise DataError(f"--val-fraction {val_fraction} must be in [0, 1)")
+    if shard_size < 1 << 16:
+        raise DataError(f"--shard-size {shard_size} bytes is too small: use at least 64KB")
+    if (out / MANIFEST).exists() and not overwrite:
+        raise DataError(f"{out} already holds shards: choose another --out or pass --overwrite")
+    sp = load_tokenizer(tokenizer)
+    files = list_input_files(inputs)
+    if not files:
+        raise DataError(f"no readable files in {', '.join(map(str, inputs))}: run `scalelm prepare` first")
+    out.mkdir(parents=True, exist_ok=True)
+    for old in [*out.glob("train-*.tar"), *out.glob("val-*.tar"), out / MANIFEST]:
+        old.unlink(missing_ok=True)
+
+    started = time.time()
+    dtype = token_dtype(sp.vocab_size())
+    sinks = {split: _ShardSink(out, split, shard_size) for split in SPLITS}
+    documents = {split: 0 for split in SPLITS}
+    workers = workers or default_workers()
+    jobs = ((chunk, val_fraction, dtype.str) for chunk in _chunks(read_documents(files)))
+    bar = tqdm(desc="shard", unit=" tok", unit_scale=True, disable=not progress, mininterval=1.0)
+    for parts in imap_ordered(_tokenize_chunk, jobs, workers, _init_worker, (str(tokenizer),)):
+        for split, (tokens, n_docs) in parts.items():
+            if n_docs:
+                sinks[split].write(tokens)
+                documents[split] += n_docs
+                bar.update(len(tokens))
+    bar.close()
+    if documents["train"] + documents["val"] == 0:
+        raise DataError(f"no documents in {', '.join(map(str, inputs))}: nothing to shard")
+
+    manifest = {
+        "format": FORMAT,
+        "version": VERSION,
+        "dtype": dtype.name,
+        "vocab_size": sp.vocab_size(),
+        "eos_id": sp.eos_id(),
+        "tokenizer": {"file": str(tokenizer), "sha256": sha256_file(tokenizer)},
+        "val_fraction": val_fraction,
+        "inputs": [str(p) for p in inputs],
+        "splits": {split: {"documents": documents[split], **sinks[split].close()} for split in SPLITS},
+        "seconds": round(time.time() - started, 3),
+    }
+    tmp = out / f".{MANIFEST}.tmp"
+    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
+    tmp.rename(out / MANIFEST)  # last: a directory without a manifest is not a shard set
+    return manifest
+
+
+class _ShardSink:
+    """One split's tar files, rolled over at `shard_size` bytes, with per-shard accounting."""
+
+    def __init__(self, out: Path, split: str, shard_size: int):
+        self.out, self.split, self.shard_size = out, split, shard_size
+        self.shards: list[dict] = []
+        self._writer: wds.TarWriter | None = None
+        self._bytes = 0
+
+    def write(self, tokens: np.ndarray) -> None:
+        if self._writer is None or self._bytes >= self.shard_size:
+            self._roll()
+        entry = self.shards[-1]
+        self._writer.write({"__key__": f"{entry['chunks']:08d}", "tokens": tokens.tobytes()})
+        entry["chunks"] += 1
+        entry["tokens"] += int(tokens.size)
+        self._bytes += tokens.nbytes + 1024  # payload plus tar headers
+
+    def close(self) -> dict:
+        self._finish()
+        return {"tokens": sum(s["tokens"] for s in self.shards), "shards": self.shards}
+
+    def _roll(self) -> None:
+        self._finish()
+        name = f"{self.split}-{len(self.shards):06d}.tar"
+        self._tmp = self.out / f".{name}.tmp"
+        self._writer = wds.TarWriter(str(self._tmp), encoder=False)
+        self._bytes = 0
+        self.shards.append({"name": name, "tokens": 0, "chunks": 0})
+
+    def _finish(self) -> None:
+        if self._writer is None:
+            return
+        self._writer.close()
+        entry = self.shards[-1]
+        final = self.out / entry["name"]
+        self._tmp.rename(final)
+        entry["bytes"] = final.stat().st_size
+        entry["sha256"] = sha256_file(final)
+        self._writer = None
+
+
+def _chunks(texts: Iterator[str]) -> Iterator[list[str]]:
+    chunk, size = [], 0
+    for text in texts:
+        if text:
+            chunk.append(text)
+            size += len(text)
+        if size >= CHUNK_CHARS:
+            yield chunk
+            chunk, size = [], 0
+    if chunk:
+        yield chunk
+
+
+_worker_sp = None
+
+
+def _init_worker(tokenizer: str) -> None:
+    global _worker_sp  # NOTE: per-process tokenizer of a pool worker, loaded once
+    _worker_sp = load_tokenizer(tokenizer)
+
+
+def _tokenize_chunk(args: tuple[list[str], float, str]) -> dict[str, tuple[np.ndarray, int]]:
+    """Worker: encode a chunk of documents; each split's documents concatenated, each followed by EOS."""
+    texts, val_fraction, dtype = args
+    eos = _worker_sp.eos_id()
+    parts = {}
+    for split in SPLITS:
+        docs = [t for t in texts if is_val(t, val_fraction) == (split == "val")]
+        ids = _worker_sp.encode(docs)
+        flat = np.concatenate([np.asarray(doc + [eos], dtype=dtype) for doc in ids]) if ids else np.empty(0, dtype)
+        parts[split] = (flat, len(docs))
+    return parts
+
+
+# --------------------------------------------------------------------------- reading
+
+
+@dataclass(frozen=True)
+class Shard:
+    url: str
+    tokens: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class ShardSet:
+    """One split of a shard directory, as its manifest describes it."""
+
+    source: str
+    split: str
+    dtype: np.dtype
+    eos_id: int
+    vocab_size: int
+    tokenizer_sha256: str
+    shards: tuple[Shard, ...]
+
+    @property
+    def tokens(self) -> int:
+        return sum(s.tokens for s in self.shards)
+
+
+def join_url(source: str, name: str) -> str:
+    return f"{source.rstrip('/')}/{name}"
+
+
+def read_manifest(source: str | Path, split: str, tokenizer_sha256: str | None = None) -> ShardSet:
+    """The `split` of the shard set at `source` (a directory or URL prefix), checked against the tokenizer."""
+    source = str(source)
+    url = join_url(source, MANIFEST)
+    if "://" not in source and not source.startswith("pipe:") and not Path(url).is_file():
+        if not Path(source).exists():
+            raise DataError(f"shard directory not found: {source}: check the path (written by `scalelm shard --out`)")
+        raise DataError(f"{url} is missing: {source} was not written by `scalelm shard` (or the run did not finish)")
+    try:
+        with wds.gopen(url, "rb") as f:
+            manifest = json.loads(f.read())
+    except (OSError, ValueError) as e:
+        raise DataError(f"{url}: cannot be read as a manifest ({' '.join(str(e).split())})") from None
+    if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
+        raise DataError(f"{url}: not a scalelm-shards v{VERSION} manifest; re-create the shards with `scalelm shard`")
+    if tokenizer_sha256 is not None and manifest["tokenizer"]["sha256"] != tokenizer_sha256:
+        raise DataError(
+            f"{source} was made with another tokenizer (sha256 {manifest['tokenizer']['sha256'][:12]}…, "
+            f"{manifest['tokenizer']['file']}) than data.tokenizer (sha256 {tokenizer_sha256[:12]}…): "
+            f"re-shard with this tokenizer or point data.tokenizer at the one used")
+    if split not in manifest["splits"]:
+        raise DataError(f"{url}: has no {split!r} split (has {', '.join(manifest['splits'])})")
+    shards = tuple(Shard(join_url(source, s["name"]), s["tokens"], s["sha256"])
+                   for s in manifest["splits"][split]["shards"])
+    return ShardSet(source, split, np.dtype(manifest["dtype"]), manifest["eos_id"], manifest["vocab_size"],
+                    manifest["tokenizer"]["sha256"], shards)
+
+
+def read_shard(shard: Shard, dtype: np.dtype) -> np.ndarray:
+    """All token ids of one shard, in stored order; a corrupt or truncated shard raises DataError."""
+    tokens = np.empty(shard.tokens, dtype=dtype)
+    filled = 0
+    try:
+        for sample in wds.tariterators.tarfile_samples([{"url": shard.url}]):
+            chunk = np.frombuffer(sample["tokens"], dtype=dtype)
+            if filled + chunk.size > shard.tokens:
+                raise DataError(f"{shard.url}: holds more tokens than its manifest says ({shard.tokens}): it was "
+                                f"replaced after `scalelm shard` wrote the manifest; re-create the shard set")
+            tokens[filled : filled + chunk.size] = chunk
+            filled += chunk.size
+    except (tarfile.TarError, OSError, KeyError, ValueError) as e:
+        raise DataError(f"{shard.url}: corrupt or unreadable shard ({' '.join(str(e).split())}): "
+                        f"re-create it with `scalelm shard`, or set data.on_bad_shard=skip") from None
+    if filled != shard.tokens:
+        raise DataError(f"{shard.url}: truncated, {filled} of the {shard.tokens} tokens its manifest lists: "
+                        f"re-create it with `scalelm shard`, or set data.on_bad_shard=skip")
+    return tokens

@@ -1,0 +1,117 @@
+"""`scalelm tokenizer train`: a SentencePiece model with byte fallback and scalelm's special tokens.
+
+Ids 0-3 are fixed (<unk>, <s>, </s>, <pad>), the chat-role markers follow as user-defined
+symbols (so the text "<|user|>" encodes to one id), and every byte has a piece, so no text is
+ever unknown. Beside PATH.model, PATH.json records the seed, the settings and the SHA-256 of the
+input and of the model: the model's hash is the tokenizer's identity that shards are checked against.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import re
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import sentencepiece as spm
+
+from scalelm.data.checksum import sha256_file
+from scalelm.data.readers import list_input_files, read_documents
+from scalelm.data.workers import default_workers
+from scalelm.errors import DataError
+
+SPECIAL_IDS = {"unk": 0, "bos": 1, "eos": 2, "pad": 3}
+SPECIAL_PIECES = {"unk": "<unk>", "bos": "<s>", "eos": "</s>", "pad": "<pad>"}
+CHAT_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
+MAX_SENTENCE_BYTES = 1 << 14
+
+
+def meta_path(model_path: str | Path) -> Path:
+    """PATH.json beside PATH.model."""
+    return Path(model_path).with_suffix(".json")
+
+
+def train_tokenizer(inputs: Sequence[str | Path], out: str | Path, vocab_size: int, *, model_type: str = "bpe",
+                    seed: int = 0, max_sentences: int = 2_000_000, character_coverage: float = 0.9999,
+                    workers: int | None = None) -> dict:
+    """Train on the lines of the documents in `inputs`; writes OUT (.model) and OUT's .json; returns the meta."""
+    out = Path(out)
+    if out.suffix != ".model":
+        raise DataError(f"--out {out}: a SentencePiece model path must end in .model")
+    files = list_input_files(inputs)
+    if not files:
+        raise DataError(f"no readable files in {', '.join(map(str, inputs))}: run `scalelm prepare` first")
+    input_hash = hashlib.sha256()
+    counted = {"sentences": 0}
+
+    def sentences() -> Iterator[str]:
+        for doc in read_documents(files):
+            input_hash.update(doc.encode())
+            input_hash.update(b"\0")
+            for line in doc.split("\n"):
+                if line.strip():
+                    counted["sentences"] += 1
+                    yield line
+
+    model = io.BytesIO()
+    # NOTE: sentencepiece samples input_sentence_size lines with its own RNG; seeding it makes the
+    # model a function of (input, settings, seed) alone.
+    spm.set_random_generator_seed(seed)
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=sentences(), model_writer=model, vocab_size=vocab_size, model_type=model_type,
+            byte_fallback=True, character_coverage=character_coverage, split_digits=True,
+            normalization_rule_name="identity", remove_extra_whitespaces=False, allow_whitespace_only_pieces=True,
+            max_sentence_length=MAX_SENTENCE_BYTES, input_sentence_size=max_sentences, shuffle_input_sentence=True,
+            unk_id=SPECIAL_IDS["unk"], bos_id=SPECIAL_IDS["bos"], eos_id=SPECIAL_IDS["eos"], pad_id=SPECIAL_IDS["pad"],
+            user_defined_symbols=list(CHAT_TOKENS), num_threads=workers or default_workers(),
+            minloglevel=2,
+        )
+    except RuntimeError as e:
+        raise DataError(f"sentencepiece could not train a {vocab_size}-piece model: {_explain(str(e), vocab_size)}") from None
+    if counted["sentences"] == 0:
+        raise DataError(f"no text in {', '.join(map(str, inputs))}: the documents are empty")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.write_bytes(model.getvalue())
+    tmp.rename(out)
+    meta = {
+        "sha256": sha256_file(out),
+        "vocab_size": vocab_size,
+        "model_type": model_type,
+        "seed": seed,
+        "input_sha256": input_hash.hexdigest(),
+        "inputs": [str(p) for p in inputs],
+        "sentences": counted["sentences"],
+        "special_ids": {**SPECIAL_IDS, **{t: _piece_id(out, t) for t in CHAT_TOKENS}},
+        "sentencepiece_version": spm.__version__,
+    }
+    meta_path(out).write_text(json.dumps(meta, indent=2) + "\n")
+    return meta
+
+
+def load_tokenizer(path: str | Path) -> spm.SentencePieceProcessor:
+    """Load a SentencePiece model, with a one-line error for a missing or broken file."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"tokenizer not found: {path}: train one with `scalelm tokenizer train`")
+    try:
+        return spm.SentencePieceProcessor(model_file=str(path))
+    except (RuntimeError, OSError) as e:
+        raise DataError(f"{path}: not a SentencePiece model ({' '.join(str(e).split())})") from None
+
+
+def _piece_id(model: Path, piece: str) -> int:
+    return load_tokenizer(model).piece_to_id(piece)
+
+
+def _explain(message: str, vocab_size: int) -> str:
+    message = " ".join(message.split())
+    if m := re.search(r"smaller than required_chars\. (\d+) vs (\d+)", message):
+        return (f"byte fallback and the corpus's characters need {m.group(2)} pieces: "
+                f"use --vocab-size {m.group(2)} or more")
+    if m := re.search(r"<= (\d+)", message):
+        return f"the corpus supports at most {m.group(1)} pieces: lower --vocab-size or add text"
+    return message

@@ -1,0 +1,17 @@
+"""Errors meant for people: each carries one line that names the thing at fault and what to do.
+
+The CLI prints `scalelm: error: <message>` for these and exits with status 2, instead of a
+traceback. Anything else that escapes is a bug in scalelm and keeps its traceback.
+"""
+
+
+class ScalelmError(Exception):
+    """A problem with the user's input, config or files, explained in one line."""
+
+
+class ConfigError(ScalelmError):
+    """A config field has a bad value; the message names the field, the value and the fix."""
+
+
+class DataError(ScalelmError):
+    """An input file, shard, manifest or tokenizer cannot be used as it is."""

@@ -1,0 +1,55 @@
+"""Shared fixtures: every test makes its own data; nothing is downloaded."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+from scalelm.data.prepare import prepare
+from scalelm.data.shards import write_shards
+from scalelm.data.tokenizer import train_tokenizer
+
+_SYLLABLES = "ka lo mi ren ta vo shi pel dar nu ess tor bri an qu el fa zo ry wen".split()
+
+
+def make_words(n: int, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    return ["".join(rng.choice(_SYLLABLES) for _ in range(rng.randint(1, 3))) for _ in range(n)]
+
+
+def make_document(rng: random.Random, words: list[str], sentences: int) -> str:
+    """Prose-like text: capitalised sentences of Zipf-ish words, in paragraphs."""
+    out = []
+    for i in range(sentences):
+        n = rng.randint(4, 14)
+        sentence = " ".join(words[min(int(rng.paretovariate(1.1)) - 1, len(words) - 1)] for _ in range(n))
+        out.append(sentence.capitalize() + rng.choice([".", ".", "!", "?"]))
+        if i % 5 == 4:
+            out.append("\n\n")
+    return " ".join(out).replace(" \n\n ", "\n\n")
+
+
+def write_corpus(folder: Path, n_docs: int, seed: int = 0, sentences: tuple[int, int] = (20, 60)) -> Path:
+    """n_docs documents as one .jsonl file; returns the folder."""
+    rng = random.Random(seed)
+    words = make_words(600, seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / "corpus.jsonl", "w") as f:
+        for _ in range(n_docs):
+            f.write(json.dumps({"text": make_document(rng, words, rng.randint(*sentences))}) + "\n")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def pipeline(tmp_path_factory) -> dict[str, Path]:
+    """raw corpus -> documents -> tokenizer -> shards, made once for the session (about 100K tokens)."""
+    root = tmp_path_factory.mktemp("pipeline")
+    raw = write_corpus(root / "raw", n_docs=300)
+    prepare([raw], root / "docs", workers=1, progress=False)
+    train_tokenizer([root / "docs"], root / "tok.model", vocab_size=400, workers=1)
+    write_shards([root / "docs"], root / "tok.model", root / "shards", shard_size=64 << 10, val_fraction=0.1,
+                 workers=1, progress=False)
+    return {"raw": raw, "docs": root / "docs", "tokenizer": root / "tok.model", "shards": root / "shards"}
