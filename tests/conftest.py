@@ -21,15 +21,12 @@ def make_words(n: int, seed: int = 0) -> list[str]:
 
 
 def make_document(rng: random.Random, words: list[str], sentences: int) -> str:
-    """Prose-like text: capitalised sentences of Zipf-ish words, in paragraphs."""
+    """Prose-like text: capitalised sentences of skewed-frequency words, five to a paragraph."""
     out = []
-    for i in range(sentences):
-        n = rng.randint(4, 14)
-        sentence = " ".join(words[min(int(rng.paretovariate(1.1)) - 1, len(words) - 1)] for _ in range(n))
-        out.append(sentence.capitalize() + rng.choice([".", ".", "!", "?"]))
-        if i % 5 == 4:
-            out.append("\n\n")
-    return " ".join(out).replace(" \n\n ", "\n\n")
+    for _ in range(sentences):
+        sentence = " ".join(words[int(len(words) * rng.random() ** 3)] for _ in range(rng.randint(4, 14)))
+        out.append(sentence.capitalize() + rng.choice(".!?."))
+    return "\n\n".join(" ".join(out[i : i + 5]) for i in range(0, len(out), 5))
 
 
 def write_corpus(folder: Path, n_docs: int, seed: int = 0, sentences: tuple[int, int] = (20, 60)) -> Path:

@@ -89,7 +89,9 @@ def write_shards(inputs: Sequence[str | Path], tokenizer: str | Path, out: str |
     sinks = {split: _ShardSink(out, split, shard_size) for split in SPLITS}
     documents = {split: 0 for split in SPLITS}
     workers = workers or default_workers()
-    jobs = ((chunk, val_fraction, dtype.str) for chunk in _chunks(read_documents(files)))
+    # Chunks of at most about a quarter shard, so even small shard sizes hold several.
+    chunk_chars = min(CHUNK_CHARS, shard_size // 2)
+    jobs = ((chunk, val_fraction, dtype.str) for chunk in _chunks(read_documents(files), chunk_chars))
     bar = tqdm(desc="shard", unit=" tok", unit_scale=True, disable=not progress, mininterval=1.0)
     for parts in imap_ordered(_tokenize_chunk, jobs, workers, _init_worker, (str(tokenizer),)):
         for split, (tokens, n_docs) in parts.items():
@@ -145,7 +147,7 @@ class _ShardSink:
         self._finish()
         name = f"{self.split}-{len(self.shards):06d}.tar"
         self._tmp = self.out / f".{name}.tmp"
-        self._writer = wds.TarWriter(str(self._tmp), encoder=False)
+        self._writer = wds.TarWriter(str(self._tmp), encoder=False, mtime=0)  # mtime 0: same input, same bytes
         self._bytes = 0
         self.shards.append({"name": name, "tokens": 0, "chunks": 0})
 
@@ -161,13 +163,13 @@ class _ShardSink:
         self._writer = None
 
 
-def _chunks(texts: Iterator[str]) -> Iterator[list[str]]:
+def _chunks(texts: Iterator[str], chunk_chars: int) -> Iterator[list[str]]:
     chunk, size = [], 0
     for text in texts:
         if text:
             chunk.append(text)
             size += len(text)
-        if size >= CHUNK_CHARS:
+        if size >= chunk_chars:
             yield chunk
             chunk, size = [], 0
     if chunk:

@@ -1,0 +1,46 @@
+import json
+
+import pytest
+
+from scalelm.data.checksum import sha256_file
+from scalelm.data.tokenizer import CHAT_TOKENS, load_tokenizer, meta_path, train_tokenizer
+from scalelm.errors import DataError
+
+
+def test_special_tokens_and_meta(pipeline):
+    sp = load_tokenizer(pipeline["tokenizer"])
+    assert (sp.unk_id(), sp.bos_id(), sp.eos_id(), sp.pad_id()) == (0, 1, 2, 3)
+    assert sp.vocab_size() == 400
+    meta = json.loads(meta_path(pipeline["tokenizer"]).read_text())
+    assert meta["sha256"] == sha256_file(pipeline["tokenizer"])
+    assert meta["seed"] == 0 and len(meta["input_sha256"]) == 64
+    for token in CHAT_TOKENS:  # each chat marker in text is one piece
+        ids = sp.encode(f"hello {token} world")
+        assert sp.piece_to_id(token) in ids and meta["special_ids"][token] == sp.piece_to_id(token)
+
+
+def test_byte_fallback_round_trips_unseen_text(pipeline):
+    sp = load_tokenizer(pipeline["tokenizer"])
+    text = "Ünïcødé ✓ 漢字 and  two  spaces\tand a tab"
+    ids = sp.encode(text)
+    assert 0 not in ids  # nothing is <unk>
+    assert sp.decode(ids) == text
+
+
+def test_reproducible(pipeline, tmp_path):
+    meta = train_tokenizer([pipeline["docs"]], tmp_path / "again.model", vocab_size=400, workers=1)
+    assert meta["sha256"] == sha256_file(pipeline["tokenizer"])
+    other = train_tokenizer([pipeline["docs"]], tmp_path / "unigram.model", vocab_size=400, model_type="unigram", workers=1)
+    assert other["sha256"] != meta["sha256"]
+
+
+def test_errors(pipeline, tmp_path):
+    with pytest.raises(DataError, match="must end in .model"):
+        train_tokenizer([pipeline["docs"]], tmp_path / "t.bin", vocab_size=400)
+    with pytest.raises(DataError, match=r"need \d+ pieces: use --vocab-size \d+ or more"):
+        train_tokenizer([pipeline["docs"]], tmp_path / "t.model", vocab_size=100)
+    with pytest.raises(DataError, match="tokenizer not found"):
+        load_tokenizer(tmp_path / "absent.model")
+    (tmp_path / "garbage.model").write_bytes(b"not a model")
+    with pytest.raises(DataError, match="not a SentencePiece model"):
+        load_tokenizer(tmp_path / "garbage.model")
