@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from scalelm.data.checksum import sha256_file
 from scalelm.data.readers import list_input_files, read_documents
-from scalelm.data.tokenizer import SPECIAL_IDS, load_tokenizer
+from scalelm.data.tokenizer import encode_documents, load_tokenizer
 from scalelm.data.workers import default_workers, imap_ordered
 from scalelm.errors import DataError
 
@@ -69,56 +69,68 @@ def write_shards(inputs: Sequence[str | Path], tokenizer: str | Path, out: str |
                  shard_size: int = 256 << 20, val_fraction: float = 0.01, workers: int | None = None,
                  overwrite: bool = False, progress: bool = True) -> dict:
     """Tokenize the documents in `inputs` into train/val tar shards under `out`; returns the manifest."""
-    out = Path(out)
     if not 0.0 <= val_fraction < 1.0:
         raise DataError(f"--val-fraction {val_fraction} must be in [0, 1)")
-    if shard_size < 1 << 16:
-        raise DataError(f"--shard-size {shard_size} bytes is too small: use at least 64KB")
-    if (out / MANIFEST).exists() and not overwrite:
-        raise DataError(f"{out} already holds shards: choose another --out or pass --overwrite")
     sp = load_tokenizer(tokenizer)
     files = list_input_files(inputs)
     if not files:
         raise DataError(f"no readable files in {', '.join(map(str, inputs))}: run `scalelm prepare` first")
-    out.mkdir(parents=True, exist_ok=True)
-    for old in [*out.glob("train-*.tar"), *out.glob("val-*.tar"), out / MANIFEST]:
-        old.unlink(missing_ok=True)
-
     started = time.time()
     dtype = token_dtype(sp.vocab_size())
-    sinks = {split: _ShardSink(out, split, shard_size) for split in SPLITS}
-    documents = {split: 0 for split in SPLITS}
-    workers = workers or default_workers()
+    writer = ShardSetWriter(Path(out), dtype=dtype, vocab_size=sp.vocab_size(), eos_id=sp.eos_id(),
+                            tokenizer={"file": str(tokenizer), "sha256": sha256_file(tokenizer)},
+                            shard_size=shard_size, overwrite=overwrite)
     # Chunks of at most about a quarter shard, so even small shard sizes hold several.
     chunk_chars = min(CHUNK_CHARS, shard_size // 2)
     jobs = ((chunk, val_fraction, dtype.str) for chunk in _chunks(read_documents(files), chunk_chars))
     bar = tqdm(desc="shard", unit=" tok", unit_scale=True, disable=not progress, mininterval=1.0)
-    for parts in imap_ordered(_tokenize_chunk, jobs, workers, _init_worker, (str(tokenizer),)):
+    for parts in imap_ordered(_tokenize_chunk, jobs, workers or default_workers(), _init_worker, (str(tokenizer),)):
         for split, (tokens, n_docs) in parts.items():
-            if n_docs:
-                sinks[split].write(tokens)
-                documents[split] += n_docs
-                bar.update(len(tokens))
+            writer.write(split, tokens, n_docs)
+            bar.update(len(tokens))
     bar.close()
-    if documents["train"] + documents["val"] == 0:
+    if writer.documents == 0:
         raise DataError(f"no documents in {', '.join(map(str, inputs))}: nothing to shard")
+    return writer.close(val_fraction=val_fraction, inputs=[str(p) for p in inputs],
+                        seconds=round(time.time() - started, 3))
 
-    manifest = {
-        "format": FORMAT,
-        "version": VERSION,
-        "dtype": dtype.name,
-        "vocab_size": sp.vocab_size(),
-        "eos_id": sp.eos_id(),
-        "tokenizer": {"file": str(tokenizer), "sha256": sha256_file(tokenizer)},
-        "val_fraction": val_fraction,
-        "inputs": [str(p) for p in inputs],
-        "splits": {split: {"documents": documents[split], **sinks[split].close()} for split in SPLITS},
-        "seconds": round(time.time() - started, 3),
-    }
-    tmp = out / f".{MANIFEST}.tmp"
-    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-    tmp.rename(out / MANIFEST)  # last: a directory without a manifest is not a shard set
-    return manifest
+
+class ShardSetWriter:
+    """A shard set in the making: each split's tars rolled over at `shard_size`, the manifest last."""
+
+    def __init__(self, out: Path, *, dtype: np.dtype, vocab_size: int, eos_id: int, tokenizer: dict,
+                 shard_size: int = 256 << 20, overwrite: bool = False):
+        if shard_size < 1 << 16:
+            raise DataError(f"--shard-size {shard_size} bytes is too small: use at least 64KB")
+        if (out / MANIFEST).exists() and not overwrite:
+            raise DataError(f"{out} already holds shards: choose another --out or pass --overwrite")
+        out.mkdir(parents=True, exist_ok=True)
+        for old in [*out.glob("train-*.tar"), *out.glob("val-*.tar"), out / MANIFEST]:
+            old.unlink(missing_ok=True)
+        self.out = out
+        self.header = {"format": FORMAT, "version": VERSION, "dtype": np.dtype(dtype).name, "vocab_size": vocab_size,
+                       "eos_id": eos_id, "tokenizer": tokenizer}
+        self.sinks = {split: _ShardSink(out, split, shard_size) for split in SPLITS}
+        self.split_documents = {split: 0 for split in SPLITS}
+
+    @property
+    def documents(self) -> int:
+        return sum(self.split_documents.values())
+
+    def write(self, split: str, tokens: np.ndarray, documents: int) -> None:
+        """One chunk: `documents` whole documents' tokens, each followed by EOS."""
+        if documents:
+            self.sinks[split].write(tokens)
+            self.split_documents[split] += documents
+
+    def close(self, **extra) -> dict:
+        """Finish the tars, then write manifest.json (with `extra` fields); returns the manifest."""
+        manifest = {**self.header, **extra, "splits": {
+            split: {"documents": self.split_documents[split], **sink.close()} for split, sink in self.sinks.items()}}
+        tmp = self.out / f".{MANIFEST}.tmp"
+        tmp.write_text(json.dumps(manifest, indent=2) + "\n")
+        tmp.rename(self.out / MANIFEST)  # last: a directory without a manifest is not a shard set
+        return manifest
 
 
 class _ShardSink:
@@ -191,9 +203,7 @@ def _tokenize_chunk(args: tuple[list[str], float, str]) -> dict[str, tuple[np.nd
     parts = {}
     for split in SPLITS:
         docs = [t for t in texts if is_val(t, val_fraction) == (split == "val")]
-        ids = _worker_sp.encode(docs)
-        flat = np.concatenate([np.asarray(doc + [eos], dtype=dtype) for doc in ids]) if ids else np.empty(0, dtype)
-        parts[split] = (flat, len(docs))
+        parts[split] = (encode_documents(_worker_sp, docs, eos=eos, dtype=np.dtype(dtype)), len(docs))
     return parts
 
 

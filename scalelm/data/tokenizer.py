@@ -4,6 +4,12 @@ Ids 0-3 are fixed (<unk>, <s>, </s>, <pad>), the chat-role markers follow as use
 symbols (so the text "<|user|>" encodes to one id), and every byte has a piece, so no text is
 ever unknown. Beside PATH.model, PATH.json records the seed, the settings and the SHA-256 of the
 input and of the model: the model's hash is the tokenizer's identity that shards are checked against.
+
+NOTE: the model is trained on lines and without SentencePiece's dummy prefix (like GPT-2 and
+Llama 3, a text's first word gets no leading "▁"). Together these mean no piece contains "\n",
+so a document's ids are exactly the concatenation of the ids of its parts cut after newlines.
+`encode_document` uses that: SentencePiece's BPE slows down on very long inputs (0.6M tokens/s
+on whole books here, 1.2M on 2K-character parts), and the parts give identical ids.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import re
 from pathlib import Path
 from typing import Iterator, Sequence
 
+import numpy as np
 import sentencepiece as spm
 
 from scalelm.data.checksum import sha256_file
@@ -64,6 +71,7 @@ def train_tokenizer(inputs: Sequence[str | Path], out: str | Path, vocab_size: i
             sentence_iterator=sentences(), model_writer=model, vocab_size=vocab_size, model_type=model_type,
             byte_fallback=True, character_coverage=character_coverage, split_digits=True,
             normalization_rule_name="identity", remove_extra_whitespaces=False, allow_whitespace_only_pieces=True,
+            add_dummy_prefix=False,
             max_sentence_length=MAX_SENTENCE_BYTES, input_sentence_size=max_sentences, shuffle_input_sentence=True,
             unk_id=SPECIAL_IDS["unk"], bos_id=SPECIAL_IDS["bos"], eos_id=SPECIAL_IDS["eos"], pad_id=SPECIAL_IDS["pad"],
             user_defined_symbols=list(CHAT_TOKENS), num_threads=workers or default_workers(),
@@ -101,6 +109,28 @@ def load_tokenizer(path: str | Path) -> spm.SentencePieceProcessor:
         return spm.SentencePieceProcessor(model_file=str(path))
     except (RuntimeError, OSError) as e:
         raise DataError(f"{path}: not a SentencePiece model ({' '.join(str(e).split())})") from None
+
+
+def split_for_encoding(text: str, size: int = 2048) -> list[str]:
+    """`text` cut after the first newline past every `size` characters; see the module NOTE."""
+    parts, start = [], 0
+    while start < len(text):
+        cut = text.find("\n", start + size)
+        end = len(text) if cut < 0 else cut + 1
+        parts.append(text[start:end])
+        start = end
+    return parts
+
+
+def encode_documents(sp: spm.SentencePieceProcessor, texts: list[str], size: int = 2048,
+                     eos: int | None = None, dtype: np.dtype = np.int64) -> np.ndarray:
+    """All texts' ids back to back, each text followed by `eos` if given; each text's ids are exactly
+    `sp.encode(text)`, computed part by part (single-threaded)."""
+    parts = [split_for_encoding(t, size) for t in texts]
+    ids = iter(sp.encode([p for ps in parts for p in ps], num_threads=1))
+    tail = [] if eos is None else [[eos]]
+    pieces = [np.asarray(x, dtype) for ps in parts for x in [*(next(ids) for _ in ps), *tail]]
+    return np.concatenate(pieces) if pieces else np.empty(0, dtype)
 
 
 def _piece_id(model: Path, piece: str) -> int:

@@ -44,3 +44,16 @@ def test_errors(pipeline, tmp_path):
     (tmp_path / "garbage.model").write_bytes(b"not a model")
     with pytest.raises(DataError, match="not a SentencePiece model"):
         load_tokenizer(tmp_path / "garbage.model")
+
+
+def test_encoding_in_parts_is_identical(pipeline):
+    from scalelm.data.readers import list_input_files, read_documents
+    from scalelm.data.tokenizer import encode_documents, split_for_encoding
+
+    sp = load_tokenizer(pipeline["tokenizer"])
+    docs = list(read_documents(list_input_files([pipeline["docs"]])))[:50]
+    docs.append("  leading spaces\n\n\nand\n  indented\nlines  \n" * 200)
+    assert all(len(split_for_encoding(d, 64)) > 1 for d in docs)
+    expected = [i for d in docs for i in [*sp.encode(d), sp.eos_id()]]
+    assert encode_documents(sp, docs, size=64, eos=sp.eos_id()).tolist() == expected
+    assert "".join(split_for_encoding(docs[-1], 64)) == docs[-1]
