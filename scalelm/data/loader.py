@@ -107,10 +107,6 @@ class TokenLoader:
         self._batches = 0
         self._states: list[dict | None] = [None] * self.layout.workers
 
-    @property
-    def eos_id(self) -> int:
-        return self.sets[0].eos_id
-
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         dataset = _ConsumerDataset(self.sets, self.layout, self.on_bad_shard, list(self._states),
                                    offset=self._batches % self.layout.workers)

@@ -249,8 +249,10 @@ def read_manifest(source: str | Path, split: str, tokenizer_sha256: str | None =
     try:
         with wds.gopen(url, "rb") as f:
             manifest = json.loads(f.read())
-    except (OSError, ValueError) as e:
-        raise DataError(f"{url}: cannot be read as a manifest ({' '.join(str(e).split())})") from None
+    except OSError:
+        raise DataError(f"{url}: cannot be read: check the address (is it a directory written by `scalelm shard`?)") from None
+    except ValueError as e:
+        raise DataError(f"{url}: not a manifest ({' '.join(str(e).split())}): re-create it with `scalelm shard`") from None
     if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
         raise DataError(f"{url}: not a scalelm-shards v{VERSION} manifest; re-create the shards with `scalelm shard`")
     if tokenizer_sha256 is not None and manifest["tokenizer"]["sha256"] != tokenizer_sha256:

@@ -1,6 +1,9 @@
+import functools
+import http.server
 import itertools
 import json
 import shutil
+import threading
 
 import numpy as np
 import pytest
@@ -225,3 +228,26 @@ def test_loader_refuses_shards_of_another_tokenizer(pipeline, tmp_path):
     cfg.data.tokenizer = str(tmp_path / "missing.model")
     with pytest.raises(DataError, match="data.tokenizer=.*missing.model not found"):
         loader_from_config(cfg)
+
+
+@pytest.fixture
+def served(pipeline):
+    """The shard set served over HTTP on loopback."""
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=pipeline["shards"]))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_port}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_shards_over_http_read_like_local_ones(pipeline, served):
+    remote = take(loader(served, num_workers=2), 4)
+    local = take(loader(pipeline["shards"], num_workers=2), 4)
+    assert all(torch.equal(a, b) for a, b in zip(remote, local))
+    with pytest.raises(DataError, match=r"/nothing/manifest.json: cannot be read: check the address"):
+        read_manifest(served + "/nothing", "train")

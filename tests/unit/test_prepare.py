@@ -3,7 +3,6 @@ import random
 
 import pytest
 
-from scalelm.data.docs import DocWriter
 from scalelm.data.prepare import prepare
 from scalelm.data.readers import list_input_files, read_documents
 from scalelm.errors import DataError
@@ -65,12 +64,3 @@ def test_empty_corpus(tmp_path):
 def test_missing_input(tmp_path):
     with pytest.raises(DataError, match="input not found"):
         prepare([tmp_path / "absent"], tmp_path / "out", progress=False)
-
-
-def test_doc_writer_rolls_over_and_leaves_no_temporary_files(tmp_path):
-    writer = DocWriter(tmp_path, max_bytes=100)
-    for i in range(5):
-        writer.write(f"document number {i} " * 5)
-    files = writer.close()
-    assert len(files) == 5 and sorted(p.name for p in tmp_path.iterdir()) == files
-    assert len(docs_in(tmp_path)) == 5
