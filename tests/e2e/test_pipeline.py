@@ -9,7 +9,7 @@ import torch
 
 from scalelm.data.loader import TokenLoader
 from scalelm.data.tokenizer import load_tokenizer
-from tests.conftest import write_corpus
+from tests.corpus import write_corpus
 
 
 def scalelm(*args: str) -> str:

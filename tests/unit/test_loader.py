@@ -13,7 +13,7 @@ from scalelm.config import load_config
 from scalelm.data.loader import TokenLoader, loader_from_config
 from scalelm.data.shards import read_manifest, read_shard, write_shards
 from scalelm.errors import DataError
-from tests.conftest import write_corpus
+from tests.corpus import write_corpus
 
 L = 32
 

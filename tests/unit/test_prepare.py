@@ -6,7 +6,7 @@ import pytest
 from scalelm.data.prepare import prepare
 from scalelm.data.readers import list_input_files, read_documents
 from scalelm.errors import DataError
-from tests.conftest import make_document, make_words, write_corpus
+from tests.corpus import make_document, make_words, write_corpus
 
 _rng = random.Random(0)
 LONG, OTHER, THIRD = (make_document(_rng, make_words(300), 30) for _ in range(3))

@@ -5,8 +5,7 @@ import pytest
 
 from scalelm.data.checksum import sha256_file
 from scalelm.data.readers import list_input_files, read_documents
-from scalelm.data.shards import (MANIFEST, is_val, parse_size, read_manifest, read_shard, token_dtype,
-                                 write_shards)
+from scalelm.data.shards import MANIFEST, is_val, parse_size, read_manifest, read_shard, token_dtype, write_shards
 from scalelm.data.tokenizer import load_tokenizer
 from scalelm.errors import DataError
 
