@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 from typing import Sequence
 
@@ -65,6 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of sentence sampling (default 0)")
     p.add_argument("--max-sentences", type=int, default=2_000_000, help="lines sampled for training (default 2M)")
     p.add_argument("--workers", type=int, default=None, help="threads (default: all cores)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing model at --out")
     p.set_defaults(run=_tokenizer_train)
 
     p = sub.add_parser("shard", help="tokenize documents into WebDataset shards",
@@ -117,20 +119,21 @@ def _tokenizer_train(args: argparse.Namespace) -> None:
     from scalelm.data.tokenizer import meta_path, train_tokenizer
 
     meta = train_tokenizer(args.inputs, args.out, args.vocab_size, model_type=args.model_type, seed=args.seed,
-                           max_sentences=args.max_sentences, workers=args.workers)
-    print(f"{meta['model_type']} tokenizer, {meta['vocab_size']} pieces, trained on {meta['sentences']} lines "
+                           max_sentences=args.max_sentences, workers=args.workers, overwrite=args.overwrite)
+    print(f"{meta['model_type']} tokenizer, {meta['vocab_size']} pieces, from {meta['lines_read']:,} lines of text "
           f"-> {args.out} (sha256 {meta['sha256'][:12]}…; details in {meta_path(args.out)})")
 
 
 def _shard(args: argparse.Namespace) -> None:
     from scalelm.data.shards import parse_size, write_shards
 
+    started = time.perf_counter()
     m = write_shards(args.inputs, args.tokenizer, args.out, shard_size=parse_size(args.shard_size),
                      val_fraction=args.val_fraction, workers=args.workers, overwrite=args.overwrite)
     splits = m["splits"]
     print(f"{splits['train']['tokens']:,} train tokens in {len(splits['train']['shards'])} shards, "
           f"{splits['val']['tokens']:,} val tokens in {len(splits['val']['shards'])} ({m['dtype']}) "
-          f"in {m['seconds']:.1f}s -> {args.out}/")
+          f"in {time.perf_counter() - started:.1f}s -> {args.out}/")
     if splits["val"]["tokens"] == 0 and args.val_fraction > 0:
         print(f"note: no document fell in the val split; raise --val-fraction (now {args.val_fraction})")
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -278,28 +279,24 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if isinstance(value, bool):
             return value
         raise ConfigError(f"{key}={value!r} is not a boolean: use true or false")
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        try:
-            number = float(value)
-        except (TypeError, ValueError):
-            number = None
-        if number is not None and number.is_integer():
-            return int(number)
-        raise ConfigError(f"{key}={value!r} is not an integer: give a whole number")
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        try:
-            return float(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"{key}={value!r} is not a number: give e.g. 3e-4") from None
+    if tp in (int, float):
+        # NOTE: YAML reads yes/no/on/true as booleans, and Python counts a bool as an int: refuse them here.
+        number = None if isinstance(value, bool) else _number(value)
+        if number is None or not math.isfinite(number) or (tp is int and not number.is_integer()):
+            raise ConfigError(f"{key}={value!r} is not {'a whole number' if tp is int else 'a finite number, e.g. 3e-4'}")
+        return int(number) if tp is int else number
     if tp is str:
         if isinstance(value, (dict, list)):
             raise ConfigError(f"{key}={value!r} is not a string: give a single value")
         return str(value)
     raise TypeError(f"config field {key} has an unsupported type {tp!r}")  # a bug in this file
+
+
+def _number(value: Any) -> float | None:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
 
 
 def _type_name(tp: Any) -> str:
@@ -352,11 +349,20 @@ def validate(cfg: Config, world_size: int | None = None) -> Config:
                        "train.eval_every": t.eval_every, "data.num_workers": cfg.data.num_workers}.items():
         if value < 0:
             raise ConfigError(f"{key}={value} must not be negative")
+    for key, value, low, high in [("optim.beta1", o.beta1, 0.0, 1.0), ("optim.beta2", o.beta2, 0.0, 1.0),
+                                  ("model.dropout", m.dropout, 0.0, 1.0),
+                                  ("model.attention_dropout", m.attention_dropout, 0.0, 1.0)]:
+        if not low <= value < high:
+            raise ConfigError(f"{key}={value} must be in [{low:g}, {high:g})")
+    for key, value in {"optim.eps": o.eps, "model.norm_eps": m.norm_eps, "model.init_std": m.init_std,
+                       "model.rope_base": m.rope_base, "optim.lr": o.lr, "optim.decay_steps": o.decay_steps}.items():
+        if value <= 0:
+            raise ConfigError(f"{key}={value} must be positive")
+    for key, value in {"train.resume": t.resume, "checkpoint.dir": cfg.checkpoint.dir, "log.dir": cfg.log.dir}.items():
+        if not value.strip():
+            raise ConfigError(f"{key} is empty: give a path{' (or auto / none)' if key == 'train.resume' else ''}")
     if o.min_lr > o.lr:
         raise ConfigError(f"optim.min_lr={o.min_lr} is above optim.lr={o.lr}: set min_lr <= lr (e.g. lr/10)")
-    for key, value in {"model.dropout": m.dropout, "model.attention_dropout": m.attention_dropout}.items():
-        if not 0.0 <= value < 1.0:
-            raise ConfigError(f"{key}={value} must be in [0, 1)")
     if m.hidden_size % m.num_heads:
         raise ConfigError(
             f"model.hidden_size={m.hidden_size} does not divide by model.num_heads={m.num_heads}: "

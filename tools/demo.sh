@@ -4,6 +4,6 @@
 set -euo pipefail
 run=${1:-runs/demo}
 scalelm prepare --demo --out "$run/docs" --overwrite
-scalelm tokenizer train "$run/docs" --vocab-size 8000 --out "$run/tokenizer.model"
+scalelm tokenizer train "$run/docs" --vocab-size 8000 --out "$run/tokenizer.model" --overwrite
 scalelm shard "$run/docs" --tokenizer "$run/tokenizer.model" --out "$run/shards" --shard-size 1MB --val-fraction 0.05 --overwrite
 scalelm inspect "$run/shards" --verify --tokenizer "$run/tokenizer.model" | grep -v '^  ok '

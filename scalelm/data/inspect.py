@@ -8,6 +8,7 @@ from typing import Iterator
 
 import webdataset as wds
 
+from scalelm.data.files import sha256_file
 from scalelm.data.shards import SPLITS, read_manifest, read_shard
 from scalelm.data.tokenizer import load_tokenizer
 from scalelm.errors import DataError
@@ -23,6 +24,9 @@ def inspect_shards(source: str, verify: bool = False, tokenizer: str | Path | No
         yield f"  {s.split}: {s.tokens:,} tokens in {len(s.shards)} shards"
     if tokenizer is not None and first.shards:
         sp = load_tokenizer(tokenizer)
+        if sha256_file(tokenizer) != first.tokenizer_sha256:
+            raise DataError(f"{tokenizer} is not the tokenizer {source} was made with (sha256 "
+                            f"{first.tokenizer_sha256[:12]}…): decode with that one")
         sample = read_shard(first.shards[0], first.dtype)[:64].tolist()
         yield f"  first tokens of {Path(first.shards[0].url).name}: {sp.decode(sample)!r}"
     if verify:

@@ -19,6 +19,7 @@ from tqdm import tqdm
 from scalelm.data.clean import clean_text
 from scalelm.data.dedup import Deduplicator, digest, minhash_signature
 from scalelm.data.docs import DocWriter
+from scalelm.data.files import make_dir
 from scalelm.data.readers import ReadStats, list_input_files, read_documents
 from scalelm.data.workers import default_workers, imap_ordered
 from scalelm.errors import DataError
@@ -31,13 +32,15 @@ def prepare(inputs: Sequence[str | Path], out: str | Path, *, min_chars: int = 1
             overwrite: bool = False, progress: bool = True) -> dict:
     """Clean, filter and deduplicate the documents in `inputs` into `out`; returns the report."""
     out = Path(out)
+    if not 0.0 < near_threshold <= 1.0:
+        raise DataError(f"--near-threshold {near_threshold} must be in (0, 1]: e.g. 0.8")
     if out.exists() and any(out.glob("docs-*.jsonl.zst")) and not overwrite:
         raise DataError(f"{out} already holds prepared documents: choose another --out or pass --overwrite")
     stats = ReadStats()
-    files = list_input_files(inputs, stats)
+    files = list_input_files(inputs, stats, exclude=out)
     if not files:
         raise DataError(f"no readable files in {', '.join(map(str, inputs))}: scalelm reads .txt, .jsonl and .parquet (plain, .gz or .zst)")
-    out.mkdir(parents=True, exist_ok=True)
+    make_dir(out)
     for old in out.glob("docs-*.jsonl.zst"):
         old.unlink()
 
@@ -48,21 +51,21 @@ def prepare(inputs: Sequence[str | Path], out: str | Path, *, min_chars: int = 1
     chars_read = chars_kept = kept = 0
     writer = DocWriter(out)
     batches = _batches(read_documents(files, text_field, stats))
-    bar = tqdm(desc="prepare", unit=" docs", disable=not progress, mininterval=1.0)
     jobs = ((batch, min_chars, dedup == "minhash") for batch in batches)
-    for results in imap_ordered(_process_batch, jobs, workers):
-        for raw_chars, text, key, signature in results:
-            chars_read += raw_chars
-            reason = "too_short" if len(text) < min_chars else deduper.check(key, signature)
-            if reason:
-                dropped[reason] += 1
-            else:
-                writer.write(text)
-                kept += 1
-                chars_kept += len(text)
-        bar.update(len(results))
-        bar.set_postfix(kept=kept, dropped=sum(dropped.values()), refresh=False)
-    bar.close()
+    with tqdm(desc="prepare", unit=" docs", disable=not progress, mininterval=1.0) as bar:
+        for results in imap_ordered(_process_batch, jobs, workers):
+            for raw_chars, text, key, signature in results:
+                chars_read += raw_chars
+                # an empty document is never kept, whatever --min-chars says
+                reason = "too_short" if len(text) < max(1, min_chars) else deduper.check(key, signature)
+                if reason:
+                    dropped[reason] += 1
+                else:
+                    writer.write(text)
+                    kept += 1
+                    chars_kept += len(text)
+            bar.update(len(results))
+            bar.set_postfix(kept=kept, dropped=sum(dropped.values()), refresh=False)
     outputs = writer.close()
 
     report = {
@@ -106,6 +109,6 @@ def _process_batch(args: tuple[list[str], int, bool]) -> list[tuple[int, str, by
     results = []
     for raw in texts:
         text = clean_text(raw)
-        signature = minhash_signature(text) if want_minhash and len(text) >= min_chars else None
+        signature = minhash_signature(text) if want_minhash and len(text) >= max(1, min_chars) else None
         results.append((len(raw), text, digest(text), signature))
     return results

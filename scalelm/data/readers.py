@@ -1,17 +1,19 @@
 """Read documents out of .txt, .jsonl and .parquet files, plain or compressed (.gz, .zst).
 
 A .txt file is one document; a .jsonl line or a .parquet row is one document, its text in
-`text_field`. Bytes that are not UTF-8 are replaced with U+FFFD and counted, never fatal.
+`text_field`. Files are streamed, so a corpus of any size reads in bounded memory; a truncated
+compressed file is an error, not a quiet early end. Bytes that are not UTF-8 (and lone surrogates
+spelled in JSON) are replaced with U+FFFD and counted, never fatal.
 """
 
 from __future__ import annotations
 
 import gzip
-import io
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, Iterator, Sequence
+from typing import Iterator, Sequence
 
 import zstandard
 
@@ -19,7 +21,7 @@ from scalelm.errors import DataError
 
 FORMATS = (".txt", ".jsonl", ".parquet")
 COMPRESSIONS = ("", ".gz", ".zst")
-SUPPORTED = "'.txt', '.jsonl', '.parquet', and .txt/.jsonl compressed as .gz or .zst"
+SUPPORTED = ".txt, .jsonl and .parquet, and .txt/.jsonl compressed as .gz or .zst"
 
 
 @dataclass
@@ -43,12 +45,15 @@ def split_suffix(path: Path) -> tuple[str, str]:
     return "", ""
 
 
-def list_input_files(inputs: Sequence[str | Path], stats: ReadStats | None = None) -> list[Path]:
+def list_input_files(inputs: Sequence[str | Path], stats: ReadStats | None = None,
+                     exclude: Path | None = None) -> list[Path]:
     """Expand files and directories (recursively, sorted) into the files scalelm can read.
 
     A named file of an unknown type is an error; inside directories such files are skipped and
-    recorded in `stats.skipped_files`.
+    recorded in `stats.skipped_files`, hidden files and folders are ignored, and so is `exclude`
+    (an output directory inside an input directory).
     """
+    exclude = exclude.resolve() if exclude is not None else None
     files: list[Path] = []
     for item in inputs:
         path = Path(item)
@@ -60,39 +65,34 @@ def list_input_files(inputs: Sequence[str | Path], stats: ReadStats | None = Non
             files.append(path)
             continue
         for child in sorted(p for p in path.rglob("*") if p.is_file()):
+            relative = child.relative_to(path).parts
+            if any(part.startswith(".") for part in relative) or (exclude and exclude in child.resolve().parents):
+                continue
             if split_suffix(child) != ("", ""):
                 files.append(child)
-            elif stats is not None and not child.name.startswith("."):
+            elif stats is not None:
                 stats.skipped_files.append(str(child))
     return files
 
 
 def read_documents(files: Sequence[Path], text_field: str = "text", stats: ReadStats | None = None) -> Iterator[str]:
-    """Yield each document's text, in file order, counting replaced non-UTF-8 bytes in `stats`."""
+    """Yield each document's text, in file order, streaming; replaced non-UTF-8 bytes are counted in `stats`."""
     stats = stats if stats is not None else ReadStats()
     for path in files:
         stats.files += 1
-        fmt, compression = split_suffix(path)
         try:
-            if fmt == ".parquet":
-                docs = [decode_utf8(raw) for raw in _parquet_texts(path, text_field)]
-            else:
-                with _open(path, compression) as stream:
-                    docs = [decode_utf8(stream.read())] if fmt == ".txt" else list(_jsonl_texts(stream, path, text_field))
+            for text, replaced in _documents(path, text_field):
+                stats.documents += 1
+                if replaced:
+                    stats.non_utf8_documents += 1
+                    stats.replaced_chars += replaced
+                yield text
         except (OSError, EOFError, zstandard.ZstdError) as e:
             raise DataError(f"{path}: cannot be read ({' '.join(str(e).split())}); is it truncated or corrupt?") from None
-        for text, replaced in docs:
-            stats.documents += 1
-            if replaced:
-                stats.non_utf8_documents += 1
-                stats.replaced_chars += replaced
-            yield text
 
 
-def decode_utf8(data: bytes | str) -> tuple[str, int]:
+def decode_utf8(data: bytes) -> tuple[str, int]:
     """Decode UTF-8, replacing bad bytes with U+FFFD; returns (text, number of replacements)."""
-    if isinstance(data, str):
-        return data, 0
     try:
         return data.decode("utf-8"), 0
     except UnicodeDecodeError:
@@ -100,19 +100,61 @@ def decode_utf8(data: bytes | str) -> tuple[str, int]:
         return text, text.count("\ufffd") - data.count("\ufffd".encode())
 
 
-def _open(path: Path, compression: str) -> BinaryIO:
-    if compression == ".gz":
-        return gzip.open(path, "rb")
+def _documents(path: Path, text_field: str) -> Iterator[tuple[str, int]]:
+    fmt, compression = split_suffix(path)
+    if fmt == ".parquet":
+        yield from _parquet_texts(path, text_field)
+    elif fmt == ".txt":
+        yield decode_utf8(b"".join(_chunks(path, compression)))
+    else:
+        yield from _jsonl_texts(_lines(_chunks(path, compression)), path, text_field)
+
+
+def _chunks(path: Path, compression: str, size: int = 1 << 20) -> Iterator[bytes]:
+    """The file's decompressed bytes in pieces; a truncated .gz or .zst raises instead of ending early."""
     if compression == ".zst":
-        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True))
-    return open(path, "rb")
+        yield from _zstd_chunks(path, size)
+        return
+    with (gzip.open(path, "rb") if compression == ".gz" else open(path, "rb")) as f:
+        while block := f.read(size):
+            yield block
 
 
-def _jsonl_texts(stream: BinaryIO, path: Path, text_field: str) -> Iterator[tuple[str, int]]:
-    for lineno, line in enumerate(stream, 1):
-        if not line.strip():
+def _zstd_chunks(path: Path, size: int) -> Iterator[bytes]:
+    # NOTE: zstandard's stream reader ends quietly at a truncated frame; a decompressobj tells
+    # whether each frame reached its end, and a file may hold several frames back to back.
+    dctx = zstandard.ZstdDecompressor()
+    with open(path, "rb") as f:
+        dobj, fed = dctx.decompressobj(), False
+        while block := f.read(size):
+            while block:
+                yield dobj.decompress(block)
+                fed = True
+                if dobj.eof:
+                    block, dobj, fed = dobj.unused_data, dctx.decompressobj(), False
+                else:
+                    block = b""
+        if fed and not dobj.eof:
+            raise EOFError("the last zstd frame ends early")
+
+
+def _lines(chunks: Iterator[bytes]) -> Iterator[bytes]:
+    rest = b""
+    for chunk in chunks:
+        *complete, rest = (rest + chunk).split(b"\n")
+        yield from complete
+    if rest:
+        yield rest
+
+
+_SURROGATES = re.compile("[\ud800-\udfff]")
+
+
+def _jsonl_texts(lines: Iterator[bytes], path: Path, text_field: str) -> Iterator[tuple[str, int]]:
+    for lineno, raw in enumerate(lines, 1):
+        if not raw.strip():
             continue
-        line, replaced = decode_utf8(line)
+        line, replaced = decode_utf8(raw)
         try:
             record = json.loads(line)
         except json.JSONDecodeError as e:
@@ -120,17 +162,25 @@ def _jsonl_texts(stream: BinaryIO, path: Path, text_field: str) -> Iterator[tupl
         if not isinstance(record, dict) or text_field not in record:
             raise DataError(f"{path}:{lineno}: no {text_field!r} field: name the text field with --text-field")
         text = record[text_field]
-        yield (text if isinstance(text, str) else str(text)), replaced
+        if text is None:
+            text = ""
+        if not isinstance(text, str):
+            raise DataError(f"{path}:{lineno}: {text_field!r} holds a {type(text).__name__}, not text: fix the record")
+        # JSON escapes can spell lone surrogates ("\ud800"), which no UTF-8 file can hold.
+        text, surrogates = _SURROGATES.subn("\ufffd", text)
+        yield text, replaced + surrogates
 
 
-def _parquet_texts(path: Path, text_field: str) -> list[bytes | str]:
+def _parquet_texts(path: Path, text_field: str) -> Iterator[tuple[str, int]]:
     import pyarrow.parquet as pq
 
     try:
-        schema = pq.read_schema(path)
+        parquet = pq.ParquetFile(path)
     except Exception as e:  # pyarrow raises its own ArrowInvalid for a bad footer
         raise DataError(f"{path}: not a readable parquet file ({' '.join(str(e).split())})") from None
-    if text_field not in schema.names:
-        raise DataError(f"{path}: no {text_field!r} column (has {', '.join(schema.names)}): name it with --text-field")
-    column = pq.read_table(path, columns=[text_field]).column(0)
-    return [v if v is not None else "" for v in column.to_pylist()]
+    names = parquet.schema_arrow.names
+    if text_field not in names:
+        raise DataError(f"{path}: no {text_field!r} column (has {', '.join(names)}): name it with --text-field")
+    for batch in parquet.iter_batches(columns=[text_field], batch_size=1024):
+        for value in batch.column(0).to_pylist():
+            yield (value, 0) if isinstance(value, str) else decode_utf8(value or b"")

@@ -20,7 +20,6 @@ import hashlib
 import json
 import re
 import tarfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -29,7 +28,7 @@ import numpy as np
 import webdataset as wds
 from tqdm import tqdm
 
-from scalelm.data.checksum import sha256_file
+from scalelm.data.files import make_dir, sha256_file
 from scalelm.data.readers import list_input_files, read_documents
 from scalelm.data.tokenizer import encode_documents, load_tokenizer
 from scalelm.data.workers import default_workers, imap_ordered
@@ -75,24 +74,22 @@ def write_shards(inputs: Sequence[str | Path], tokenizer: str | Path, out: str |
     files = list_input_files(inputs)
     if not files:
         raise DataError(f"no readable files in {', '.join(map(str, inputs))}: run `scalelm prepare` first")
-    started = time.time()
     dtype = token_dtype(sp.vocab_size())
     writer = ShardSetWriter(Path(out), dtype=dtype, vocab_size=sp.vocab_size(), eos_id=sp.eos_id(),
                             tokenizer={"file": str(tokenizer), "sha256": sha256_file(tokenizer)},
                             shard_size=shard_size, overwrite=overwrite)
-    # Chunks of at most about a quarter shard, so even small shard sizes hold several.
+    # About 4 characters make a 2-byte token: chunks of shard_size / 2 characters take about a
+    # quarter shard, so even small shards hold several.
     chunk_chars = min(CHUNK_CHARS, shard_size // 2)
     jobs = ((chunk, val_fraction, dtype.str) for chunk in _chunks(read_documents(files), chunk_chars))
-    bar = tqdm(desc="shard", unit=" tok", unit_scale=True, disable=not progress, mininterval=1.0)
-    for parts in imap_ordered(_tokenize_chunk, jobs, workers or default_workers(), _init_worker, (str(tokenizer),)):
-        for split, (tokens, n_docs) in parts.items():
-            writer.write(split, tokens, n_docs)
-            bar.update(len(tokens))
-    bar.close()
+    with tqdm(desc="shard", unit=" tok", unit_scale=True, disable=not progress, mininterval=1.0) as bar:
+        for parts in imap_ordered(_tokenize_chunk, jobs, workers or default_workers(), _init_worker, (str(tokenizer),)):
+            for split, (tokens, n_docs) in parts.items():
+                writer.write(split, tokens, n_docs)
+                bar.update(len(tokens))
     if writer.documents == 0:
         raise DataError(f"no documents in {', '.join(map(str, inputs))}: nothing to shard")
-    return writer.close(val_fraction=val_fraction, inputs=[str(p) for p in inputs],
-                        seconds=round(time.time() - started, 3))
+    return writer.close(val_fraction=val_fraction, inputs=[str(p) for p in inputs])
 
 
 class ShardSetWriter:
@@ -104,7 +101,7 @@ class ShardSetWriter:
             raise DataError(f"--shard-size {shard_size} bytes is too small: use at least 64KB")
         if (out / MANIFEST).exists() and not overwrite:
             raise DataError(f"{out} already holds shards: choose another --out or pass --overwrite")
-        out.mkdir(parents=True, exist_ok=True)
+        make_dir(out)
         for old in [*out.glob("train-*.tar"), *out.glob("val-*.tar"), out / MANIFEST]:
             old.unlink(missing_ok=True)
         self.out = out
@@ -200,9 +197,10 @@ def _tokenize_chunk(args: tuple[list[str], float, str]) -> dict[str, tuple[np.nd
     """Worker: encode a chunk of documents; each split's documents concatenated, each followed by EOS."""
     texts, val_fraction, dtype = args
     eos = _worker_sp.eos_id()
+    held_out = [is_val(t, val_fraction) for t in texts]
     parts = {}
     for split in SPLITS:
-        docs = [t for t in texts if is_val(t, val_fraction) == (split == "val")]
+        docs = [t for t, v in zip(texts, held_out) if v == (split == "val")]
         parts[split] = (encode_documents(_worker_sp, docs, eos=eos, dtype=np.dtype(dtype)), len(docs))
     return parts
 
@@ -239,10 +237,17 @@ def join_url(source: str, name: str) -> str:
 
 
 def read_manifest(source: str | Path, split: str, tokenizer_sha256: str | None = None) -> ShardSet:
-    """The `split` of the shard set at `source` (a directory or URL prefix), checked against the tokenizer."""
+    """The `split` of the shard set at `source` (a directory or URL prefix), checked against the tokenizer.
+
+    A URL may be anything WebDataset opens; a `pipe:` command must end with the location, since
+    file names are appended to it (`pipe:curl -s https://host/shards`)."""
     source = str(source)
     url = join_url(source, MANIFEST)
-    if "://" not in source and not source.startswith("pipe:") and not Path(url).is_file():
+    scheme = source.split("://")[0] if "://" in source else None
+    if scheme and scheme != "file" and scheme not in wds.gopen_schemes:
+        raise DataError(f"{source}: WebDataset has no reader for {scheme}:// URLs; use https:// or gs://, or a "
+                        f"pipe: command that ends with the location (e.g. pipe:curl -s https://host/shards)")
+    if scheme is None and not source.startswith("pipe:") and not Path(url).is_file():
         if not Path(source).exists():
             raise DataError(f"shard directory not found: {source}: check the path (written by `scalelm shard --out`)")
         raise DataError(f"{url} is missing: {source} was not written by `scalelm shard` (or the run did not finish)")
@@ -253,19 +258,23 @@ def read_manifest(source: str | Path, split: str, tokenizer_sha256: str | None =
         raise DataError(f"{url}: cannot be read: check the address (is it a directory written by `scalelm shard`?)") from None
     except ValueError as e:
         raise DataError(f"{url}: not a manifest ({' '.join(str(e).split())}): re-create it with `scalelm shard`") from None
-    if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
         raise DataError(f"{url}: not a scalelm-shards v{VERSION} manifest; re-create the shards with `scalelm shard`")
-    if tokenizer_sha256 is not None and manifest["tokenizer"]["sha256"] != tokenizer_sha256:
-        raise DataError(
-            f"{source} was made with another tokenizer (sha256 {manifest['tokenizer']['sha256'][:12]}…, "
-            f"{manifest['tokenizer']['file']}) than data.tokenizer (sha256 {tokenizer_sha256[:12]}…): "
-            f"re-shard with this tokenizer or point data.tokenizer at the one used")
-    if split not in manifest["splits"]:
-        raise DataError(f"{url}: has no {split!r} split (has {', '.join(manifest['splits'])})")
-    shards = tuple(Shard(join_url(source, s["name"]), s["tokens"], s["sha256"])
-                   for s in manifest["splits"][split]["shards"])
-    return ShardSet(source, split, np.dtype(manifest["dtype"]), manifest["eos_id"], manifest["vocab_size"],
-                    manifest["tokenizer"]["sha256"], shards)
+    try:
+        made_with = manifest["tokenizer"]["sha256"]
+        if tokenizer_sha256 is not None and made_with != tokenizer_sha256:
+            raise DataError(
+                f"{source} was made with another tokenizer (sha256 {made_with[:12]}…, {manifest['tokenizer']['file']}) "
+                f"than data.tokenizer (sha256 {tokenizer_sha256[:12]}…): re-shard with this tokenizer or point "
+                f"data.tokenizer at the one used")
+        if split not in manifest["splits"]:
+            raise DataError(f"{url}: has no {split!r} split (has {', '.join(manifest['splits'])})")
+        shards = tuple(Shard(join_url(source, s["name"]), s["tokens"], s["sha256"])
+                       for s in manifest["splits"][split]["shards"])
+        return ShardSet(source, split, np.dtype(manifest["dtype"]), manifest["eos_id"], manifest["vocab_size"],
+                        made_with, shards)
+    except (KeyError, TypeError) as e:
+        raise DataError(f"{url}: malformed manifest (missing {e}); re-create the shards with `scalelm shard`") from None
 
 
 def read_shard(shard: Shard, dtype: np.dtype) -> np.ndarray:
@@ -281,7 +290,8 @@ def read_shard(shard: Shard, dtype: np.dtype) -> np.ndarray:
             tokens[filled : filled + chunk.size] = chunk
             filled += chunk.size
     except (tarfile.TarError, OSError, KeyError, ValueError) as e:
-        raise DataError(f"{shard.url}: corrupt or unreadable shard ({' '.join(str(e).split())}): "
+        reason = e.args[0] if e.args and isinstance(e.args[0], str) else type(e).__name__  # webdataset appends the url
+        raise DataError(f"{shard.url}: corrupt or unreadable shard ({reason}): "
                         f"re-create it with `scalelm shard`, or set data.on_bad_shard=skip") from None
     if filled != shard.tokens:
         raise DataError(f"{shard.url}: truncated, {filled} of the {shard.tokens} tokens its manifest lists: "

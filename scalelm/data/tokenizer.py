@@ -24,7 +24,7 @@ from typing import Iterator, Sequence
 import numpy as np
 import sentencepiece as spm
 
-from scalelm.data.checksum import sha256_file
+from scalelm.data.files import make_dir, sha256_file
 from scalelm.data.readers import list_input_files, read_documents
 from scalelm.data.workers import default_workers
 from scalelm.errors import DataError
@@ -33,6 +33,7 @@ SPECIAL_IDS = {"unk": 0, "bos": 1, "eos": 2, "pad": 3}
 SPECIAL_PIECES = {"unk": "<unk>", "bos": "<s>", "eos": "</s>", "pad": "<pad>"}
 CHAT_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
 MAX_SENTENCE_BYTES = 1 << 14
+MIN_VOCAB = len(SPECIAL_IDS) + len(CHAT_TOKENS) + 256 + 1  # specials, chat markers, bytes, one more
 
 
 def meta_path(model_path: str | Path) -> Path:
@@ -42,16 +43,21 @@ def meta_path(model_path: str | Path) -> Path:
 
 def train_tokenizer(inputs: Sequence[str | Path], out: str | Path, vocab_size: int, *, model_type: str = "bpe",
                     seed: int = 0, max_sentences: int = 2_000_000, character_coverage: float = 0.9999,
-                    workers: int | None = None) -> dict:
+                    workers: int | None = None, overwrite: bool = False) -> dict:
     """Train on the lines of the documents in `inputs`; writes OUT (.model) and OUT's .json; returns the meta."""
     out = Path(out)
     if out.suffix != ".model":
         raise DataError(f"--out {out}: a SentencePiece model path must end in .model")
+    if out.exists() and not overwrite:
+        raise DataError(f"{out} already exists (shards may have been made with it): choose another --out or pass --overwrite")
+    if vocab_size < MIN_VOCAB:
+        raise DataError(f"--vocab-size {vocab_size} is too small: byte fallback and the special tokens alone take "
+                        f"{MIN_VOCAB - 1} pieces; use a few thousand or more")
     files = list_input_files(inputs)
     if not files:
         raise DataError(f"no readable files in {', '.join(map(str, inputs))}: run `scalelm prepare` first")
     input_hash = hashlib.sha256()
-    counted = {"sentences": 0}
+    counted = {"lines": 0}
 
     def sentences() -> Iterator[str]:
         for doc in read_documents(files):
@@ -59,8 +65,8 @@ def train_tokenizer(inputs: Sequence[str | Path], out: str | Path, vocab_size: i
             input_hash.update(b"\0")
             for line in doc.split("\n"):
                 if line.strip():
-                    counted["sentences"] += 1
-                    yield line
+                    counted["lines"] += 1
+                    yield from _fit(line)
 
     model = io.BytesIO()
     # NOTE: sentencepiece samples input_sentence_size lines with its own RNG; seeding it makes the
@@ -78,13 +84,12 @@ def train_tokenizer(inputs: Sequence[str | Path], out: str | Path, vocab_size: i
             minloglevel=2,
         )
     except RuntimeError as e:
-        raise DataError(f"sentencepiece could not train a {vocab_size}-piece model: {_explain(str(e), vocab_size)}") from None
-    if counted["sentences"] == 0:
-        raise DataError(f"no text in {', '.join(map(str, inputs))}: the documents are empty")
-    out.parent.mkdir(parents=True, exist_ok=True)
+        raise DataError(f"sentencepiece could not train a {vocab_size}-piece model: {_explain(str(e), inputs)}") from None
+    make_dir(out.parent)
     tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_bytes(model.getvalue())
+    tmp.write_bytes(_without_thread_count(model.getvalue()))
     tmp.rename(out)
+    sp = load_tokenizer(out)
     meta = {
         "sha256": sha256_file(out),
         "vocab_size": vocab_size,
@@ -92,12 +97,37 @@ def train_tokenizer(inputs: Sequence[str | Path], out: str | Path, vocab_size: i
         "seed": seed,
         "input_sha256": input_hash.hexdigest(),
         "inputs": [str(p) for p in inputs],
-        "sentences": counted["sentences"],
-        "special_ids": {**SPECIAL_IDS, **{t: _piece_id(out, t) for t in CHAT_TOKENS}},
+        "lines_read": counted["lines"],
+        "special_ids": {**SPECIAL_IDS, **{t: sp.piece_to_id(t) for t in CHAT_TOKENS}},
         "sentencepiece_version": spm.__version__,
     }
     meta_path(out).write_text(json.dumps(meta, indent=2) + "\n")
     return meta
+
+
+def _fit(line: str) -> Iterator[str]:
+    """`line` in pieces sentencepiece accepts (it skips lines over MAX_SENTENCE_BYTES), cut before spaces.
+
+    Pieces never span a space, so cutting there changes no statistic the trainer counts."""
+    step = MAX_SENTENCE_BYTES // 4  # characters: at most 4 UTF-8 bytes each
+    start = 0
+    while len(line) - start > step:
+        cut = line.rfind(" ", start + 1, start + step)
+        cut = cut if cut > start else start + step
+        yield line[start:cut]
+        start = cut
+    yield line[start:]
+
+
+def _without_thread_count(model: bytes) -> bytes:
+    """The model with the trainer's thread count zeroed: the same pieces and scores must hash the same
+    whatever machine trained them."""
+    from sentencepiece import sentencepiece_model_pb2
+
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(model)
+    proto.trainer_spec.num_threads = 0
+    return proto.SerializeToString(deterministic=True)
 
 
 def load_tokenizer(path: str | Path) -> spm.SentencePieceProcessor:
@@ -133,12 +163,10 @@ def encode_documents(sp: spm.SentencePieceProcessor, texts: list[str], size: int
     return np.concatenate(pieces) if pieces else np.empty(0, dtype)
 
 
-def _piece_id(model: Path, piece: str) -> int:
-    return load_tokenizer(model).piece_to_id(piece)
-
-
-def _explain(message: str, vocab_size: int) -> str:
+def _explain(message: str, inputs: Sequence[str | Path]) -> str:
     message = " ".join(message.split())
+    if "sentences_.empty()" in message:
+        return f"there is no text in {', '.join(map(str, inputs))}"
     if m := re.search(r"smaller than required_chars\. (\d+) vs (\d+)", message):
         return (f"byte fallback and the corpus's characters need {m.group(2)} pieces: "
                 f"use --vocab-size {m.group(2)} or more")

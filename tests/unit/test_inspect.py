@@ -3,6 +3,7 @@ import shutil
 import pytest
 
 from scalelm.data.inspect import inspect_shards
+from scalelm.data.tokenizer import train_tokenizer
 from scalelm.errors import DataError
 
 
@@ -28,3 +29,10 @@ def test_verify_names_a_silently_changed_shard(pipeline, tmp_path):
         for line in inspect_shards(str(copy), verify=True):
             lines.append(line)
     assert [line for line in lines if "BAD" in line] == [f"  BAD  {victim}: sha256 differs from the manifest"]
+
+
+def test_decoding_with_another_tokenizer_is_refused(pipeline, tmp_path):
+    other = tmp_path / "other.model"
+    train_tokenizer([pipeline["docs"]], other, vocab_size=420, workers=1)
+    with pytest.raises(DataError, match="is not the tokenizer .* was made with"):
+        list(inspect_shards(str(pipeline["shards"]), tokenizer=other))

@@ -53,6 +53,8 @@ def test_batches_are_packed_windows_with_shifted_labels(pipeline):
     assert batch["input_ids"].shape == batch["labels"].shape == (4, L)
     assert batch["input_ids"].dtype == torch.int64
     assert torch.equal(batch["input_ids"][:, 1:], batch["labels"][:, :-1])
+    batch["labels"][0, 0] = -100  # labels may be masked in place without touching the inputs
+    assert batch["input_ids"][0, 1] != -100 and batch["input_ids"].is_contiguous()
     windows = all_windows(pipeline["shards"])
     first = take(loader(pipeline["shards"], shuffle=False, micro_batch_size=4), 1)[0]
     assert [w.numpy().tobytes() for w in first] == windows[:4]  # unshuffled: the stream in order
@@ -60,12 +62,23 @@ def test_batches_are_packed_windows_with_shifted_labels(pipeline):
     assert any(2 in np.frombuffer(w, dtype=np.int64)[1:-1] for w in windows)
 
 
-@pytest.mark.parametrize("split, consumers", [("train", 4), ("val", 3)])
-def test_an_epoch_covers_every_window_once_across_consumers(pipeline, split, consumers):
-    """No overlap between ranks/workers and nothing left out; val has 1 shard, so shards are split in parts."""
-    seen = [w for c in range(consumers) for w in epoch_windows(pipeline["shards"], c, consumers, split)]
+@pytest.mark.parametrize("split, dp_size, workers, batch", [("train", 2, 2, 16), ("train", 3, 0, 1), ("val", 3, 0, 1)])
+def test_an_epoch_reads_every_window_once_across_ranks_and_workers(pipeline, split, dp_size, workers, batch):
+    """Shards of unequal size, and (val) fewer shards than readers: all readers move in lockstep, no
+    window is read twice in an epoch, and only the remainder N mod R windows sit the epoch out."""
     expected = all_windows(pipeline["shards"], split)
-    assert len(seen) == len(expected) and sorted(seen) == sorted(expected)
+    readers = dp_size * max(1, workers)
+    per_reader = len(expected) // readers // batch * batch  # whole batches only
+    seen = []
+    for rank in range(dp_size):
+        ld = loader(pipeline["shards"], split=split, micro_batch_size=batch, dp_rank=rank, dp_size=dp_size,
+                    num_workers=workers)
+        seen += [w.numpy().tobytes() for b in take(ld, per_reader // batch * max(1, workers)) for w in b]
+        assert all(s["streams"][0]["epoch"] == 0 for s in ld.state_dict()["workers"])
+    assert len(set(seen)) == len(seen) == readers * per_reader
+    assert set(seen) <= set(expected)
+    if batch == 1:
+        assert len(expected) - len(seen) < readers
 
 
 def test_ranks_and_workers_are_consumers(pipeline):
@@ -148,6 +161,14 @@ def test_blended_resume(pipeline, second_set):
     assert all(torch.equal(a, b) for a, b in zip(straight[3:], take(again, 4)))
 
 
+def test_state_loads_whatever_the_spelling_of_the_path(pipeline):
+    first = loader(str(pipeline["shards"]) + "/")
+    take(first, 2)
+    again = loader(pipeline["shards"])
+    again.load_state_dict(first.state_dict())
+    assert torch.equal(take(again, 1)[0], take(first, 1)[0])
+
+
 def test_state_refuses_another_layout(pipeline):
     state = loader(pipeline["shards"], num_workers=2).state_dict()
     other = loader(pipeline["shards"], num_workers=1)
@@ -176,6 +197,15 @@ def test_bad_shard_is_named(broken, damage):
         drain_epoch(shards)
 
 
+def test_bad_shard_in_a_worker_is_still_one_line(broken):
+    shards, victim = broken
+    victim.write_bytes(b"garbage")
+    ld = loader(shards, micro_batch_size=64, num_workers=2)
+    with pytest.raises(DataError) as info:
+        take(ld, read_manifest(shards, "train").tokens // L // 64 + 2)
+    assert "\n" not in str(info.value) and str(info.value).startswith(str(victim))
+
+
 def test_truncated_at_a_member_boundary_is_caught_by_the_token_count(broken):
     shards, victim = broken
     import tarfile
@@ -199,11 +229,11 @@ def test_bad_shard_can_be_skipped_and_counted(broken):
     ld = loader(shards, on_bad_shard="skip", micro_batch_size=1)
     with pytest.warns(UserWarning):
         take(ld, len(seen) + 1)
-    assert ld.state_dict()["workers"][0]["streams"][0]["skipped"] == 1
+    assert ld.state_dict()["workers"][0]["streams"][0]["bad_shards"] == [1]
 
 
 def test_too_little_data_for_the_sequence_length(pipeline):
-    with pytest.raises(DataError, match="not one window of train.seq_len"):
+    with pytest.raises(DataError, match=r"holds 0 windows of train.seq_len \+ 1 = 10000001 tokens, fewer than its 1 readers"):
         loader(pipeline["shards"], split="val", seq_len=10**7)
 
 

@@ -64,3 +64,10 @@ def test_empty_corpus(tmp_path):
 def test_missing_input(tmp_path):
     with pytest.raises(DataError, match="input not found"):
         prepare([tmp_path / "absent"], tmp_path / "out", progress=False)
+
+
+def test_output_inside_the_input_folder_is_not_read_back(tmp_path):
+    raw = write_corpus(tmp_path / "raw", n_docs=5)
+    for _ in range(2):  # the second run must not read the first run's output as input
+        report = prepare([raw], raw / "docs", workers=1, progress=False, overwrite=True)
+        assert report["documents"]["read"] == 5 and report["files_read"] == 1

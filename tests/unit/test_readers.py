@@ -39,6 +39,14 @@ def test_non_utf8_bytes_are_replaced_and_counted(tmp_path):
     assert stats.non_utf8_documents == 2 and stats.replaced_chars == 4
 
 
+def test_large_jsonl_is_streamed(tmp_path):
+    with gzip.open(tmp_path / "big.jsonl.gz", "wt") as f:
+        for i in range(20000):
+            f.write(json.dumps({"text": f"document {i}"}) + "\n")
+    docs = read_documents([tmp_path / "big.jsonl.gz"])
+    assert next(docs) == "document 0" and sum(1 for _ in docs) == 19999
+
+
 def test_decode_does_not_count_real_replacement_characters():
     assert decode_utf8("already \ufffd".encode()) == ("already \ufffd", 0)
 
@@ -72,8 +80,36 @@ def test_text_field_option(tmp_path):
         list(read_documents([tmp_path / "b.parquet"]))
 
 
-def test_truncated_compressed_file_is_named(tmp_path):
-    data = gzip.compress(("x" * 100000).encode())
-    (tmp_path / "cut.txt.gz").write_bytes(data[: len(data) // 2])
-    with pytest.raises(DataError, match="cut.txt.gz: cannot be read .* truncated or corrupt"):
-        list(read_documents([tmp_path / "cut.txt.gz"]))
+@pytest.mark.parametrize("name", ["cut.txt.gz", "cut.txt.zst", "cut.jsonl.gz", "cut.jsonl.zst"])
+def test_truncated_compressed_file_is_named(tmp_path, name):
+    lines = "".join(json.dumps({"text": f"line {i} " * 20}) + "\n" for i in range(2000)).encode()
+    data = gzip.compress(lines) if name.endswith(".gz") else zstandard.ZstdCompressor().compress(lines)
+    (tmp_path / name).write_bytes(data[: len(data) // 2])
+    with pytest.raises(DataError, match=f"{name}: cannot be read .* truncated or corrupt"):
+        list(read_documents([tmp_path / name]))
+
+
+def test_several_zstd_frames_in_one_file(tmp_path):
+    frames = [zstandard.ZstdCompressor().compress((json.dumps({"text": t}) + "\n").encode()) for t in "ab"]
+    (tmp_path / "two.jsonl.zst").write_bytes(b"".join(frames))
+    assert list(read_documents([tmp_path / "two.jsonl.zst"])) == ["a", "b"]
+
+
+def test_lone_surrogates_and_null_text(tmp_path):
+    (tmp_path / "odd.jsonl").write_text('{"text": "lone \\ud800 here"}\n{"text": null}\n')
+    stats = ReadStats()
+    assert list(read_documents([tmp_path / "odd.jsonl"], stats=stats)) == ["lone \ufffd here", ""]
+    assert stats.replaced_chars == 1
+    (tmp_path / "num.jsonl").write_text('{"text": 12345}\n')
+    with pytest.raises(DataError, match=r"num.jsonl:1: 'text' holds a int, not text"):
+        list(read_documents([tmp_path / "num.jsonl"]))
+
+
+def test_hidden_files_and_an_excluded_folder_are_not_read(tmp_path):
+    (tmp_path / "a.txt").write_text("kept")
+    (tmp_path / ".hidden.txt").write_text("hidden")
+    (tmp_path / ".git").mkdir()
+    (tmp_path / ".git" / "x.txt").write_text("hidden")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "docs-00000.jsonl").write_text('{"text": "old output"}\n')
+    assert list_input_files([tmp_path], exclude=tmp_path / "out") == [tmp_path / "a.txt"]

@@ -3,7 +3,7 @@ import json
 import numpy as np
 import pytest
 
-from scalelm.data.checksum import sha256_file
+from scalelm.data.files import sha256_file
 from scalelm.data.readers import list_input_files, read_documents
 from scalelm.data.shards import MANIFEST, is_val, parse_size, read_manifest, read_shard, token_dtype, write_shards
 from scalelm.data.tokenizer import load_tokenizer
@@ -73,3 +73,30 @@ def test_missing_manifest_and_directory(tmp_path):
 def test_tokenizer_mismatch_is_refused(pipeline):
     with pytest.raises(DataError, match="made with another tokenizer .* re-shard with this tokenizer"):
         read_manifest(pipeline["shards"], "train", tokenizer_sha256="0" * 64)
+
+
+@pytest.mark.parametrize("source, message", [
+    ("s3://bucket/shards", "WebDataset has no reader for s3:// URLs"),
+])
+def test_unreadable_url_schemes(source, message):
+    with pytest.raises(DataError, match=message):
+        read_manifest(source, "train")
+
+
+def test_malformed_manifest(pipeline, tmp_path):
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    manifest = json.loads((pipeline["shards"] / MANIFEST).read_text())
+    del manifest["splits"]
+    (copy / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(DataError, match=r"malformed manifest \(missing 'splits'\)"):
+        read_manifest(copy, "train")
+    (copy / MANIFEST).write_text("{not json")
+    with pytest.raises(DataError, match="not a manifest"):
+        read_manifest(copy, "train")
+
+
+def test_output_path_blocked_by_a_file(pipeline, tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(DataError, match="a file is in the way"):
+        write_shards([pipeline["docs"]], pipeline["tokenizer"], tmp_path / "file", progress=False, overwrite=True)

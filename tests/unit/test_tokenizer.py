@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from scalelm.data.checksum import sha256_file
+from scalelm.data.files import sha256_file
 from scalelm.data.tokenizer import CHAT_TOKENS, load_tokenizer, meta_path, train_tokenizer
 from scalelm.errors import DataError
 
@@ -27,9 +27,9 @@ def test_byte_fallback_round_trips_unseen_text(pipeline):
     assert sp.decode(ids) == text
 
 
-def test_reproducible(pipeline, tmp_path):
-    meta = train_tokenizer([pipeline["docs"]], tmp_path / "again.model", vocab_size=400, workers=1)
-    assert meta["sha256"] == sha256_file(pipeline["tokenizer"])
+def test_reproducible_on_any_number_of_threads(pipeline, tmp_path):
+    meta = train_tokenizer([pipeline["docs"]], tmp_path / "again.model", vocab_size=400, workers=2)
+    assert meta["sha256"] == sha256_file(pipeline["tokenizer"])  # that one was trained with workers=1
     other = train_tokenizer([pipeline["docs"]], tmp_path / "unigram.model", vocab_size=400, model_type="unigram", workers=1)
     assert other["sha256"] != meta["sha256"]
 
@@ -37,8 +37,16 @@ def test_reproducible(pipeline, tmp_path):
 def test_errors(pipeline, tmp_path):
     with pytest.raises(DataError, match="must end in .model"):
         train_tokenizer([pipeline["docs"]], tmp_path / "t.bin", vocab_size=400)
-    with pytest.raises(DataError, match=r"need \d+ pieces: use --vocab-size \d+ or more"):
+    with pytest.raises(DataError, match=r"--vocab-size 100 is too small"):
         train_tokenizer([pipeline["docs"]], tmp_path / "t.model", vocab_size=100)
+    with pytest.raises(DataError, match=r"need \d+ pieces: use --vocab-size \d+ or more"):
+        train_tokenizer([pipeline["docs"]], tmp_path / "t.model", vocab_size=270)
+    with pytest.raises(DataError, match=r"already exists .* pass --overwrite"):
+        train_tokenizer([pipeline["docs"]], pipeline["tokenizer"], vocab_size=400)
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "blank.txt").write_text("\n\n")
+    with pytest.raises(DataError, match="there is no text in"):
+        train_tokenizer([tmp_path / "empty"], tmp_path / "t.model", vocab_size=400)
     with pytest.raises(DataError, match="tokenizer not found"):
         load_tokenizer(tmp_path / "absent.model")
     (tmp_path / "garbage.model").write_bytes(b"not a model")
@@ -57,3 +65,21 @@ def test_encoding_in_parts_is_identical(pipeline):
     expected = [i for d in docs for i in [*sp.encode(d), sp.eos_id()]]
     assert encode_documents(sp, docs, size=64, eos=sp.eos_id()).tolist() == expected
     assert "".join(split_for_encoding(docs[-1], 64)) == docs[-1]
+
+
+def test_lines_longer_than_sentencepiece_accepts_still_count(tmp_path):
+    """A corpus of single-line documents far over sentencepiece's 16 KB line limit trains."""
+    import json as _json
+    import random
+
+    from tests.corpus import make_words
+
+    rng = random.Random(0)
+    words = make_words(300)
+    (tmp_path / "raw").mkdir()
+    with open(tmp_path / "raw" / "long.jsonl", "w") as f:
+        for _ in range(20):
+            f.write(_json.dumps({"text": " ".join(rng.choice(words) for _ in range(6000))}) + "\n")
+    meta = train_tokenizer([tmp_path / "raw"], tmp_path / "t.model", vocab_size=400, workers=1)
+    sp = load_tokenizer(tmp_path / "t.model")
+    assert meta["lines_read"] == 20 and len(sp.encode(" ".join(words[:50]))) < 200
