@@ -12,7 +12,7 @@ import json
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Sequence
 
 from tqdm import tqdm
 
@@ -21,10 +21,8 @@ from scalelm.data.dedup import Deduplicator, digest, minhash_signature
 from scalelm.data.docs import DocWriter
 from scalelm.data.files import make_dir
 from scalelm.data.readers import ReadStats, list_input_files, read_documents
-from scalelm.data.workers import default_workers, imap_ordered
+from scalelm.data.workers import batches_of_text, default_workers, imap_ordered
 from scalelm.errors import DataError
-
-BATCH_CHARS = 1 << 20  # documents travel to the workers in batches of about this many characters
 
 
 def prepare(inputs: Sequence[str | Path], out: str | Path, *, min_chars: int = 100, dedup: str = "minhash",
@@ -50,7 +48,7 @@ def prepare(inputs: Sequence[str | Path], out: str | Path, *, min_chars: int = 1
     dropped: Counter[str] = Counter()
     chars_read = chars_kept = kept = 0
     writer = DocWriter(out)
-    batches = _batches(read_documents(files, text_field, stats))
+    batches = batches_of_text(read_documents(files, text_field, stats))
     jobs = ((batch, min_chars, dedup == "minhash") for batch in batches)
     with tqdm(desc="prepare", unit=" docs", disable=not progress, mininterval=1.0) as bar:
         for results in imap_ordered(_process_batch, jobs, workers):
@@ -89,18 +87,6 @@ def prepare(inputs: Sequence[str | Path], out: str | Path, *, min_chars: int = 1
         raise DataError(f"all {stats.documents} documents were dropped ({reasons}); see {out / 'report.json'}"
                         + (f" and lower --min-chars (now {min_chars})" if dropped["too_short"] else ""))
     return report
-
-
-def _batches(texts: Iterable[str]) -> Iterator[list[str]]:
-    batch, size = [], 0
-    for text in texts:
-        batch.append(text)
-        size += len(text)
-        if size >= BATCH_CHARS:
-            yield batch
-            batch, size = [], 0
-    if batch:
-        yield batch
 
 
 def _process_batch(args: tuple[list[str], int, bool]) -> list[tuple[int, str, bytes, object]]:

@@ -22,7 +22,7 @@ import re
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import numpy as np
 import webdataset as wds
@@ -31,14 +31,13 @@ from tqdm import tqdm
 from scalelm.data.files import make_dir, sha256_file
 from scalelm.data.readers import list_input_files, read_documents
 from scalelm.data.tokenizer import encode_documents, load_tokenizer
-from scalelm.data.workers import default_workers, imap_ordered
+from scalelm.data.workers import BATCH_CHARS, batches_of_text, default_workers, imap_ordered
 from scalelm.errors import DataError
 
 FORMAT = "scalelm-shards"
 VERSION = 1
 MANIFEST = "manifest.json"
 SPLITS = ("train", "val")
-CHUNK_CHARS = 1 << 20
 
 
 # --------------------------------------------------------------------------- writing
@@ -80,8 +79,8 @@ def write_shards(inputs: Sequence[str | Path], tokenizer: str | Path, out: str |
                             shard_size=shard_size, overwrite=overwrite)
     # About 4 characters make a 2-byte token: chunks of shard_size / 2 characters take about a
     # quarter shard, so even small shards hold several.
-    chunk_chars = min(CHUNK_CHARS, shard_size // 2)
-    jobs = ((chunk, val_fraction, dtype.str) for chunk in _chunks(read_documents(files), chunk_chars))
+    chunks = batches_of_text((t for t in read_documents(files) if t), min(BATCH_CHARS, shard_size // 2))
+    jobs = ((chunk, val_fraction, dtype.str) for chunk in chunks)
     with tqdm(desc="shard", unit=" tok", unit_scale=True, disable=not progress, mininterval=1.0) as bar:
         for parts in imap_ordered(_tokenize_chunk, jobs, workers or default_workers(), _init_worker, (str(tokenizer),)):
             for split, (tokens, n_docs) in parts.items():
@@ -170,19 +169,6 @@ class _ShardSink:
         entry["bytes"] = final.stat().st_size
         entry["sha256"] = sha256_file(final)
         self._writer = None
-
-
-def _chunks(texts: Iterator[str], chunk_chars: int) -> Iterator[list[str]]:
-    chunk, size = [], 0
-    for text in texts:
-        if text:
-            chunk.append(text)
-            size += len(text)
-        if size >= chunk_chars:
-            yield chunk
-            chunk, size = [], 0
-    if chunk:
-        yield chunk
 
 
 _worker_sp = None

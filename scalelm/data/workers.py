@@ -6,6 +6,10 @@ import multiprocessing
 import os
 from typing import Any, Callable, Iterable, Iterator
 
+# NOTE: the batch size of the data pipeline's work, in characters of text: large enough that sending
+# a batch to a worker costs little next to the work on it, small enough to keep every core busy.
+BATCH_CHARS = 1 << 20
+
 
 def default_workers() -> int:
     """All the cores this process may use."""
@@ -27,3 +31,16 @@ def imap_ordered(fn: Callable[[Any], Any], items: Iterable[Any], workers: int,
     # run here touch no threads or locks of the parent.
     with multiprocessing.get_context("fork").Pool(workers, initializer, initargs) as pool:
         yield from pool.imap(fn, items, chunksize=1)
+
+
+def batches_of_text(texts: Iterable[str], chars: int = BATCH_CHARS) -> Iterator[list[str]]:
+    """Consecutive texts grouped into lists of about `chars` characters (a long text makes its own batch)."""
+    batch, size = [], 0
+    for text in texts:
+        batch.append(text)
+        size += len(text)
+        if size >= chars:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch
