@@ -1,0 +1,24 @@
+"""The benchmarks run (at toy sizes) and print their figures; their numbers are not judged here."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).parents[2] / "bench"
+
+
+def run(*args: str) -> str:
+    result = subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def test_loader_benchmark_prints_figures():
+    out = run(BENCH / "loader_throughput.py", "--tokens", "2", "--shard-size", "1MB", "--seq-len", "256")
+    assert "TokenLoader (tar shards)" in out and "np.memmap reader" in out and "% of a step" in out
+
+
+def test_tokenize_benchmark_prints_figures(pipeline):
+    out = run(BENCH / "tokenize_throughput.py", "--docs", pipeline["docs"], "--tokenizer", pipeline["tokenizer"],
+              "--repeats", "1")
+    assert "M tokens/s/core" in out
