@@ -129,10 +129,16 @@ class TokenLoader:
             except DataError as e:
                 # NOTE: a worker's exception arrives with the worker's traceback pasted into its message;
                 # the person needs only the last line, which is the original message.
-                raise DataError(str(e).strip().splitlines()[-1].removeprefix("scalelm.errors.DataError: ")) from None
-            self._states[item["worker"]] = item["state"]
-            self._batches += 1
-            yield {"input_ids": item["input_ids"], "labels": item["labels"]}
+                message = str(e).strip().splitlines()[-1].removeprefix("scalelm.errors.DataError: ")
+            else:
+                self._states[item["worker"]] = item["state"]
+                self._batches += 1
+                yield {"input_ids": item["input_ids"], "labels": item["labels"]}
+                continue
+            # Stop the workers now: left to the garbage collector, their shutdown waits out torch's
+            # join timeouts (5 s a worker). torch has no public close() for a DataLoader iterator.
+            getattr(batches, "_shutdown_workers", lambda: None)()
+            raise DataError(message)
 
     def state_dict(self) -> dict:
         """The position after the last batch handed out (plain Python data, JSON-safe)."""
