@@ -54,6 +54,8 @@ class ModelConfig:
     """MLP activation: gelu (GPT-3) or swiglu (Llama)."""
     tie_embeddings: bool = True
     """Share the input embedding with the output head."""
+    bias: bool = True
+    """Biases in the linear layers (GPT-3 has them, Llama does not)."""
     dropout: float = 0.0
     """Dropout on the residual stream."""
     attention_dropout: float = 0.0

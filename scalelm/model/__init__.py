@@ -1,0 +1,1 @@
+"""The GPT decoder as a list of layers built from megatron-core modules (see gpt.py)."""

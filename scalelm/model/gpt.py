@@ -1,0 +1,118 @@
+"""The GPT decoder as a list of layers: embedding, megatron-core TransformerLayers, final norm, head.
+
+    input_ids (b, s) ─Embedding─▶ (s, b, h) ─Block × L─▶ (s, b, h) ─FinalNorm─▶ ─Head─▶ logits (s, b, V/tp)
+    loss = mean over tokens of vocab_parallel_cross_entropy(logits, labels)
+
+Activations are sequence-first, (s, b, h), as megatron-core's layers expect; under sequence
+parallelism each tensor-parallel rank holds s/tp of the sequence between the layers' matmuls.
+Every layer maps one tensor to one tensor, so the same list feeds DeepSpeed's pipeline engine or
+runs in order as `GPT` when there is no pipeline.
+
+Weights are initialised from (seed, layer index) alone: each layer is built under its own seed, and
+megatron's CPU initialisation draws a layer's full weight before taking this rank's slice. So every
+tensor- and pipeline-parallel layout starts from exactly the single-process weights.
+"""
+
+from __future__ import annotations
+
+import torch
+from megatron.core import tensor_parallel
+from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+from megatron.core.tensor_parallel import ColumnParallelLinear, VocabParallelEmbedding
+from megatron.core.transformer.spec_utils import ModuleSpec, build_module
+from megatron.core.transformer.transformer_config import TransformerConfig
+from torch import nn
+
+from scalelm.config import ModelConfig
+from scalelm.model.spec import Norm
+
+
+class Embedding(nn.Module):
+    """input_ids (b, s) -> hidden (s, b, h): vocabulary-parallel word embedding, learned positions or none."""
+
+    def __init__(self, model: ModelConfig, tc: TransformerConfig, vocab_size: int):
+        super().__init__()
+        self.word = VocabParallelEmbedding(vocab_size, model.hidden_size, init_method=tc.init_method, config=tc)
+        self.position = None
+        if model.position_embedding == "learned":
+            self.position = nn.Embedding(model.max_position_embeddings, model.hidden_size)
+            tc.init_method(self.position.weight)
+        self.dropout = nn.Dropout(model.dropout)
+        self.sequence_parallel = tc.sequence_parallel
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        hidden = self.word(input_ids)  # (b, s, h)
+        if self.position is not None:
+            hidden = hidden + self.position(torch.arange(input_ids.shape[1], device=input_ids.device))
+        hidden = hidden.transpose(0, 1).contiguous()  # (s, b, h)
+        if self.sequence_parallel:
+            hidden = tensor_parallel.scatter_to_sequence_parallel_region(hidden)  # (s/tp, b, h)
+            with tensor_parallel.get_cuda_rng_tracker().fork():  # each rank drops out its own part
+                return self.dropout(hidden)
+        return self.dropout(hidden)
+
+
+class Block(nn.Module):
+    """One megatron-core TransformerLayer (pre-norm attention + MLP, residuals), hidden -> hidden."""
+
+    def __init__(self, model: ModelConfig, tc: TransformerConfig, spec: ModuleSpec, layer_number: int):
+        super().__init__()
+        self.layer = build_module(spec, config=tc, layer_number=layer_number)
+        self.rope = None
+        if model.position_embedding == "rope":
+            self.rope = RotaryEmbedding(tc.kv_channels, rotary_percent=1.0, rotary_base=model.rope_base,
+                                        use_cpu_initialization=tc.use_cpu_initialization)
+        self.sequence_factor = tc.tensor_model_parallel_size if tc.sequence_parallel else 1
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        # Attention sees the whole sequence even when the layer's input holds only this rank's part.
+        rotary = self.rope(hidden.shape[0] * self.sequence_factor) if self.rope is not None else None
+        hidden, _ = self.layer(hidden, attention_mask=None, rotary_pos_emb=rotary)
+        return hidden
+
+
+class Head(nn.Module):
+    """hidden (s, b, h) -> logits (s, b, V/tp), this rank's slice of the vocabulary; no bias."""
+
+    def __init__(self, model: ModelConfig, tc: TransformerConfig, vocab_size: int):
+        super().__init__()
+        self.linear = ColumnParallelLinear(model.hidden_size, vocab_size, config=tc, init_method=tc.init_method,
+                                           bias=False, gather_output=False,
+                                           skip_weight_param_allocation=model.tie_embeddings)
+
+    def forward(self, hidden: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+        logits, _ = self.linear(hidden, weight=weight)
+        return logits
+
+
+def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross entropy; logits (s, b, V/tp) split over tensor ranks, labels (b, s)."""
+    losses = tensor_parallel.vocab_parallel_cross_entropy(logits.float(), labels.transpose(0, 1).contiguous())  # (s, b)
+    return losses.mean()
+
+
+def seeded(seed: int, index: int, build):
+    """`build()` under the seed of layer `index`, leaving the caller's RNG as it was."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed * 1_000_003 + index)
+        return build()
+
+
+class GPT(nn.Module):
+    """The layers in order with the loss on top, for runs without pipeline parallelism."""
+
+    def __init__(self, model: ModelConfig, tc: TransformerConfig, spec: ModuleSpec, vocab_size: int, seed: int):
+        super().__init__()
+        L = model.num_layers
+        self.embedding = seeded(seed, 0, lambda: Embedding(model, tc, vocab_size))
+        self.blocks = nn.ModuleList(seeded(seed, i, lambda i=i: Block(model, tc, spec, i)) for i in range(1, L + 1))
+        self.norm = seeded(seed, L + 1, lambda: Norm(tc, model.hidden_size, eps=model.norm_eps))
+        self.head = seeded(seed, L + 2, lambda: Head(model, tc, vocab_size))
+        self.tied = model.tie_embeddings
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        hidden = self.embedding(input_ids)
+        for block in self.blocks:
+            hidden = block(hidden)
+        logits = self.head(self.norm(hidden), weight=self.embedding.word.weight if self.tied else None)
+        return lm_loss(logits, labels)

@@ -1,0 +1,88 @@
+"""What a transformer layer is made of: megatron-core's TransformerConfig and layer spec, chosen here.
+
+The one place that picks kernels: the Transformer Engine spec when `transformer_engine` imports and
+the model runs on a GPU, else megatron-core's local spec with two of its parts replaced by ours:
+torch SDPA as core attention (model/attention.py) and plain torch norms that also work with
+sequence parallelism (megatron's wrapped torch norm refuses it).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+import torch.nn.functional as F
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec, get_gpt_layer_with_transformer_engine_spec
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from scalelm.config import ModelConfig, ParallelConfig
+from scalelm.model.attention import SDPAttention
+
+# The padded vocabulary is a multiple of this, so the embedding splits evenly over up to 128
+# tensor-parallel ranks and the padded size does not depend on the layout.
+VOCAB_MULTIPLE = 128
+
+
+def padded_vocab_size(vocab_size: int) -> int:
+    return -(-vocab_size // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+
+
+def use_transformer_engine(on_gpu: bool) -> bool:
+    return on_gpu and importlib.util.find_spec("transformer_engine") is not None
+
+
+def transformer_config(model: ModelConfig, parallel: ParallelConfig, *, on_gpu: bool,
+                       recompute: str = "none") -> TransformerConfig:
+    """megatron-core's config for one layer stack; fusions only on a GPU, CPU initialisation on the CPU."""
+    swiglu = model.activation == "swiglu"
+    return TransformerConfig(
+        num_layers=model.num_layers,
+        hidden_size=model.hidden_size,
+        num_attention_heads=model.num_heads,
+        num_query_groups=model.num_kv_heads,
+        ffn_hidden_size=model.ffn_hidden_size,
+        normalization="LayerNorm" if model.normalization == "layernorm" else "RMSNorm",
+        layernorm_epsilon=model.norm_eps,
+        gated_linear_unit=swiglu,
+        activation_func=F.silu if swiglu else F.gelu,
+        add_bias_linear=model.bias,
+        hidden_dropout=model.dropout,
+        attention_dropout=model.attention_dropout,
+        init_method_std=model.init_std,
+        tensor_model_parallel_size=parallel.tensor,
+        pipeline_model_parallel_size=parallel.pipeline,
+        sequence_parallel=parallel.sequence_parallel,
+        recompute_granularity="selective" if recompute == "selective" else None,
+        params_dtype=torch.float32,
+        use_cpu_initialization=not on_gpu,
+        bias_activation_fusion=on_gpu and model.bias,
+        bias_dropout_fusion=on_gpu,
+        apply_rope_fusion=False,
+        masked_softmax_fusion=False,
+        persist_layer_norm=False,
+        gradient_accumulation_fusion=False,
+    )
+
+
+def layer_spec(on_gpu: bool) -> ModuleSpec:
+    """The transformer layer's modules: Transformer Engine's, or megatron's local ones with ours swapped in."""
+    if use_transformer_engine(on_gpu):
+        return get_gpt_layer_with_transformer_engine_spec()
+    spec = get_gpt_layer_local_spec()
+    spec.submodules.input_layernorm = Norm
+    spec.submodules.pre_mlp_layernorm = Norm
+    spec.submodules.self_attention.submodules.core_attention = SDPAttention
+    return spec
+
+
+class Norm:
+    """torch LayerNorm or RMSNorm as the config says; under sequence parallelism each rank sees part of
+    the sequence, so its weights are marked `sequence_parallel` to have their gradients summed."""
+
+    def __new__(cls, config: TransformerConfig, hidden_size: int, eps: float = 1e-5, **unused) -> torch.nn.Module:
+        norm = (torch.nn.LayerNorm(hidden_size, eps=eps) if config.normalization == "LayerNorm"
+                else torch.nn.RMSNorm(hidden_size, eps=eps))
+        for param in norm.parameters():
+            param.sequence_parallel = config.sequence_parallel
+        return norm

@@ -1,0 +1,24 @@
+"""Whole tensors from tensor-parallel shards: the inverse of how megatron-core splits a weight.
+
+megatron splits a master weight along `partition_dim` into world * stride chunks and gives rank r
+the chunks r, r + world, r + 2 * world, ... (stride 2 keeps a SwiGLU rank's [gate, up] halves
+together). Gathering every rank's shard and putting the chunks back in order gives the weight a
+single process would hold.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+def gather_tensor_parallel(tensor: torch.Tensor, param: torch.nn.Parameter, group) -> torch.Tensor:
+    """`tensor` (the parameter itself or its gradient) whole, gathered over the tensor-parallel `group`."""
+    if not getattr(param, "tensor_model_parallel", False):
+        return tensor
+    world = dist.get_world_size(group)
+    shards = [torch.empty_like(tensor) for _ in range(world)]
+    dist.all_gather(shards, tensor.contiguous(), group=group)
+    dim, stride = param.partition_dim, getattr(param, "partition_stride", 1)
+    chunks = [shard.chunk(stride, dim=dim) for shard in shards]  # chunks[rank][j] is master chunk j * world + rank
+    return torch.cat([chunks[k % world][k // world] for k in range(world * stride)], dim=dim)

@@ -1,0 +1,119 @@
+"""Ranks and process groups: the only module that reads RANK/WORLD_SIZE and decides who talks to whom.
+
+One rank layout for megatron-core and DeepSpeed alike: tensor-parallel ranks vary fastest, then
+data-parallel, then pipeline (rank = pp * (dp_size * tp_size) + dp * tp_size + tp). megatron's
+parallel_state (order tp-dp-pp) builds the groups; DeepSpeed's PipeModelDataParallelTopology (axes
+pipe, data, model) must describe the same grid, and `init_distributed` checks that it does before
+anything trains. `MegatronMPU` hands DeepSpeed megatron's groups, so ZeRO shards over the
+data-parallel group only.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from scalelm.config import ParallelConfig
+
+
+@dataclass(frozen=True)
+class Layout:
+    """This rank's place in the tensor x data x pipeline grid."""
+
+    rank: int
+    world: int
+    tensor: int
+    pipeline: int
+    data: int
+    tp_rank: int
+    dp_rank: int
+    pp_rank: int
+    device: torch.device
+
+    @property
+    def is_first_stage(self) -> bool:
+        return self.pp_rank == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.pp_rank == self.pipeline - 1
+
+
+def env_rank() -> tuple[int, int, int]:
+    """(rank, world size, local rank) from the launcher's environment; a lone process is rank 0 of 1."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
+
+
+def init_distributed(parallel: ParallelConfig, seed: int, timeout_s: int = 600) -> Layout:
+    """Start torch.distributed (NCCL on GPU, gloo on CPU), build megatron's groups, check DeepSpeed's grid."""
+    import deepspeed
+    from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
+    from megatron.core import parallel_state, tensor_parallel
+
+    rank, world, local_rank = env_rank()
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29500")
+    on_gpu = torch.cuda.is_available()
+    if on_gpu:
+        torch.cuda.set_device(local_rank)
+    else:
+        from scalelm.parallel.cpu import use_cpu
+
+        use_cpu()
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo", rank=rank, world_size=world,
+                                   timeout=timedelta(seconds=timeout_s), verbose=False)
+    tp, pp = parallel.tensor, parallel.pipeline
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+    layout = Layout(rank=rank, world=world, tensor=tp, pipeline=pp, data=world // (tp * pp),
+                    tp_rank=parallel_state.get_tensor_model_parallel_rank(),
+                    dp_rank=parallel_state.get_data_parallel_rank(),
+                    pp_rank=parallel_state.get_pipeline_model_parallel_rank(),
+                    device=torch.device("cuda", local_rank) if on_gpu else torch.device("cpu"))
+    grid = PipeModelDataParallelTopology(num_pp=pp, num_mp=tp, num_dp=layout.data)
+    theirs = grid.get_coord(rank)
+    if (theirs.pipe, theirs.data, theirs.model) != (layout.pp_rank, layout.dp_rank, layout.tp_rank):
+        raise RuntimeError(f"rank {rank}: megatron puts it at pp={layout.pp_rank} dp={layout.dp_rank} "
+                           f"tp={layout.tp_rank}, DeepSpeed at {theirs}")  # a bug in scalelm, not in the config
+    tensor_parallel.model_parallel_cuda_manual_seed(seed)
+    return layout
+
+
+def deepspeed_topology(layout: Layout):
+    from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
+
+    return PipeModelDataParallelTopology(num_pp=layout.pipeline, num_mp=layout.tensor, num_dp=layout.data)
+
+
+def destroy_distributed() -> None:
+    from megatron.core import parallel_state
+
+    parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+class MegatronMPU:
+    """DeepSpeed's `mpu` interface over megatron-core's parallel_state."""
+
+    def __getattr__(self, name: str):
+        from megatron.core import parallel_state
+
+        aliases = {
+            "get_model_parallel_rank": parallel_state.get_tensor_model_parallel_rank,
+            "get_model_parallel_world_size": parallel_state.get_tensor_model_parallel_world_size,
+            "get_model_parallel_group": parallel_state.get_tensor_model_parallel_group,
+            "get_slice_parallel_rank": parallel_state.get_tensor_model_parallel_rank,
+            "get_slice_parallel_world_size": parallel_state.get_tensor_model_parallel_world_size,
+            "get_slice_parallel_group": parallel_state.get_tensor_model_parallel_group,
+            "get_pipe_parallel_rank": parallel_state.get_pipeline_model_parallel_rank,
+            "get_pipe_parallel_world_size": parallel_state.get_pipeline_model_parallel_world_size,
+            "get_pipe_parallel_group": parallel_state.get_pipeline_model_parallel_group,
+        }
+        if name in aliases:
+            return aliases[name]
+        return getattr(parallel_state, name)  # get_data_parallel_*, get_tensor_model_parallel_*

@@ -1,0 +1,57 @@
+"""Spawn real ranks on this machine and collect what each returns: the harness of the distributed tests.
+
+Each rank is a fresh process (spawn, not fork: the parent has torch's thread pools running) with
+RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT set, as torchrun would set them.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import socket
+import traceback
+from typing import Any, Callable
+
+import torch
+import torch.multiprocessing as mp
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_ranks(world_size: int, fn: Callable[..., Any], *args: Any, timeout: float = 600) -> list[Any]:
+    """fn(*args) on `world_size` ranks over gloo; their return values in rank order. A rank's error fails the call."""
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=_entry, args=(rank, world_size, port, fn, args, results)) for rank in range(world_size)]
+    for p in procs:
+        p.start()
+    gathered: dict[int, Any] = {}
+    try:
+        for _ in procs:
+            rank, ok, value = results.get(timeout=timeout)
+            if not ok:
+                raise RuntimeError(f"rank {rank} failed:\n{value}")
+            gathered[rank] = torch.load(io.BytesIO(value), weights_only=False)
+    finally:
+        for p in procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()
+    return [gathered[r] for r in range(world_size)]
+
+
+def _entry(rank: int, world_size: int, port: int, fn, args, results) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    try:
+        # NOTE: sent as bytes: torch would share tensors through file descriptors that die with this process.
+        buffer = io.BytesIO()
+        torch.save(fn(*args), buffer)
+        results.put((rank, True, buffer.getvalue()))
+    except BaseException:
+        results.put((rank, False, traceback.format_exc()))

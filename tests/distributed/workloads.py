@@ -1,0 +1,41 @@
+"""What each spawned rank runs in the distributed tests (module-level, so spawn can import them)."""
+
+from __future__ import annotations
+
+import torch
+from megatron.core import parallel_state
+
+from scalelm.config import load_config
+from scalelm.model.gpt import GPT
+from scalelm.model.spec import layer_spec, padded_vocab_size, transformer_config
+from scalelm.parallel.gather import gather_tensor_parallel
+from scalelm.parallel.topology import destroy_distributed, init_distributed
+
+VOCAB = 200
+TINY = ["model.num_layers=2", "model.hidden_size=64", "model.num_heads=4", "train.seq_len=16",
+        "train.micro_batch_size=2", "train.global_batch_size=2", "train.precision=fp32"]
+
+
+def tiny_config(overrides: list[str]):
+    return load_config(None, TINY + overrides)
+
+
+def forward_backward(overrides: list[str], seed: int = 0) -> dict:
+    """One forward and backward of the tiny GPT on fixed tokens: the loss, and on rank 0 every whole gradient."""
+    cfg = tiny_config(overrides)
+    layout = init_distributed(cfg.parallel, seed)
+    try:
+        tc = transformer_config(cfg.model, cfg.parallel, on_gpu=False)
+        model = GPT(cfg.model, tc, layer_spec(on_gpu=False), padded_vocab_size(VOCAB), seed)
+        tokens = torch.randint(0, VOCAB, (cfg.train.micro_batch_size, cfg.train.seq_len + 1),
+                               generator=torch.Generator().manual_seed(seed))
+        loss = model(tokens[:, :-1], tokens[:, 1:])
+        loss.backward()
+        tp_group = parallel_state.get_tensor_model_parallel_group()
+        for p in model.parameters():
+            if getattr(p, "sequence_parallel", False):  # each rank saw part of the sequence
+                torch.distributed.all_reduce(p.grad, group=tp_group)
+        grads = {name: gather_tensor_parallel(p.grad, p, tp_group) for name, p in model.named_parameters()}
+        return {"loss": loss.item(), "grads": grads if layout.rank == 0 else None}
+    finally:
+        destroy_distributed()
