@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec, get_gpt_layer_with_transformer_engine_spec
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_config import TransformerConfig
+from torch import nn
 
 from scalelm.config import ModelConfig, ParallelConfig
 from scalelm.model.attention import SDPAttention
@@ -77,12 +78,13 @@ def layer_spec(on_gpu: bool) -> ModuleSpec:
 
 
 class Norm:
-    """torch LayerNorm or RMSNorm as the config says; under sequence parallelism each rank sees part of
-    the sequence, so its weights are marked `sequence_parallel` to have their gradients summed."""
+    """torch LayerNorm or RMSNorm as the config says. Under sequence parallelism each rank normalises
+    part of the sequence, so the weights are marked `sequence_parallel`, as megatron marks the row-parallel
+    biases, to have their gradients summed over the tensor group (scalelm.parallel.grads)."""
 
-    def __new__(cls, config: TransformerConfig, hidden_size: int, eps: float = 1e-5, **unused) -> torch.nn.Module:
-        norm = (torch.nn.LayerNorm(hidden_size, eps=eps) if config.normalization == "LayerNorm"
-                else torch.nn.RMSNorm(hidden_size, eps=eps))
+    def __new__(cls, config: TransformerConfig, hidden_size: int, eps: float = 1e-5, **unused) -> nn.Module:
+        norm = (nn.LayerNorm(hidden_size, eps=eps, bias=config.add_bias_linear) if config.normalization == "LayerNorm"
+                else nn.RMSNorm(hidden_size, eps=eps))
         for param in norm.parameters():
             param.sequence_parallel = config.sequence_parallel
         return norm

@@ -9,6 +9,7 @@ from scalelm.config import load_config
 from scalelm.model.gpt import GPT
 from scalelm.model.spec import layer_spec, padded_vocab_size, transformer_config
 from scalelm.parallel.gather import gather_tensor_parallel
+from scalelm.parallel.grads import sum_sequence_parallel_grads
 from scalelm.parallel.topology import destroy_distributed, init_distributed
 
 VOCAB = 200
@@ -27,14 +28,13 @@ def forward_backward(overrides: list[str], seed: int = 0) -> dict:
     try:
         tc = transformer_config(cfg.model, cfg.parallel, on_gpu=False)
         model = GPT(cfg.model, tc, layer_spec(on_gpu=False), padded_vocab_size(VOCAB), seed)
+        tp_group = parallel_state.get_tensor_model_parallel_group()
+        if cfg.parallel.sequence_parallel:
+            sum_sequence_parallel_grads(model, tp_group)
         tokens = torch.randint(0, VOCAB, (cfg.train.micro_batch_size, cfg.train.seq_len + 1),
                                generator=torch.Generator().manual_seed(seed))
         loss = model(tokens[:, :-1], tokens[:, 1:])
         loss.backward()
-        tp_group = parallel_state.get_tensor_model_parallel_group()
-        for p in model.parameters():
-            if getattr(p, "sequence_parallel", False):  # each rank saw part of the sequence
-                torch.distributed.all_reduce(p.grad, group=tp_group)
         grads = {name: gather_tensor_parallel(p.grad, p, tp_group) for name, p in model.named_parameters()}
         return {"loss": loss.item(), "grads": grads if layout.rank == 0 else None}
     finally:
