@@ -15,6 +15,9 @@ tensor- and pipeline-parallel layout starts from exactly the single-process weig
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+from typing import Iterator
+
 import torch
 from megatron.core import tensor_parallel
 from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
@@ -27,18 +30,34 @@ from scalelm.config import ModelConfig
 from scalelm.model.spec import Norm
 
 
-class Embedding(nn.Module):
-    """input_ids (b, s) -> hidden (s, b, h): vocabulary-parallel word embedding, learned positions or none."""
+@contextmanager
+def layer_seed(seed: int, index: int) -> Iterator[None]:
+    """Build a layer under the seed of its index (embedding 0, blocks 1..L, norm L+1, head L+2),
+    leaving the caller's RNG as it was."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed * 1_000_003 + index)
+        yield
 
-    def __init__(self, model: ModelConfig, tc: TransformerConfig, vocab_size: int):
+
+class Embedding(nn.Module):
+    """input_ids (b, s) -> hidden (s, b, h): vocabulary-parallel word embedding, learned positions or none.
+
+    With tied embeddings the same weight also makes the logits (`logits`), at the pipeline's end."""
+
+    def __init__(self, model: ModelConfig, tc: TransformerConfig, vocab_size: int, seed: int):
         super().__init__()
-        self.word = VocabParallelEmbedding(vocab_size, model.hidden_size, init_method=tc.init_method, config=tc)
-        self.position = None
-        if model.position_embedding == "learned":
-            self.position = nn.Embedding(model.max_position_embeddings, model.hidden_size)
-            tc.init_method(self.position.weight)
+        with layer_seed(seed, 0):
+            self.word = VocabParallelEmbedding(vocab_size, model.hidden_size, init_method=tc.init_method, config=tc)
+            self.position = None
+            if model.position_embedding == "learned":
+                self.position = nn.Embedding(model.max_position_embeddings, model.hidden_size)
+                tc.init_method(self.position.weight)
         self.dropout = nn.Dropout(model.dropout)
         self.sequence_parallel = tc.sequence_parallel
+        self.head = Head(model, tc, vocab_size, seed) if model.tie_embeddings else None  # holds no weight
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.head(hidden, weight=self.word.weight)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         hidden = self.word(input_ids)  # (b, s, h)
@@ -55,9 +74,10 @@ class Embedding(nn.Module):
 class Block(nn.Module):
     """One megatron-core TransformerLayer (pre-norm attention + MLP, residuals), hidden -> hidden."""
 
-    def __init__(self, model: ModelConfig, tc: TransformerConfig, spec: ModuleSpec, layer_number: int):
+    def __init__(self, model: ModelConfig, tc: TransformerConfig, spec: ModuleSpec, layer_number: int, seed: int):
         super().__init__()
-        self.layer = build_module(spec, config=tc, layer_number=layer_number)
+        with layer_seed(seed, layer_number):
+            self.layer = build_module(spec, config=tc, layer_number=layer_number)
         self.rope = None
         if model.position_embedding == "rope":
             self.rope = RotaryEmbedding(tc.kv_channels, rotary_percent=1.0, rotary_base=model.rope_base,
@@ -71,14 +91,28 @@ class Block(nn.Module):
         return hidden
 
 
-class Head(nn.Module):
-    """hidden (s, b, h) -> logits (s, b, V/tp), this rank's slice of the vocabulary; no bias."""
+class FinalNorm(nn.Module):
+    """The norm after the last block."""
 
-    def __init__(self, model: ModelConfig, tc: TransformerConfig, vocab_size: int):
+    def __init__(self, model: ModelConfig, tc: TransformerConfig, seed: int):
         super().__init__()
-        self.linear = ColumnParallelLinear(model.hidden_size, vocab_size, config=tc, init_method=tc.init_method,
-                                           bias=False, gather_output=False,
-                                           skip_weight_param_allocation=model.tie_embeddings)
+        with layer_seed(seed, model.num_layers + 1):
+            self.norm = Norm(tc, model.hidden_size, eps=model.norm_eps)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.norm(hidden)
+
+
+class Head(nn.Module):
+    """hidden (s, b, h) -> logits (s, b, V/tp), this rank's slice of the vocabulary; no bias.
+    With tied embeddings it holds no weight and is given the embedding's."""
+
+    def __init__(self, model: ModelConfig, tc: TransformerConfig, vocab_size: int, seed: int):
+        super().__init__()
+        with layer_seed(seed, model.num_layers + 2):
+            self.linear = ColumnParallelLinear(model.hidden_size, vocab_size, config=tc, init_method=tc.init_method,
+                                               bias=False, gather_output=False,
+                                               skip_weight_param_allocation=model.tie_embeddings)
 
     def forward(self, hidden: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
         logits, _ = self.linear(hidden, weight=weight)
@@ -91,28 +125,23 @@ def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return losses.mean()
 
 
-def seeded(seed: int, index: int, build):
-    """`build()` under the seed of layer `index`, leaving the caller's RNG as it was."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed * 1_000_003 + index)
-        return build()
-
-
 class GPT(nn.Module):
     """The layers in order with the loss on top, for runs without pipeline parallelism."""
 
-    def __init__(self, model: ModelConfig, tc: TransformerConfig, spec: ModuleSpec, vocab_size: int, seed: int):
+    def __init__(self, model: ModelConfig, tc: TransformerConfig, spec: ModuleSpec, vocab_size: int, seed: int,
+                 recompute_blocks: bool = False):
         super().__init__()
-        L = model.num_layers
-        self.embedding = seeded(seed, 0, lambda: Embedding(model, tc, vocab_size))
-        self.blocks = nn.ModuleList(seeded(seed, i, lambda i=i: Block(model, tc, spec, i)) for i in range(1, L + 1))
-        self.norm = seeded(seed, L + 1, lambda: Norm(tc, model.hidden_size, eps=model.norm_eps))
-        self.head = seeded(seed, L + 2, lambda: Head(model, tc, vocab_size))
-        self.tied = model.tie_embeddings
+        self.recompute_blocks = recompute_blocks  # full activation checkpointing: keep only block inputs
+        self.embedding = Embedding(model, tc, vocab_size, seed)
+        self.blocks = nn.ModuleList(Block(model, tc, spec, i, seed) for i in range(1, model.num_layers + 1))
+        self.norm = FinalNorm(model, tc, seed)
+        self.head = None if model.tie_embeddings else Head(model, tc, vocab_size, seed)
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         hidden = self.embedding(input_ids)
         for block in self.blocks:
-            hidden = block(hidden)
-        logits = self.head(self.norm(hidden), weight=self.embedding.word.weight if self.tied else None)
+            # megatron's checkpoint replays the RNG streams, so recomputed dropout masks match
+            hidden = tensor_parallel.checkpoint(block, False, hidden) if self.recompute_blocks else block(hidden)
+        hidden = self.norm(hidden)
+        logits = self.embedding.logits(hidden) if self.head is None else self.head(hidden)
         return lm_loss(logits, labels)

@@ -39,3 +39,29 @@ def forward_backward(overrides: list[str], seed: int = 0) -> dict:
         return {"loss": loss.item(), "grads": grads if layout.rank == 0 else None}
     finally:
         destroy_distributed()
+
+
+def train_steps(overrides: list[str], steps: int = 3, seed: int = 0) -> dict:
+    """`steps` optimizer steps on fixed global batches; every rank reports the loss of each step.
+
+    Each step's global batch is the same tokens for every layout; a data-parallel rank takes its
+    contiguous share of it in micro-batches, so every layout averages gradients over the same samples."""
+    from scalelm.config import validate
+    from scalelm.parallel.engine import Engine
+
+    cfg = tiny_config(overrides)
+    layout = init_distributed(cfg.parallel, seed)
+    try:
+        validate(cfg, world_size=layout.world)
+        engine = Engine(cfg, layout, VOCAB)
+        t = cfg.train
+        gen = torch.Generator().manual_seed(seed)
+        losses = []
+        for _ in range(steps):
+            tokens = torch.randint(0, VOCAB, (t.global_batch_size, t.seq_len + 1), generator=gen)
+            share = tokens.chunk(layout.data)[layout.dp_rank]
+            micro = iter({"input_ids": m[:, :-1], "labels": m[:, 1:]} for m in share.split(t.micro_batch_size))
+            losses.append(engine.train_step(micro))
+        return {"losses": losses, "lr": engine.lr}
+    finally:
+        destroy_distributed()

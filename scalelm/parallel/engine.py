@@ -1,0 +1,143 @@
+"""DeepSpeed assembly: the GPT (or its pipeline of layers), AdamW, the schedule, ZeRO and precision.
+
+    parallel.pipeline == 1   GPT inside a plain DeepSpeedEngine, ZeRO stage 0-3 over the data group
+    parallel.pipeline > 1    the layer list in a DeepSpeed PipelineModule, 1F1B, ZeRO 0-1
+
+`Engine.train_step` takes one optimizer step from an iterator of micro-batches and returns the
+step's mean loss over the whole global batch; `Engine.eval_loss` averages the loss of micro-batches
+without touching the weights. Everything about which rank holds what stays in here.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import deepspeed
+import torch
+import torch.distributed as dist
+from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
+from megatron.core import parallel_state
+
+from scalelm.config import Config
+from scalelm.model.gpt import GPT, Block, Embedding, FinalNorm, Head, lm_loss
+from scalelm.model.spec import layer_spec, padded_vocab_size, transformer_config
+from scalelm.parallel.grads import sum_sequence_parallel_grads
+from scalelm.parallel.topology import Layout, MegatronMPU, deepspeed_topology
+from scalelm.train.schedule import lr_scheduler
+
+
+def grad_accum_steps(cfg: Config, layout: Layout) -> int:
+    """Micro-batches per rank per optimizer step: global = micro x accum x data-parallel (validated)."""
+    return cfg.train.global_batch_size // (cfg.train.micro_batch_size * layout.data)
+
+
+def deepspeed_config(cfg: Config, layout: Layout) -> dict:
+    t = cfg.train
+    return {
+        "train_batch_size": t.global_batch_size,
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": grad_accum_steps(cfg, layout),
+        "gradient_clipping": cfg.optim.grad_clip,
+        "zero_optimization": {"stage": cfg.parallel.zero_stage},
+        "bf16": {"enabled": t.precision == "bf16"},
+        # Dynamic loss scaling: start at 2^16, halve on overflow, double after 1000 clean steps.
+        "fp16": {"enabled": t.precision == "fp16", "loss_scale": 0, "initial_scale_power": 16,
+                 "loss_scale_window": 1000, "hysteresis": 2, "min_loss_scale": 1},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+def param_groups(module: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices only: biases, norms and other vectors are not decayed."""
+    decay, no_decay = [], []
+    for param in module.parameters():
+        if param.requires_grad:
+            (decay if param.dim() >= 2 else no_decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def pipeline_layers(cfg: Config, tc, spec, vocab_size: int) -> list:
+    """The GPT as DeepSpeed layer specs; a tied embedding is one weight shared by the first and last stage."""
+    m, seed = cfg.model, cfg.train.seed
+    embed = (TiedLayerSpec("embedding", Embedding, m, tc, vocab_size, seed, tied_weight_attr="word.weight")
+             if m.tie_embeddings else LayerSpec(Embedding, m, tc, vocab_size, seed))
+    head = (TiedLayerSpec("embedding", Embedding, m, tc, vocab_size, seed, forward_fn=_tied_logits,
+                          tied_weight_attr="word.weight")
+            if m.tie_embeddings else LayerSpec(Head, m, tc, vocab_size, seed))
+    blocks = [LayerSpec(Block, m, tc, spec, i, seed) for i in range(1, m.num_layers + 1)]
+    return [embed, *blocks, LayerSpec(FinalNorm, m, tc, seed), head]
+
+
+def _tied_logits(embedding: Embedding, hidden: torch.Tensor) -> torch.Tensor:
+    return embedding.logits(hidden)
+
+
+class Engine:
+    """The model on this rank, wrapped by DeepSpeed, one optimizer step at a time."""
+
+    def __init__(self, cfg: Config, layout: Layout, vocab_size: int):
+        on_gpu = layout.device.type == "cuda"
+        tc = transformer_config(cfg.model, cfg.parallel, on_gpu=on_gpu, recompute=cfg.train.activation_checkpointing)
+        spec = layer_spec(on_gpu)
+        vocab = padded_vocab_size(vocab_size)
+        self.pipeline = layout.pipeline > 1
+        if self.pipeline:
+            module = PipelineModule(pipeline_layers(cfg, tc, spec, vocab), topology=deepspeed_topology(layout),
+                                    loss_fn=lm_loss, partition_method="type:Block",
+                                    activation_checkpoint_interval=int(cfg.train.activation_checkpointing == "full"))
+        else:
+            module = GPT(cfg.model, tc, spec, vocab, cfg.train.seed,
+                         recompute_blocks=cfg.train.activation_checkpointing == "full")
+        if cfg.parallel.sequence_parallel:
+            sum_sequence_parallel_grads(module, parallel_state.get_tensor_model_parallel_group())
+        module.to(layout.device)
+        o = cfg.optim
+        optimizer = torch.optim.AdamW(param_groups(module, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2),
+                                      eps=o.eps, fused=on_gpu)
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=module, optimizer=optimizer, lr_scheduler=lr_scheduler(optimizer, o),
+            config=deepspeed_config(cfg, layout), mpu=None if self.pipeline else MegatronMPU())
+        self.layout = layout
+        self.grad_accum = grad_accum_steps(cfg, layout)
+
+    def train_step(self, batches: Iterator[dict]) -> float:
+        """One optimizer step over grad_accum micro-batches; the mean loss of the global batch."""
+        if self.pipeline:
+            return self.engine.train_batch(data_iter=self._pairs(batches)).item()
+        total = torch.zeros((), device=self.layout.device)
+        for _ in range(self.grad_accum):
+            batch = next(batches)
+            loss = self.engine(batch["input_ids"].to(self.layout.device), batch["labels"].to(self.layout.device))
+            self.engine.backward(loss)
+            self.engine.step()
+            total += loss.detach().float()
+        return self._data_parallel_mean(total / self.grad_accum)
+
+    @torch.no_grad()
+    def eval_loss(self, batches: Iterator[dict], micro_batches: int) -> float:
+        """Mean loss over `micro_batches` micro-batches per data-parallel rank, weights untouched."""
+        if self.pipeline:
+            return self.engine.eval_batch(self._pairs(batches), num_micro_batches=micro_batches).item()
+        self.engine.eval()
+        total = torch.zeros((), device=self.layout.device)
+        for _ in range(micro_batches):
+            batch = next(batches)
+            total += self.engine(batch["input_ids"].to(self.layout.device),
+                                 batch["labels"].to(self.layout.device)).float()
+        self.engine.train()
+        return self._data_parallel_mean(total / micro_batches)
+
+    @property
+    def lr(self) -> float:
+        return self.scheduler.get_last_lr()[0]
+
+    def _pairs(self, batches: Iterator[dict]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for batch in batches:
+            yield batch["input_ids"].to(self.layout.device), batch["labels"].to(self.layout.device)
+
+    def _data_parallel_mean(self, loss: torch.Tensor) -> float:
+        if self.layout.data > 1:
+            dist.all_reduce(loss, group=parallel_state.get_data_parallel_group())
+            loss /= self.layout.data
+        return loss.item()

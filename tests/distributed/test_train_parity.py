@@ -1,0 +1,33 @@
+"""Every parallel layout trains like one process: same loss at every step (fp32, CPU, gloo ranks)."""
+
+import pytest
+
+from tests.distributed.ranks import run_ranks
+from tests.distributed.workloads import train_steps
+
+BATCH = ["train.global_batch_size=8", "train.micro_batch_size=2", "optim.warmup_steps=1", "optim.lr=1e-2"]
+
+LAYOUTS = {
+    "dp2-zero0": (2, ["parallel.zero_stage=0"]),
+    "dp2-zero1": (2, ["parallel.zero_stage=1"]),
+    "dp2-zero2": (2, ["parallel.zero_stage=2"]),
+    "dp2-zero3": (2, ["parallel.zero_stage=3"]),
+    "tp2": (2, ["parallel.tensor=2"]),
+    "tp2-sp": (2, ["parallel.tensor=2", "parallel.sequence_parallel=true"]),
+    "tp2xdp2": (4, ["parallel.tensor=2"]),
+}
+
+
+@pytest.fixture(scope="module")
+def single():
+    (result,) = run_ranks(1, train_steps, BATCH)
+    return result
+
+
+@pytest.mark.parametrize("name", LAYOUTS)
+def test_layout_matches_single_process(single, name):
+    world, layout = LAYOUTS[name]
+    results = run_ranks(world, train_steps, BATCH + layout)
+    assert single["losses"][-1] < single["losses"][0]  # it trains at all
+    for rank, result in enumerate(results):
+        assert result["losses"] == pytest.approx(single["losses"], abs=1e-5), f"rank {rank}"
