@@ -52,7 +52,9 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig, *, on_gpu: 
         attention_dropout=model.attention_dropout,
         init_method_std=model.init_std,
         tensor_model_parallel_size=parallel.tensor,
-        pipeline_model_parallel_size=parallel.pipeline,
+        # NOTE: DeepSpeed runs the pipeline; megatron's layers must not see one, or they would offset
+        # the global layer numbers scalelm gives them by this stage's position a second time.
+        pipeline_model_parallel_size=1,
         sequence_parallel=parallel.sequence_parallel,
         recompute_granularity="selective" if recompute == "selective" else None,
         params_dtype=torch.float32,

@@ -15,6 +15,9 @@ LAYOUTS = {
     "tp2": (2, ["parallel.tensor=2"]),
     "tp2-sp": (2, ["parallel.tensor=2", "parallel.sequence_parallel=true"]),
     "tp2xdp2": (4, ["parallel.tensor=2"]),
+    "pp2": (2, ["parallel.pipeline=2"]),
+    "tp2xpp2": (4, ["parallel.tensor=2", "parallel.pipeline=2"]),
+    "pp2xdp2": (4, ["parallel.pipeline=2"]),
 }
 
 
