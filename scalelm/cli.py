@@ -4,6 +4,7 @@
     scalelm tokenizer train DIR --out T.model documents -> SentencePiece model
     scalelm shard DIR --tokenizer T.model --out SHARDS
     scalelm inspect SHARDS                    what a shard set holds; --verify checks every shard
+    scalelm pretrain --config CFG [key=value ...] [--nproc-per-node N]
     scalelm config [CFG] [key=value ...]      the resolved, validated config
 
 The CLI only parses arguments and calls into scalelm.*; errors meant for people (ScalelmError)
@@ -89,6 +90,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", type=Path, default=None, help="decode a sample with this model")
     p.set_defaults(run=_inspect)
 
+    p = sub.add_parser("pretrain", help="train a GPT from a config",
+                       description="Train on this process, as one rank under torchrun/srun/Ray (RANK, WORLD_SIZE, "
+                                   "LOCAL_RANK, MASTER_ADDR, MASTER_PORT), or as N local ranks with --nproc-per-node. "
+                                   "gloo on CPU, NCCL on GPU.")
+    p.add_argument("--config", required=True, help="YAML config (see configs/)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. optim.lr=3e-4")
+    p.add_argument("--nproc-per-node", type=int, default=1, help="start this many local ranks (default 1)")
+    p.set_defaults(run=_pretrain)
+
     p = sub.add_parser("config", help="print the resolved, validated config",
                        description="Load CFG (or the defaults), apply key=value overrides, validate, print as YAML.")
     p.add_argument("config", nargs="?", default=None, help="YAML config (see configs/)")
@@ -143,6 +153,33 @@ def _inspect(args: argparse.Namespace) -> None:
 
     for line in inspect_shards(args.shards, verify=args.verify, tokenizer=args.tokenizer):
         print(line)
+
+
+def _pretrain(args: argparse.Namespace) -> int:
+    import os
+    import warnings
+
+    import torch
+
+    from scalelm.config import load_config
+
+    # The engines' notices about kernels that are not installed say nothing a user can act on here.
+    warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine|transformer_engine).*")
+    warnings.filterwarnings("ignore", category=DeprecationWarning, module="megatron")
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
+
+    cfg = load_config(args.config, args.overrides)  # config errors stop here, before any rank starts
+    if args.nproc_per_node > 1:
+        from scalelm.launch.torchrun import relaunch
+
+        return relaunch(args.nproc_per_node, ["pretrain", "--config", args.config, *args.overrides])
+    from scalelm.train.loop import pretrain
+
+    last = pretrain(cfg)
+    if last:
+        print(f"done: step {last['step']}, loss {last['loss']:.4f}"
+              + (f", val loss {last['val_loss']:.4f}" if "val_loss" in last else "") + f" -> {cfg.log.dir}/")
+    return 0
 
 
 def _config(args: argparse.Namespace) -> None:

@@ -132,6 +132,12 @@ class Engine:
     def lr(self) -> float:
         return self.scheduler.get_last_lr()[0]
 
+    @property
+    def grad_norm(self) -> float | None:
+        """The global gradient norm of the last step, before clipping (None where DeepSpeed keeps none)."""
+        norm = self.engine.get_global_grad_norm()
+        return None if norm is None else float(norm)
+
     def _pairs(self, batches: Iterator[dict]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for batch in batches:
             yield batch["input_ids"].to(self.layout.device), batch["labels"].to(self.layout.device)

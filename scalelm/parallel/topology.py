@@ -11,6 +11,7 @@ data-parallel group only.
 from __future__ import annotations
 
 import os
+import socket
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -55,8 +56,10 @@ def init_distributed(parallel: ParallelConfig, seed: int, timeout_s: int = 600) 
     from megatron.core import parallel_state, tensor_parallel
 
     rank, world, local_rank = env_rank()
+    # A lone process (no launcher) is rank 0 of 1 on a free local port; DeepSpeed reads these too.
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(local_rank))
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29500")
+    os.environ.setdefault("MASTER_PORT", str(_free_port()) if world == 1 else "29500")
     on_gpu = torch.cuda.is_available()
     if on_gpu:
         torch.cuda.set_device(local_rank)
@@ -65,8 +68,8 @@ def init_distributed(parallel: ParallelConfig, seed: int, timeout_s: int = 600) 
 
         use_cpu()
     if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo", rank=rank, world_size=world,
-                                   timeout=timedelta(seconds=timeout_s), verbose=False)
+        deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo", auto_mpi_discovery=False, rank=rank,
+                                   world_size=world, timeout=timedelta(seconds=timeout_s), verbose=False)
     tp, pp = parallel.tensor, parallel.pipeline
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
     layout = Layout(rank=rank, world=world, tensor=tp, pipeline=pp, data=world // (tp * pp),
@@ -81,6 +84,12 @@ def init_distributed(parallel: ParallelConfig, seed: int, timeout_s: int = 600) 
                            f"tp={layout.tp_rank}, DeepSpeed at {theirs}")  # a bug in scalelm, not in the config
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
     return layout
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def deepspeed_topology(layout: Layout):

@@ -1,0 +1,1 @@
+"""Starting ranks: torchrun on one machine (and, later, Ray and SLURM entries)."""

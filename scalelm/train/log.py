@@ -1,0 +1,68 @@
+"""What a run writes for people: a progress bar, RUN_DIR/metrics.jsonl, TensorBoard, the resolved config.
+
+Only rank 0 writes; every other rank gets a RunLog that does nothing, so the loop never asks.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import yaml
+from tqdm import tqdm
+
+from scalelm.config import Config, to_dict
+from scalelm.data.files import make_dir
+
+
+class RunLog:
+    def __init__(self, cfg: Config, active: bool, total_steps: int, first_step: int = 0):
+        self.active, self.every = active, cfg.log.every
+        self.last: dict = {}
+        if not active:
+            return
+        self.dir = make_dir(Path(cfg.log.dir), "log.dir")
+        (self.dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        self.metrics = open(self.dir / "metrics.jsonl", "a")
+        self.tensorboard = None
+        if cfg.log.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tensorboard = SummaryWriter(str(self.dir / "tensorboard"))
+        self.bar = tqdm(total=total_steps, initial=first_step, desc="pretrain", unit="step", dynamic_ncols=True)
+        self.started = time.time()
+
+    def step(self, record: dict) -> None:
+        """After each optimizer step: {step, loss, lr, grad_norm, tokens_per_s, mfu, mfu_megatron, mem}."""
+        self.last = record
+        if not self.active:
+            return
+        self.bar.update(1)
+        self.bar.set_postfix_str(
+            f"loss {record['loss']:.4f} lr {record['lr']:.2e} {record['tokens_per_s']:,.0f} tok/s"
+            + (f" MFU {100 * record['mfu']:.1f}% (PaLM)" if record["mfu"] is not None else ""), refresh=False)
+        if record["step"] % self.every == 0 or record["step"] == self.bar.total:
+            self._write(record)
+
+    def eval(self, step: int, val_loss: float, perplexity: float) -> None:
+        record = {"step": step, "val_loss": val_loss, "val_perplexity": perplexity}
+        self.last = {**self.last, **record}
+        if self.active:
+            self.bar.write(f"step {step}: val loss {val_loss:.4f}, perplexity {perplexity:.2f}")
+            self._write(record)
+
+    def close(self) -> None:
+        if self.active:
+            self.bar.close()
+            self.metrics.close()
+            if self.tensorboard is not None:
+                self.tensorboard.close()
+
+    def _write(self, record: dict) -> None:
+        self.metrics.write(json.dumps(record) + "\n")
+        self.metrics.flush()
+        if self.tensorboard is not None:
+            for key, value in record.items():
+                if key != "step" and value is not None:
+                    self.tensorboard.add_scalar(key, value, record["step"])
