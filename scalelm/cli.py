@@ -166,6 +166,7 @@ def _pretrain(args: argparse.Namespace) -> int:
     # The engines' notices about kernels that are not installed say nothing a user can act on here.
     warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine|transformer_engine).*")
     warnings.filterwarnings("ignore", category=DeprecationWarning, module="megatron")
+    warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
 
     cfg = load_config(args.config, args.overrides)  # config errors stop here, before any rank starts
