@@ -22,3 +22,9 @@ def test_tokenize_benchmark_prints_figures(pipeline):
     out = run(BENCH / "tokenize_throughput.py", "--docs", pipeline["docs"], "--tokenizer", pipeline["tokenizer"],
               "--repeats", "1")
     assert "M tokens/s/core" in out
+
+
+def test_train_benchmark_prints_figures():
+    out = run(BENCH / "train_throughput.py", "--steps", "8", "model.num_layers=2", "model.hidden_size=64",
+              "model.num_heads=4", "train.seq_len=32")
+    assert "scalelm pretrain" in out and "plain PyTorch loop" in out and "ratio" in out

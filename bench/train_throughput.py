@@ -1,0 +1,101 @@
+"""Training throughput on this CPU: `scalelm pretrain` (one process) next to a plain-PyTorch loop of the
+same model, batch and data. The ratio is the framework's own overhead (DeepSpeed engine, loader,
+metrics); 1.0 means none.
+
+    python bench/train_throughput.py [--config configs/tiny.yaml] [--steps 40] [key=value ...]
+
+Prints figures only. Tokens/s is the median over the steps after the first five.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from scalelm.config import load_config
+from scalelm.data.loader import loader_from_config
+from scalelm.data.shards import ShardSetWriter
+from scalelm.model.gpt import GPT
+from scalelm.model.spec import layer_spec, padded_vocab_size, transformer_config
+from scalelm.parallel.topology import destroy_distributed, init_distributed
+from scalelm.train.loop import pretrain
+from scalelm.train.schedule import lr_scheduler
+
+VOCAB = 8000
+
+
+def synthetic_shards(out: Path, tokens: int) -> None:
+    stream = np.random.default_rng(0).integers(4, VOCAB, tokens, dtype=np.uint16)
+    writer = ShardSetWriter(out, dtype=np.uint16, vocab_size=VOCAB, eos_id=2, shard_size=8 << 20,
+                            tokenizer={"file": "synthetic", "sha256": "0" * 64}, overwrite=True)
+    for i in range(0, tokens, 1 << 18):
+        writer.write("train", stream[i : i + (1 << 18)], documents=1)
+    writer.write("val", stream[: 1 << 18], documents=1)
+    writer.close()
+
+
+def plain_pytorch(cfg, steps: int) -> float:
+    """The same GPT, AdamW, schedule, clipping and loader, driven by hand: no DeepSpeed."""
+    layout = init_distributed(cfg.parallel, cfg.train.seed)
+    try:
+        tc = transformer_config(cfg.model, cfg.parallel, on_gpu=False)
+        model = GPT(cfg.model, tc, layer_spec(on_gpu=False), padded_vocab_size(VOCAB), cfg.train.seed)
+        o = cfg.optim
+        optimizer = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
+                                      weight_decay=o.weight_decay)
+        scheduler = lr_scheduler(optimizer, o)
+        batches = iter(loader_from_config(cfg, "train", layout.dp_rank, layout.data))
+        accum = cfg.train.global_batch_size // cfg.train.micro_batch_size
+        rates = []
+        for _ in range(steps):
+            start = time.perf_counter()
+            for _ in range(accum):
+                batch = next(batches)
+                (model(batch["input_ids"], batch["labels"]) / accum).backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            rates.append(cfg.train.global_batch_size * cfg.train.seq_len / (time.perf_counter() - start))
+        return statistics.median(rates[5:])
+    finally:
+        destroy_distributed()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=str(Path(__file__).parents[1] / "configs" / "tiny.yaml"))
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore")
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        synthetic_shards(tmp / "shards", 4_000_000)
+        cfg = load_config(args.config, [f"data.train={tmp / 'shards'}", "data.tokenizer=null",
+                                        f"model.vocab_size={VOCAB}", f"train.steps={args.steps}", "train.eval_every=0",
+                                        f"log.dir={tmp / 'run'}", "log.every=1", "log.tensorboard=false",
+                                        "data.num_workers=0", *args.overrides])
+        pretrain(cfg)
+        records = [json.loads(line) for line in (tmp / "run" / "metrics.jsonl").read_text().splitlines()]
+        ours = statistics.median(r["tokens_per_s"] for r in records[5:])
+        plain = plain_pytorch(cfg, args.steps)
+    m, t = cfg.model, cfg.train
+    print(f"{Path(args.config).name}: {m.num_layers} layers x {m.hidden_size}, seq {t.seq_len}, "
+          f"global batch {t.global_batch_size} (micro {t.micro_batch_size}), {t.precision}, "
+          f"{torch.get_num_threads()} threads, 1 process")
+    print(f"  scalelm pretrain     {ours:10,.0f} tokens/s")
+    print(f"  plain PyTorch loop   {plain:10,.0f} tokens/s")
+    print(f"  ratio                {ours / plain:10.2f}")
+
+
+if __name__ == "__main__":
+    main()
