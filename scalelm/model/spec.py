@@ -59,7 +59,9 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig, *, on_gpu: 
         recompute_granularity="selective" if recompute == "selective" else None,
         params_dtype=torch.float32,
         use_cpu_initialization=not on_gpu,
-        bias_activation_fusion=on_gpu and model.bias,
+        # NOTE: megatron's fused GELU is the tanh approximation; the plain path is exact (erf) GELU,
+        # which is also what the Hugging Face export names. Only SwiGLU, exact either way, is fused.
+        bias_activation_fusion=on_gpu and swiglu,
         bias_dropout_fusion=on_gpu,
         apply_rope_fusion=False,
         masked_softmax_fusion=False,
