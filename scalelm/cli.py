@@ -5,6 +5,7 @@
     scalelm shard DIR --tokenizer T.model --out SHARDS
     scalelm inspect SHARDS                    what a shard set holds; --verify checks every shard
     scalelm pretrain --config CFG [key=value ...] [--nproc-per-node N]
+    scalelm plot RUN_DIR --out loss.png       loss and throughput curves of a run
     scalelm config [CFG] [key=value ...]      the resolved, validated config
 
 The CLI only parses arguments and calls into scalelm.*; errors meant for people (ScalelmError)
@@ -99,6 +100,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nproc-per-node", type=int, default=1, help="start this many local ranks (default 1)")
     p.set_defaults(run=_pretrain)
 
+    p = sub.add_parser("plot", help="draw loss and throughput curves of a run",
+                       description="Read RUN_DIR/metrics.jsonl and draw training/validation loss and tokens/s.")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a run's log.dir")
+    p.add_argument("--out", required=True, help="image to write (.png, .svg or .pdf)")
+    p.set_defaults(run=_plot)
+
     p = sub.add_parser("config", help="print the resolved, validated config",
                        description="Load CFG (or the defaults), apply key=value overrides, validate, print as YAML.")
     p.add_argument("config", nargs="?", default=None, help="YAML config (see configs/)")
@@ -181,6 +188,12 @@ def _pretrain(args: argparse.Namespace) -> int:
         print(f"done: step {last['step']}, loss {last['loss']:.4f}"
               + (f", val loss {last['val_loss']:.4f}" if "val_loss" in last else "") + f" -> {cfg.log.dir}/")
     return 0
+
+
+def _plot(args: argparse.Namespace) -> None:
+    from scalelm.train.plot import plot_run
+
+    print(f"-> {plot_run(args.run_dir, args.out)}")
 
 
 def _config(args: argparse.Namespace) -> None:

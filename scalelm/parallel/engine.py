@@ -16,7 +16,7 @@ import deepspeed
 import torch
 import torch.distributed as dist
 from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
-from megatron.core import parallel_state
+from megatron.core import parallel_state, tensor_parallel
 
 from scalelm.config import Config
 from scalelm.model.gpt import GPT, Block, Embedding, FinalNorm, Head, lm_loss
@@ -69,6 +69,12 @@ def pipeline_layers(cfg: Config, tc, spec, vocab_size: int) -> list:
     return [embed, *blocks, LayerSpec(FinalNorm, m, tc, seed), head]
 
 
+def _recompute(function, *args):
+    """Full activation checkpointing in the pipeline through megatron's checkpoint, which replays the
+    model-parallel RNG streams (DeepSpeed's own would not know them)."""
+    return tensor_parallel.checkpoint(function, False, *args)
+
+
 def _tied_logits(embedding: Embedding, hidden: torch.Tensor) -> torch.Tensor:
     return embedding.logits(hidden)
 
@@ -85,7 +91,8 @@ class Engine:
         if self.pipeline:
             module = PipelineModule(pipeline_layers(cfg, tc, spec, vocab), topology=deepspeed_topology(layout),
                                     loss_fn=lm_loss, partition_method="type:Block",
-                                    activation_checkpoint_interval=int(cfg.train.activation_checkpointing == "full"))
+                                    activation_checkpoint_interval=int(cfg.train.activation_checkpointing == "full"),
+                                    activation_checkpoint_func=_recompute, checkpointable_layers=["Block"])
         else:
             module = GPT(cfg.model, tc, spec, vocab, cfg.train.seed,
                          recompute_blocks=cfg.train.activation_checkpointing == "full")

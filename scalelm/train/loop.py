@@ -6,6 +6,8 @@ import math
 import time
 from pathlib import Path
 
+import torch
+
 from scalelm.config import Config, validate
 from scalelm.data.loader import loader_from_config
 from scalelm.data.tokenizer import load_tokenizer
@@ -20,6 +22,8 @@ def pretrain(cfg: Config) -> dict:
     """Train `cfg.train.steps` steps on this rank; returns the last metrics record on rank 0, None elsewhere."""
     _, world, _ = env_rank()
     validate(cfg, world_size=world)  # layout errors surface before any process group starts
+    if cfg.train.precision == "fp16" and not torch.cuda.is_available():
+        raise ConfigError("train.precision=fp16 needs a GPU (DeepSpeed has no fp16 on the CPU): use bf16 or fp32 here")
     vocab_size = resolve_vocab_size(cfg)
     layout = init_distributed(cfg.parallel, cfg.train.seed)
     log = RunLog(cfg, active=layout.rank == 0, total_steps=cfg.train.steps)

@@ -18,6 +18,11 @@ LAYOUTS = {
     "pp2": (2, ["parallel.pipeline=2"]),
     "tp2xpp2": (4, ["parallel.tensor=2", "parallel.pipeline=2"]),
     "pp2xdp2": (4, ["parallel.pipeline=2"]),
+    # recomputation changes memory, never the math
+    "recompute-selective": (1, ["train.activation_checkpointing=selective"]),
+    "recompute-full": (1, ["train.activation_checkpointing=full"]),
+    "tp2-recompute-full": (2, ["parallel.tensor=2", "train.activation_checkpointing=full"]),
+    "pp2-recompute-full": (2, ["parallel.pipeline=2", "train.activation_checkpointing=full"]),
 }
 
 

@@ -6,10 +6,12 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from scalelm.config import load_config
 from scalelm.errors import ConfigError
 from scalelm.train.loop import pretrain
+from scalelm.train.plot import plot_run
 
 TINY = ["model.num_layers=2", "model.hidden_size=64", "model.num_heads=4", "train.seq_len=32",
         "train.micro_batch_size=4", "train.global_batch_size=8", "data.num_workers=0", "train.eval_iters=2"]
@@ -36,6 +38,7 @@ def test_tiny_model_learns(pipeline, tmp_path, monkeypatch):
     assert last["val_loss"] < 0.8 * steps[0]["loss"] and last["val_perplexity"] > 1
     assert all(r["tokens_per_s"] > 0 and r["grad_norm"] > 0 and r["mfu"] is None for r in steps)
     assert (tmp_path / "run" / "config.yaml").exists() and any((tmp_path / "run" / "tensorboard").iterdir())
+    assert plot_run(tmp_path / "run", tmp_path / "loss.png").stat().st_size > 10_000
 
 
 def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -69,4 +72,11 @@ def test_layout_errors_come_before_any_process_group(pipeline, tmp_path, world, 
 def test_vocab_size_must_match_the_tokenizer(pipeline, tmp_path):
     cfg = load_config(None, overrides(pipeline, tmp_path, "model.vocab_size=999"))
     with pytest.raises(ConfigError, match="model.vocab_size=999 but data.tokenizer has 400 pieces"):
+        pretrain(cfg)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU fp16 trains: tests/gpu/test_train_gpu.py")
+def test_fp16_on_a_cpu_is_a_clear_error(pipeline, tmp_path):
+    cfg = load_config(None, overrides(pipeline, tmp_path, "train.precision=fp16"))
+    with pytest.raises(ConfigError, match="train.precision=fp16 needs a GPU"):
         pretrain(cfg)

@@ -1,0 +1,41 @@
+"""`scalelm plot RUN_DIR --out loss.png`: training and validation loss, and throughput, from metrics.jsonl."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from scalelm.errors import DataError
+
+
+def plot_run(run_dir: str | Path, out: str | Path) -> Path:
+    """Draw RUN_DIR/metrics.jsonl into `out` (PNG, SVG or PDF by its suffix)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        raise DataError(f"{path} not found: give the log.dir of a `scalelm pretrain` run")
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    train = [r for r in records if "loss" in r]
+    val = [r for r in records if "val_loss" in r]
+    if not train:
+        raise DataError(f"{path} holds no training steps yet")
+    fig, (loss_ax, speed_ax) = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
+    loss_ax.plot([r["step"] for r in train], [r["loss"] for r in train], label="train")
+    if val:
+        loss_ax.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", label="validation")
+    loss_ax.set_ylabel("loss")
+    loss_ax.legend()
+    loss_ax.grid(alpha=0.3)
+    speed_ax.plot([r["step"] for r in train], [r["tokens_per_s"] for r in train], color="tab:green")
+    speed_ax.set_ylabel("tokens / s")
+    speed_ax.set_xlabel("step")
+    speed_ax.grid(alpha=0.3)
+    fig.suptitle(Path(run_dir).name)
+    fig.tight_layout()
+    fig.savefig(out)
+    plt.close(fig)
+    return Path(out)
