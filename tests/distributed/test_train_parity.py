@@ -1,6 +1,7 @@
 """Every parallel layout trains like one process: same loss at every step (fp32, CPU, gloo ranks)."""
 
 import pytest
+import torch
 
 from tests.distributed.ranks import run_ranks
 from tests.distributed.workloads import train_steps
@@ -26,6 +27,11 @@ LAYOUTS = {
 }
 
 
+# Layouts that split the model: the first step's whole gradients are compared too (ZeRO 0/1 keep
+# them whole until the step, so they can be read there).
+GRADIENTS_COMPARED = ["tp2", "tp2-sp", "pp2", "tp2xpp2", "pp2xdp2", "tp2xdp2"]
+
+
 @pytest.fixture(scope="module")
 def single():
     (result,) = run_ranks(1, train_steps, BATCH)
@@ -39,3 +45,8 @@ def test_layout_matches_single_process(single, name):
     assert single["losses"][-1] < single["losses"][0]  # it trains at all
     for rank, result in enumerate(results):
         assert result["losses"] == pytest.approx(single["losses"], abs=1e-5), f"rank {rank}"
+    if name in GRADIENTS_COMPARED:
+        grads = results[0]["grads"]
+        assert grads.keys() == single["grads"].keys()
+        for key, grad in single["grads"].items():
+            torch.testing.assert_close(grads[key], grad, atol=1e-6, rtol=1e-4, msg=key)

@@ -42,7 +42,8 @@ def forward_backward(overrides: list[str], seed: int = 0) -> dict:
 
 
 def train_steps(overrides: list[str], steps: int = 3, seed: int = 0) -> dict:
-    """`steps` optimizer steps on fixed global batches; every rank reports the loss of each step.
+    """`steps` optimizer steps on fixed global batches; every rank reports the loss of each step, and
+    the first data-parallel rank the whole gradients of the first step under single-process names.
 
     Each step's global batch is the same tokens for every layout; a data-parallel rank takes its
     contiguous share of it in micro-batches, so every layout averages gradients over the same samples."""
@@ -54,6 +55,7 @@ def train_steps(overrides: list[str], steps: int = 3, seed: int = 0) -> dict:
     try:
         validate(cfg, world_size=layout.world)
         engine = Engine(cfg, layout, VOCAB)
+        grads = _capture_first_grads(engine.engine.module)
         t = cfg.train
         gen = torch.Generator().manual_seed(seed)
         losses = []
@@ -62,6 +64,64 @@ def train_steps(overrides: list[str], steps: int = 3, seed: int = 0) -> dict:
             share = tokens.chunk(layout.data)[layout.dp_rank]
             micro = iter({"input_ids": m[:, :-1], "labels": m[:, 1:]} for m in share.split(t.micro_batch_size))
             losses.append(engine.train_step(micro))
-        return {"losses": losses, "lr": engine.lr}
+            grads.freeze()
+        whole = grads.whole(layout)  # collective: every rank takes part
+        return {"losses": losses, "lr": engine.lr, "grads": whole if layout.rank == 0 else None}
     finally:
         destroy_distributed()
+
+
+class _GradCapture:
+    """The accumulated gradient of every parameter as the first step leaves it (before ZeRO-2/3 would
+    partition it: these tests capture under ZeRO 0 and 1)."""
+
+    def __init__(self, module: torch.nn.Module):
+        self.named = dict(module.named_parameters())
+        self.grads: dict[str, torch.Tensor] = {}
+        self.frozen = False
+        for name, param in self.named.items():
+            param.register_post_accumulate_grad_hook(lambda p, name=name: self._keep(name, p))
+
+    def _keep(self, name: str, param: torch.Tensor) -> None:
+        if not self.frozen:
+            self.grads[name] = param.grad.detach().clone()
+
+    def freeze(self) -> None:
+        self.frozen = True
+
+    def whole(self, layout) -> dict[str, torch.Tensor]:
+        """Gathered over tensor ranks and pipeline stages, named as the single-process GPT names them."""
+        tp_group = parallel_state.get_tensor_model_parallel_group()
+        for grad in self.grads.values():  # each data-parallel rank saw its share of the batch: average them
+            torch.distributed.all_reduce(grad, group=parallel_state.get_data_parallel_group())
+            grad /= layout.data
+        mine = {_gpt_name(n): gather_tensor_parallel(g, self.named[n], tp_group) for n, g in self.grads.items()}
+        if layout.pipeline == 1:
+            return mine
+        stages = [None] * layout.pipeline
+        torch.distributed.all_gather_object(stages, mine, group=parallel_state.get_pipeline_model_parallel_group())
+        whole: dict[str, torch.Tensor] = {}
+        for stage in stages:
+            for key, grad in stage.items():
+                # a tied embedding lives on the first and the last stage, each with its share of the
+                # gradient; DeepSpeed sums the two before the step, and so does this
+                whole[key] = whole[key] + grad if key in whole else grad
+        return whole
+
+
+def _capture_first_grads(module: torch.nn.Module) -> _GradCapture:
+    return _GradCapture(module)
+
+
+def _gpt_name(name: str) -> str:
+    """A PipelineModule parameter's name as GPT has it: '3.layer.x' -> 'blocks.2.layer.x' and so on."""
+    if name.startswith("tied_modules.embedding."):
+        return "embedding." + name.removeprefix("tied_modules.embedding.")
+    index, _, rest = name.partition(".")
+    if not index.isdigit():
+        return name
+    index = int(index)
+    if index == 0:
+        return f"embedding.{rest}"
+    kind = rest.split(".")[0]
+    return {"layer": f"blocks.{index - 1}.{rest}", "norm": f"norm.{rest}", "linear": f"head.{rest}"}[kind]
