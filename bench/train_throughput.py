@@ -84,16 +84,20 @@ def main() -> None:
                                         f"model.vocab_size={VOCAB}", f"train.steps={args.steps}", "train.eval_every=0",
                                         f"log.dir={tmp / 'run'}", "log.every=1", "log.tensorboard=false",
                                         "data.num_workers=0", *args.overrides])
+        # NOTE: plain, scalelm, plain again: a drift of the machine's speed over the run (caches, other
+        # load) then shows as a gap between the two plain figures instead of hiding in the ratio.
+        plain_before = plain_pytorch(cfg, args.steps)
         pretrain(cfg)
         records = [json.loads(line) for line in (tmp / "run" / "metrics.jsonl").read_text().splitlines()]
         ours = statistics.median(r["tokens_per_s"] for r in records[5:])
-        plain = plain_pytorch(cfg, args.steps)
+        plain_after = plain_pytorch(cfg, args.steps)
+        plain = (plain_before + plain_after) / 2
     m, t = cfg.model, cfg.train
     print(f"{Path(args.config).name}: {m.num_layers} layers x {m.hidden_size}, seq {t.seq_len}, "
           f"global batch {t.global_batch_size} (micro {t.micro_batch_size}), {t.precision}, "
           f"{torch.get_num_threads()} threads, 1 process")
     print(f"  scalelm pretrain     {ours:10,.0f} tokens/s")
-    print(f"  plain PyTorch loop   {plain:10,.0f} tokens/s")
+    print(f"  plain PyTorch loop   {plain:10,.0f} tokens/s (before {plain_before:,.0f}, after {plain_after:,.0f})")
     print(f"  ratio                {ours / plain:10.2f}")
 
 

@@ -3,8 +3,10 @@
 import pytest
 import torch
 
+from scalelm.model.spec import padded_vocab_size
+from scalelm.train.metrics import parameter_count
 from tests.distributed.ranks import run_ranks
-from tests.distributed.workloads import forward_backward
+from tests.distributed.workloads import VOCAB, forward_backward, tiny_config
 
 GPT3 = []
 LLAMA = ["model.position_embedding=rope", "model.normalization=rmsnorm", "model.activation=swiglu",
@@ -16,6 +18,9 @@ LLAMA = ["model.position_embedding=rope", "model.normalization=rmsnorm", "model.
                          ids=["tp2", "tp2-sp"])
 def test_tensor_parallel_matches_single_process(arch, layout):
     (single,) = run_ranks(1, forward_backward, arch)
+    cfg = tiny_config(arch)  # the MFU parameter count is the model's, less the position table
+    positions = cfg.model.max_position_embeddings * cfg.model.hidden_size if "model.position_embedding=rope" not in arch else 0
+    assert sum(g.numel() for g in single["grads"].values()) == parameter_count(cfg.model, padded_vocab_size(VOCAB)) + positions
     parallel = run_ranks(2, forward_backward, arch + layout)
     assert all(abs(r["loss"] - single["loss"]) < 1e-5 for r in parallel)
     assert parallel[0]["grads"].keys() == single["grads"].keys()
