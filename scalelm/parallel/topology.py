@@ -59,7 +59,7 @@ def init_distributed(parallel: ParallelConfig, seed: int, timeout_s: int = 600) 
     # A lone process (no launcher) is rank 0 of 1 on a free local port; DeepSpeed reads these too.
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(local_rank))
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(_free_port()) if world == 1 else "29500")
+    os.environ.setdefault("MASTER_PORT", str(free_port()) if world == 1 else "29500")
     on_gpu = torch.cuda.is_available()
     if on_gpu:
         torch.cuda.set_device(local_rank)
@@ -86,7 +86,8 @@ def init_distributed(parallel: ParallelConfig, seed: int, timeout_s: int = 600) 
     return layout
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on this machine that nothing listens on now, for a rendezvous."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]

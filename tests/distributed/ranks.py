@@ -8,18 +8,13 @@ from __future__ import annotations
 
 import io
 import os
-import socket
 import traceback
 from typing import Any, Callable
 
 import torch
 import torch.multiprocessing as mp
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from scalelm.parallel.topology import free_port
 
 
 def run_ranks(world_size: int, fn: Callable[..., Any], *args: Any, timeout: float = 600) -> list[Any]:
