@@ -45,6 +45,7 @@ def test_layout_matches_single_process(single, name):
     assert single["losses"][-1] < single["losses"][0]  # it trains at all
     for rank, result in enumerate(results):
         assert result["losses"] == pytest.approx(single["losses"], abs=1e-5), f"rank {rank}"
+        assert result["val"] == pytest.approx(single["val"], abs=1e-5), f"rank {rank}: validation loss"
     if name in GRADIENTS_COMPARED:
         grads = results[0]["grads"]
         assert grads.keys() == single["grads"].keys()

@@ -59,14 +59,17 @@ def train_steps(overrides: list[str], steps: int = 3, seed: int = 0) -> dict:
         t = cfg.train
         gen = torch.Generator().manual_seed(seed)
         losses = []
-        for _ in range(steps):
+        def micro_batches():
             tokens = torch.randint(0, VOCAB, (t.global_batch_size, t.seq_len + 1), generator=gen)
             share = tokens.chunk(layout.data)[layout.dp_rank]
-            micro = iter({"input_ids": m[:, :-1], "labels": m[:, 1:]} for m in share.split(t.micro_batch_size))
-            losses.append(engine.train_step(micro))
+            return iter({"input_ids": m[:, :-1], "labels": m[:, 1:]} for m in share.split(t.micro_batch_size))
+
+        for _ in range(steps):
+            losses.append(engine.train_step(micro_batches()))
             grads.freeze()
+        val = engine.eval_loss(micro_batches(), engine.grad_accum)
         whole = grads.whole(layout)  # collective: every rank takes part
-        return {"losses": losses, "lr": engine.lr, "grads": whole if layout.rank == 0 else None}
+        return {"losses": losses, "val": val, "lr": engine.lr, "grads": whole if layout.rank == 0 else None}
     finally:
         destroy_distributed()
 
