@@ -75,7 +75,7 @@ class ParallelConfig:
     sequence_parallel: bool = False
     """Shard layer-norm and dropout activations along the sequence over the tensor group."""
     zero_stage: int = 1
-    """DeepSpeed ZeRO stage over the data-parallel group: 0, 1, 2 or 3 (only 0 or 1 with pipeline > 1)."""
+    """DeepSpeed ZeRO stage over the data-parallel group: 0, 1, 2 or 3 (1 with pipeline > 1)."""
 
 
 @dataclass
@@ -387,10 +387,12 @@ def validate(cfg: Config, world_size: int | None = None) -> Config:
     # Parallel layout rules that hold whatever the world size.
     if p.zero_stage not in (0, 1, 2, 3):
         raise ConfigError(f"parallel.zero_stage={p.zero_stage} is not a ZeRO stage: use 0, 1, 2 or 3")
-    if p.pipeline > 1 and p.zero_stage > 1:
+    if p.pipeline > 1 and p.zero_stage != 1:
+        # NOTE: ZeRO 2/3 cannot shard gradients across pipeline stages, and without ZeRO DeepSpeed's
+        # pipeline clips with a gradient norm that miscounts replicated weights.
         raise ConfigError(
-            f"parallel.zero_stage={p.zero_stage} cannot shard gradients across pipeline stages "
-            f"(parallel.pipeline={p.pipeline}): use zero_stage 0 or 1 with pipelines, or pipeline=1")
+            f"parallel.zero_stage={p.zero_stage} does not work with parallel.pipeline={p.pipeline}: "
+            f"use zero_stage 1 with pipelines, or pipeline=1")
     if m.num_heads % p.tensor or m.num_kv_heads % p.tensor:
         heads = m.num_kv_heads if m.num_heads % p.tensor == 0 else m.num_heads
         raise ConfigError(
@@ -400,6 +402,9 @@ def validate(cfg: Config, world_size: int | None = None) -> Config:
         raise ConfigError(
             f"parallel.tensor={p.tensor} does not divide model.ffn_hidden_size={m.ffn_hidden_size}: "
             f"use one of {_divisors(m.ffn_hidden_size, limit=64)}")
+    if 128 % p.tensor:
+        raise ConfigError(f"parallel.tensor={p.tensor} does not divide 128, the multiple the vocabulary is padded "
+                          f"to: use 1, 2, 4, 8, 16, 32, 64 or 128")
     if m.num_layers % p.pipeline:
         raise ConfigError(
             f"parallel.pipeline={p.pipeline} does not divide model.num_layers={m.num_layers}: "

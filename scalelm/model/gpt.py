@@ -34,7 +34,8 @@ from scalelm.model.spec import Norm
 def layer_seed(seed: int, index: int) -> Iterator[None]:
     """Build a layer under the seed of its index (embedding 0, blocks 1..L, norm L+1, head L+2),
     leaving the caller's RNG as it was."""
-    with torch.random.fork_rng(devices=[]):
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed * 1_000_003 + index)
         yield
 
@@ -87,8 +88,11 @@ class Block(nn.Module):
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         # Attention sees the whole sequence even when the layer's input holds only this rank's part.
         rotary = self.rope(hidden.shape[0] * self.sequence_factor) if self.rope is not None else None
-        hidden, _ = self.layer(hidden, attention_mask=None, rotary_pos_emb=rotary)
-        return hidden
+        if self.sequence_factor > 1:
+            # each rank holds its own part of the sequence, so its dropout masks must be its own
+            with tensor_parallel.get_cuda_rng_tracker().fork():
+                return self.layer(hidden, attention_mask=None, rotary_pos_emb=rotary)[0]
+        return self.layer(hidden, attention_mask=None, rotary_pos_emb=rotary)[0]
 
 
 class FinalNorm(nn.Module):

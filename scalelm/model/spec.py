@@ -20,8 +20,8 @@ from torch import nn
 from scalelm.config import ModelConfig, ParallelConfig
 from scalelm.model.attention import SDPAttention
 
-# The padded vocabulary is a multiple of this, so the embedding splits evenly over up to 128
-# tensor-parallel ranks and the padded size does not depend on the layout.
+# The padded vocabulary is a multiple of this, so the embedding splits evenly over any tensor-parallel
+# size that divides 128 (config validation allows no other) and the padded size does not depend on the layout.
 VOCAB_MULTIPLE = 128
 
 
@@ -58,7 +58,9 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig, *, on_gpu: 
         sequence_parallel=parallel.sequence_parallel,
         recompute_granularity="selective" if recompute == "selective" else None,
         params_dtype=torch.float32,
-        use_cpu_initialization=not on_gpu,
+        # NOTE: megatron's CPU initialisation draws each layer's whole weight and keeps this rank's
+        # slice, so every tensor and pipeline layout starts from the same weights, on a GPU too.
+        use_cpu_initialization=True,
         # NOTE: megatron's fused GELU is the tanh approximation; the plain path is exact (erf) GELU,
         # which is also what the Hugging Face export names. Only SwiGLU, exact either way, is fused.
         bias_activation_fusion=on_gpu and swiglu,

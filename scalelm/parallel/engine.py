@@ -38,9 +38,9 @@ def deepspeed_config(cfg: Config, layout: Layout) -> dict:
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
         "gradient_accumulation_steps": grad_accum_steps(cfg, layout),
         "gradient_clipping": cfg.optim.grad_clip,
-        # NOTE: ZeRO shards over the data-parallel ranks; with one there is nothing to shard, and its
-        # bookkeeping alone cost 8% of a tiny model's step here, so a lone data rank runs stage 0.
-        "zero_optimization": {"stage": cfg.parallel.zero_stage if layout.data > 1 else 0},
+        "zero_optimization": {"stage": cfg.parallel.zero_stage},
+        # bf16 gradients accumulate over micro-batches in fp32 (DeepSpeed does this under ZeRO-1)
+        **({"data_types": {"grad_accum_dtype": "fp32"}} if t.precision == "bf16" and cfg.parallel.zero_stage == 1 else {}),
         "bf16": {"enabled": t.precision == "bf16"},
         # Dynamic loss scaling: start at 2^16, halve on overflow, double after 1000 clean steps.
         "fp16": {"enabled": t.precision == "fp16", "loss_scale": 0, "initial_scale_power": 16,

@@ -14,14 +14,11 @@ import torch
 import torch.distributed as dist
 
 
-def sum_sequence_parallel_grads(module: torch.nn.Module, group) -> int:
+def sum_sequence_parallel_grads(module: torch.nn.Module, group) -> None:
     """Hook every `sequence_parallel` parameter of `module` to all-reduce its gradient over `group`."""
-    hooked = 0
     for param in module.parameters():
         if getattr(param, "sequence_parallel", False):
             param.register_hook(lambda grad: _all_reduced(grad, group))
-            hooked += 1
-    return hooked
 
 
 def _all_reduced(grad: torch.Tensor, group) -> torch.Tensor:

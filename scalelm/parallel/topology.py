@@ -35,24 +35,18 @@ class Layout:
     pp_rank: int
     device: torch.device
 
-    @property
-    def is_first_stage(self) -> bool:
-        return self.pp_rank == 0
-
-    @property
-    def is_last_stage(self) -> bool:
-        return self.pp_rank == self.pipeline - 1
-
 
 def env_rank() -> tuple[int, int, int]:
-    """(rank, world size, local rank) from the launcher's environment; a lone process is rank 0 of 1."""
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
+    """(rank, world size, local rank) from the launcher's environment (torchrun's RANK/WORLD_SIZE/LOCAL_RANK,
+    or srun's SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID); a lone process is rank 0 of 1."""
+    env = os.environ
+    return (int(env.get("RANK", env.get("SLURM_PROCID", 0))), int(env.get("WORLD_SIZE", env.get("SLURM_NTASKS", 1))),
+            int(env.get("LOCAL_RANK", env.get("SLURM_LOCALID", 0))))
 
 
 def init_distributed(parallel: ParallelConfig, seed: int, timeout_s: int = 600) -> Layout:
     """Start torch.distributed (NCCL on GPU, gloo on CPU), build megatron's groups, check DeepSpeed's grid."""
     import deepspeed
-    from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
     from megatron.core import parallel_state, tensor_parallel
 
     rank, world, local_rank = env_rank()
@@ -77,8 +71,7 @@ def init_distributed(parallel: ParallelConfig, seed: int, timeout_s: int = 600) 
                     dp_rank=parallel_state.get_data_parallel_rank(),
                     pp_rank=parallel_state.get_pipeline_model_parallel_rank(),
                     device=torch.device("cuda", local_rank) if on_gpu else torch.device("cpu"))
-    grid = PipeModelDataParallelTopology(num_pp=pp, num_mp=tp, num_dp=layout.data)
-    theirs = grid.get_coord(rank)
+    theirs = deepspeed_topology(layout).get_coord(rank)
     if (theirs.pipe, theirs.data, theirs.model) != (layout.pp_rank, layout.dp_rank, layout.tp_rank):
         raise RuntimeError(f"rank {rank}: megatron puts it at pp={layout.pp_rank} dp={layout.dp_rank} "
                            f"tp={layout.tp_rank}, DeepSpeed at {theirs}")  # a bug in scalelm, not in the config
@@ -108,7 +101,8 @@ def destroy_distributed() -> None:
 
 
 class MegatronMPU:
-    """DeepSpeed's `mpu` interface over megatron-core's parallel_state."""
+    """DeepSpeed's `mpu` interface over megatron-core's parallel_state (for the engine without a
+    pipeline; the pipeline engine takes the grid from its PipelineModule's topology)."""
 
     def __getattr__(self, name: str):
         from megatron.core import parallel_state
@@ -120,9 +114,6 @@ class MegatronMPU:
             "get_slice_parallel_rank": parallel_state.get_tensor_model_parallel_rank,
             "get_slice_parallel_world_size": parallel_state.get_tensor_model_parallel_world_size,
             "get_slice_parallel_group": parallel_state.get_tensor_model_parallel_group,
-            "get_pipe_parallel_rank": parallel_state.get_pipeline_model_parallel_rank,
-            "get_pipe_parallel_world_size": parallel_state.get_pipeline_model_parallel_world_size,
-            "get_pipe_parallel_group": parallel_state.get_pipeline_model_parallel_group,
         }
         if name in aliases:
             return aliases[name]

@@ -24,7 +24,7 @@ class RunLog:
             return
         self.dir = make_dir(Path(cfg.log.dir), "log.dir")
         (self.dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-        self.metrics = open(self.dir / "metrics.jsonl", "a")
+        self.metrics = open(self.dir / "metrics.jsonl", "w")  # a new run starts a new record
         self.tensorboard = None
         if cfg.log.tensorboard:
             from torch.utils.tensorboard import SummaryWriter

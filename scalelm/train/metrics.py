@@ -6,9 +6,9 @@ PaLM (Chowdhery et al. 2022, appendix B), the one reported as `mfu`:
 Megatron (Narayanan et al. 2021), reported beside it as `mfu_megatron`:
     FLOPs per token = 72 l h^2 (1 + s / 6h + V / 12 l h)      no recomputation (3 passes)
                       96 l h^2 (1 + s / 6h + V / 16 l h)      full recomputation (4 passes, logits 3)
-Both count only the model's arithmetic (not recomputation under PaLM's), so MFU compares runs
-fairly; peak FLOP/s is the accelerator's dense bf16/fp16 figure. On a CPU there is no peak to
-divide by and MFU is not reported.
+PaLM's counts only the model's arithmetic, whatever is recomputed, so it compares runs fairly;
+Megatron's counts the recomputation too, as Megatron reports it. Peak FLOP/s is the accelerator's
+dense bf16/fp16 figure. On a CPU there is no peak to divide by and MFU is not reported.
 """
 
 from __future__ import annotations
@@ -18,7 +18,9 @@ import torch
 from scalelm.config import ModelConfig
 
 # Dense bf16/fp16 tensor-core peaks in FLOP/s, by a substring of torch.cuda.get_device_name().
-PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12, "V100": 125e12}
+# Checked in order, so the specific names (H100 PCIe, H100 NVL) come before the general one.
+PEAK_FLOPS = {"H200": 989e12, "H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "A100": 312e12,
+              "L40S": 362e12, "A10": 125e12, "V100": 125e12}
 
 
 def parameter_count(model: ModelConfig, vocab_size: int) -> int:

@@ -55,7 +55,7 @@ def train_steps(overrides: list[str], steps: int = 3, seed: int = 0) -> dict:
     try:
         validate(cfg, world_size=layout.world)
         engine = Engine(cfg, layout, VOCAB)
-        grads = _capture_first_grads(engine.engine.module)
+        grads = _GradCapture(engine.engine.module)
         t = cfg.train
         gen = torch.Generator().manual_seed(seed)
         losses = []
@@ -110,10 +110,6 @@ class _GradCapture:
                 # gradient; DeepSpeed sums the two before the step, and so does this
                 whole[key] = whole[key] + grad if key in whole else grad
         return whole
-
-
-def _capture_first_grads(module: torch.nn.Module) -> _GradCapture:
-    return _GradCapture(module)
 
 
 def _gpt_name(name: str) -> str:
