@@ -1,7 +1,7 @@
 """DeepSpeed assembly: the GPT (or its pipeline of layers), AdamW, the schedule, ZeRO and precision.
 
     parallel.pipeline == 1   GPT inside a plain DeepSpeedEngine, ZeRO stage 0-3 over the data group
-    parallel.pipeline > 1    the layer list in a DeepSpeed PipelineModule, 1F1B, ZeRO 0-1
+    parallel.pipeline > 1    the layer list in a DeepSpeed PipelineModule, 1F1B, ZeRO-1
 
 `Engine.train_step` takes one optimizer step from an iterator of micro-batches and returns the
 step's mean loss over the whole global batch; `Engine.eval_loss` averages the loss of micro-batches
