@@ -1,0 +1,1 @@
+"""Who holds what: ranks and groups (topology), the DeepSpeed engine, and the CPU redirection for megatron-core."""
