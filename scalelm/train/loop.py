@@ -30,6 +30,8 @@ def pretrain(cfg: Config) -> dict:
     try:
         engine = Engine(cfg, layout, vocab_size)
         batches = iter(loader_from_config(cfg, "train", layout.dp_rank, layout.data))
+        val_loader = loader_from_config(cfg, "val", layout.dp_rank, layout.data) if cfg.train.eval_every else None
+        val_start = val_loader.state_dict() if val_loader else None  # every evaluation reads the same batches
         tokens_per_step = cfg.train.global_batch_size * cfg.train.seq_len
         flops = _flops(cfg, vocab_size)
         peak = metrics.peak_flops(layout.device)
@@ -39,8 +41,8 @@ def pretrain(cfg: Config) -> dict:
             seconds = time.perf_counter() - started
             log.step(_record(step, loss, lr, engine.grad_norm, tokens_per_step / seconds, flops, peak, layout))
             if cfg.train.eval_every and (step % cfg.train.eval_every == 0 or step == cfg.train.steps):
-                val = engine.eval_loss(iter(loader_from_config(cfg, "val", layout.dp_rank, layout.data)),
-                                       cfg.train.eval_iters)
+                val_loader.load_state_dict(val_start)
+                val = engine.eval_loss(iter(val_loader), cfg.train.eval_iters)
                 log.eval(step, val, math.exp(min(val, 50.0)))
         return log.last if layout.rank == 0 else None
     finally:
