@@ -5,11 +5,13 @@
     scalelm shard DIR --tokenizer T.model --out SHARDS
     scalelm inspect SHARDS                    what a shard set holds; --verify checks every shard
     scalelm pretrain --config CFG [key=value ...] [--nproc-per-node N]
+    scalelm checkpoint consolidate CKPT --out model.safetensors   one unsharded fp32 weight file
     scalelm plot RUN_DIR --out loss.png       loss and throughput curves of a run
     scalelm config [CFG] [key=value ...]      the resolved, validated config
 
 The CLI only parses arguments and calls into scalelm.*; errors meant for people (ScalelmError)
-end as one line on stderr and exit status 2.
+end as one line on stderr and exit status 2. A run stopped by SIGTERM (after saving a checkpoint)
+exits with status 143.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from scalelm.errors import ScalelmError
+from scalelm.errors import ScalelmError, Stopped
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -31,6 +33,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ScalelmError as e:
         print(f"scalelm: error: {e}", file=sys.stderr)
         return 2
+    except Stopped as e:
+        print(f"scalelm: {e}", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print("scalelm: interrupted", file=sys.stderr)
         return 130
@@ -99,6 +104,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. optim.lr=3e-4")
     p.add_argument("--nproc-per-node", type=int, default=1, help="start this many local ranks (default 1)")
     p.set_defaults(run=_pretrain)
+
+    ckpt = sub.add_parser("checkpoint", help="work with checkpoints").add_subparsers(required=True, metavar="ACTION")
+    p = ckpt.add_parser("consolidate", help="write a checkpoint's weights as one unsharded safetensors file",
+                        description="Read a checkpoint saved by any parallel layout and write its fp32 weights, under "
+                                    "single-process names, to one safetensors file (the model config is in its metadata).")
+    p.add_argument("checkpoint", type=Path, metavar="CKPT", help="a step-* directory, or a checkpoint.dir (its latest)")
+    p.add_argument("--out", required=True, type=Path, help="the .safetensors file to write")
+    p.add_argument("--no-verify", action="store_true", help="skip checking the files' SHA-256 first")
+    p.set_defaults(run=_consolidate)
 
     p = sub.add_parser("plot", help="draw loss and throughput curves of a run",
                        description="Read RUN_DIR/metrics.jsonl and draw training/validation loss and tokens/s.")
@@ -184,10 +198,20 @@ def _pretrain(args: argparse.Namespace) -> int:
     from scalelm.train.loop import pretrain
 
     last = pretrain(cfg)
-    if last:
+    if last and "loss" in last:
         print(f"done: step {last['step']}, loss {last['loss']:.4f}"
               + (f", val loss {last['val_loss']:.4f}" if "val_loss" in last else "") + f" -> {cfg.log.dir}/")
+    elif last:
+        print(f"nothing to do: the newest checkpoint is at step {last['step']}, train.steps={cfg.train.steps}")
     return 0
+
+
+def _consolidate(args: argparse.Namespace) -> None:
+    from scalelm.checkpoint.consolidate import consolidate
+
+    done = consolidate(args.checkpoint, args.out, verify=not args.no_verify)
+    print(f"{done['tensors']} tensors, {done['parameters']:,} parameters from {done['checkpoint']} (step {done['step']}) "
+          f"-> {args.out} ({done['bytes'] / 1e6:.1f} MB)")
 
 
 def _plot(args: argparse.Namespace) -> None:

@@ -75,7 +75,7 @@ class ParallelConfig:
     sequence_parallel: bool = False
     """Shard layer-norm and dropout activations along the sequence over the tensor group."""
     zero_stage: int = 1
-    """DeepSpeed ZeRO stage over the data-parallel group: 0, 1, 2 or 3 (1 with pipeline > 1)."""
+    """DeepSpeed ZeRO stage over the data-parallel group: 1, 2 or 3 (1 with pipeline > 1)."""
 
 
 @dataclass
@@ -146,6 +146,11 @@ class TrainConfig:
     """Micro-batches per validation pass."""
     resume: str = "auto"
     """auto (newest checkpoint in checkpoint.dir that verifies), none, or a checkpoint path."""
+    max_bad_steps: int = 5
+    """Steps in a row with a non-finite loss (each one skipped) after which training stops."""
+    spike_zscore: float = 6.0
+    """Log a loss spike, with the batch's shards, when a loss is this many standard deviations above
+    the mean of the last 100 steps; 0 turns it off."""
     seed: int = 1234
     """Seed of weight initialisation and dropout."""
 
@@ -339,7 +344,8 @@ def validate(cfg: Config, world_size: int | None = None) -> Config:
         "parallel.tensor": p.tensor, "parallel.pipeline": p.pipeline,
         "train.steps": t.steps, "train.seq_len": t.seq_len, "train.micro_batch_size": t.micro_batch_size,
         "train.global_batch_size": t.global_batch_size, "checkpoint.every": cfg.checkpoint.every,
-        "checkpoint.keep": cfg.checkpoint.keep, "log.every": cfg.log.every, "train.eval_iters": t.eval_iters,
+        "checkpoint.keep": cfg.checkpoint.keep,
+        "train.max_bad_steps": t.max_bad_steps, "log.every": cfg.log.every, "train.eval_iters": t.eval_iters,
     }
     for key, value in positive.items():
         if value < 1:
@@ -348,7 +354,8 @@ def validate(cfg: Config, world_size: int | None = None) -> Config:
         raise ConfigError(f"model.vocab_size={m.vocab_size} must be at least 1, or null to take it from the tokenizer")
     for key, value in {"optim.lr": o.lr, "optim.min_lr": o.min_lr, "optim.weight_decay": o.weight_decay,
                        "optim.grad_clip": o.grad_clip, "optim.warmup_steps": o.warmup_steps,
-                       "train.eval_every": t.eval_every, "data.num_workers": cfg.data.num_workers}.items():
+                       "train.eval_every": t.eval_every, "data.num_workers": cfg.data.num_workers,
+                       "train.spike_zscore": t.spike_zscore}.items():
         if value < 0:
             raise ConfigError(f"{key}={value} must not be negative")
     for key, value, low, high in [("optim.beta1", o.beta1, 0.0, 1.0), ("optim.beta2", o.beta2, 0.0, 1.0),
@@ -385,8 +392,14 @@ def validate(cfg: Config, world_size: int | None = None) -> Config:
         raise ConfigError(f"data.weights={cfg.data.weights} must all be positive")
 
     # Parallel layout rules that hold whatever the world size.
-    if p.zero_stage not in (0, 1, 2, 3):
-        raise ConfigError(f"parallel.zero_stage={p.zero_stage} is not a ZeRO stage: use 0, 1, 2 or 3")
+    if p.zero_stage == 0:
+        # NOTE: without ZeRO, DeepSpeed hands the step to the bare torch optimizer: nothing skips a step
+        # whose gradients are not finite, and bf16 keeps its fp32 master weights where checkpoints cannot
+        # read them. On one data-parallel rank ZeRO-1 is the same as none.
+        raise ConfigError("parallel.zero_stage=0 is not supported: use 1 (on one data-parallel rank it is the same as "
+                          "no ZeRO, and with more it all-reduces no more data)")
+    if p.zero_stage not in (1, 2, 3):
+        raise ConfigError(f"parallel.zero_stage={p.zero_stage} is not a ZeRO stage: use 1, 2 or 3")
     if p.pipeline > 1 and p.zero_stage != 1:
         # NOTE: ZeRO 2/3 cannot shard gradients across pipeline stages, and without ZeRO DeepSpeed's
         # pipeline clips with a gradient norm that miscounts replicated weights.

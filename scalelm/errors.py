@@ -15,3 +15,15 @@ class ConfigError(ScalelmError):
 
 class DataError(ScalelmError):
     """An input file, shard, manifest or tokenizer cannot be used as it is."""
+
+
+class CheckpointError(ScalelmError):
+    """A checkpoint is missing, damaged, or does not fit the run that wants to load it."""
+
+
+class TrainingError(ScalelmError):
+    """Training cannot go on (say, a run of non-finite losses); the last good checkpoint is intact."""
+
+
+class Stopped(Exception):
+    """Training stopped on request (SIGTERM) after saving a checkpoint; the same command resumes it."""

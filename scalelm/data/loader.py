@@ -74,7 +74,8 @@ class Layout:
 
 
 class TokenLoader:
-    """Iterate micro-batches `{"input_ids": (B, L) int64, "labels": (B, L) int64}` forever.
+    """Iterate micro-batches `{"input_ids": (B, L) int64, "labels": (B, L) int64, "origin": [B x "SHARD@OFFSET"]}`
+    forever (origin: where each sequence starts, the shard and the token offset in it).
 
     Iterating again continues where the last iteration stopped; `state_dict()` / `load_state_dict()`
     carry that position across processes, so a resumed run sees exactly the batches it would have.
@@ -133,7 +134,7 @@ class TokenLoader:
             else:
                 self._states[item["worker"]] = item["state"]
                 self._batches += 1
-                yield {"input_ids": item["input_ids"], "labels": item["labels"]}
+                yield {"input_ids": item["input_ids"], "labels": item["labels"], "origin": item["origin"]}
                 continue
             # Stop the workers now: left to the garbage collector, their shutdown waits out torch's
             # join timeouts (5 s a worker). torch has no public close() for a DataLoader iterator.
@@ -157,6 +158,48 @@ class TokenLoader:
                             f"resume with the same data, batch shape, data-parallel size and workers")
         self._batches = state["batches"]
         self._states = copy.deepcopy(state["workers"])
+
+
+    def continue_from(self, states: Sequence[dict | None]) -> str:
+        """Continue from states saved under another data-parallel size or worker count (one per saved
+        data-parallel rank); returns what happened, for the log.
+
+        The saved readers moved in lockstep, so each had read the same share of its range of the
+        epoch; every reader here skips that share of its own range. As many windows are read per
+        epoch as before, though not the same ones. With other data, sequence length or seed, the
+        loader starts at the beginning."""
+        saved = next((s for s in states if s), None)
+        if saved is None or saved.get("version") != STATE_VERSION:
+            return "the loader starts at the beginning (no usable saved state)"
+        old = Layout(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved["layout"].items()})
+        same_data = ("sources", "split", "seq_len", "seed", "shuffle")
+        if any(getattr(old, k) != getattr(self.layout, k) for k in same_data):
+            return "the loader starts at the beginning (the data, sequence length or seed changed)"
+        # (epoch, share read) per source, the least advanced saved reader's
+        progress = []
+        for i, shards in enumerate(self.sets):
+            least = None
+            for dp_rank, state in enumerate(states):
+                for worker, wstate in enumerate((state or {}).get("workers", [])):
+                    if wstate is None:
+                        continue
+                    reader = _WindowStream(shards, dp_rank * old.workers + worker, old.dp_size * old.workers,
+                                           old, self.on_bad_shard, wstate["streams"][i])
+                    here = (reader.epoch, reader.read_in_epoch() / reader.per_reader)
+                    least = here if least is None else min(least, here)
+            progress.append(least or (0, 0.0))
+        self._states = []
+        for worker in range(self.layout.workers):
+            streams = []
+            for shards, (epoch, share) in zip(self.sets, progress):
+                reader = _WindowStream(shards, self.layout.dp_rank * self.layout.workers + worker,
+                                       self.layout.dp_size * self.layout.workers, self.layout, self.on_bad_shard, None)
+                reader.skip_to(epoch, round(share * reader.per_reader))
+                streams.append(reader.position())
+            self._states.append({"streams": streams, "counts": [0] * len(self.sets)})
+        self._batches = 0
+        epochs = ", ".join(f"epoch {e} at {100 * share:.1f}%" for e, share in progress)
+        return f"the loader continues where the saved one was ({epochs}), with other windows than before"
 
 
 def loader_from_config(cfg: Config, split: str = "train", dp_rank: int = 0, dp_size: int = 1) -> TokenLoader:
@@ -208,15 +251,16 @@ class _ReaderDataset(IterableDataset):
         counts = list(state["counts"])
         weights = np.asarray(self.layout.weights)
         while True:
-            windows = []
+            windows, origins = [], []
             for _ in range(self.layout.micro_batch_size):
                 # Deficit rule: the source furthest behind its share of the windows drawn so far.
                 i = int(np.argmax(weights * (sum(counts) + 1) - np.asarray(counts))) if len(streams) > 1 else 0
                 windows.append(streams[i].next_window())
+                origins.append(streams[i].origin)
                 counts[i] += 1
             tokens = np.stack(windows).astype(np.int64)  # (B, L + 1)
             yield {"input_ids": torch.from_numpy(tokens[:, :-1].copy()), "labels": torch.from_numpy(tokens[:, 1:].copy()),
-                   "worker": worker, "state": {"streams": [s.position() for s in streams], "counts": list(counts)}}
+                   "origin": origins, "worker": worker, "state": {"streams": [s.position() for s in streams], "counts": list(counts)}}
 
 
 class _WindowStream:
@@ -233,9 +277,22 @@ class _WindowStream:
         self.bad_shards: list[int] = list(position["bad_shards"])
         self._segments_of: tuple[int, list] | None = None  # (epoch, segments)
         self._loaded: tuple | None = None  # ((epoch, segment), windows view, order)
+        self.origin = ""  # "SHARD@TOKEN_OFFSET" of the last window read
 
     def position(self) -> dict:
         return {"epoch": self.epoch, "segment": self.segment, "window": self.window, "bad_shards": list(self.bad_shards)}
+
+    def read_in_epoch(self) -> int:
+        """Windows read so far in the current epoch."""
+        return sum(hi - lo for _, lo, hi in self._segments(self.epoch)[: self.segment]) + self.window
+
+    def skip_to(self, epoch: int, windows: int) -> None:
+        """Move to `epoch` with its first `windows` windows (in reading order) counted as read."""
+        self.epoch, self.segment, self.window = epoch, 0, windows
+        for _, lo, hi in self._segments(epoch):
+            if self.window < hi - lo:
+                return
+            self.segment, self.window = self.segment + 1, self.window - (hi - lo)
 
     def next_window(self) -> np.ndarray:
         idle = 0  # segments and epoch ends passed without a window, to stop if every shard is bad
@@ -245,7 +302,9 @@ class _WindowStream:
                 windows, order = self._load(segments[self.segment])
                 if self.window < len(order):
                     self.window += 1
-                    return windows[order[self.window - 1]]
+                    index = int(order[self.window - 1])
+                    self.origin = f"{self.shards.shards[segments[self.segment][0]].url}@{index * self.layout.seq_len}"
+                    return windows[index]
                 self.segment, self.window = self.segment + 1, 0
             else:
                 self.epoch, self.segment, self.window = self.epoch + 1, 0, 0

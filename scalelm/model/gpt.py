@@ -43,14 +43,15 @@ def layer_seed(seed: int, index: int) -> Iterator[None]:
 class Embedding(nn.Module):
     """input_ids (b, s) -> hidden (s, b, h): vocabulary-parallel word embedding, learned positions or none.
 
-    With tied embeddings the same weight also makes the logits (`logits`), at the pipeline's end."""
+    With tied embeddings the same weight also makes the logits (`logits`), at the pipeline's end; the
+    copy built there is made without the position table (`positions=False`), which it never uses."""
 
-    def __init__(self, model: ModelConfig, tc: TransformerConfig, vocab_size: int, seed: int):
+    def __init__(self, model: ModelConfig, tc: TransformerConfig, vocab_size: int, seed: int, positions: bool = True):
         super().__init__()
         with layer_seed(seed, 0):
             self.word = VocabParallelEmbedding(vocab_size, model.hidden_size, init_method=tc.init_method, config=tc)
             self.position = None
-            if model.position_embedding == "learned":
+            if positions and model.position_embedding == "learned":
                 self.position = nn.Embedding(model.max_position_embeddings, model.hidden_size)
                 tc.init_method(self.position.weight)
         self.dropout = nn.Dropout(model.dropout)

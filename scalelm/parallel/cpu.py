@@ -16,6 +16,8 @@ megatron-core upgrade puts a CUDA call on the path scalelm uses that this module
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 # What use_cpu() replaces: (module, attribute) pairs, named for the test that checks coverage.
@@ -56,4 +58,8 @@ def use_cpu() -> None:
     torch.cuda.manual_seed = torch.manual_seed
     megatron_random._get_cuda_rng_state = get_state
     megatron_random._set_cuda_rng_state = set_state
+    # NOTE: with one generator standing in for both, every dropout inside a tracker fork "changes the
+    # CPU RNG state", and megatron logs a warning each time. The streams are still kept apart: the fork
+    # saves the generator's state before and restores it after.
+    logging.getLogger(megatron_random.__name__).setLevel(logging.ERROR)
     _applied = True

@@ -1,11 +1,15 @@
 """DeepSpeed assembly: the GPT (or its pipeline of layers), AdamW, the schedule, ZeRO and precision.
 
-    parallel.pipeline == 1   GPT inside a plain DeepSpeedEngine, ZeRO stage 0-3 over the data group
+    parallel.pipeline == 1   GPT inside a plain DeepSpeedEngine, ZeRO stage 1-3 over the data group
     parallel.pipeline > 1    the layer list in a DeepSpeed PipelineModule, 1F1B, ZeRO-1
 
 `Engine.train_step` takes one optimizer step from an iterator of micro-batches and returns the
 step's mean loss over the whole global batch; `Engine.eval_loss` averages the loss of micro-batches
-without touching the weights. Everything about which rank holds what stays in here.
+without touching the weights. A step whose gradients are not finite is skipped by DeepSpeed's ZeRO
+optimizer (weights, moments and schedule untouched; `step_applied` says so). For checkpoints,
+`gather` / `scatter` move each parameter's state as whole tensors (see state.py) and
+`counters` / `load_counters` the rest: AdamW's step count, the schedule and DeepSpeed's own counts.
+Everything about which rank holds what stays in here.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from megatron.core import parallel_state, tensor_parallel
 from scalelm.config import Config
 from scalelm.model.gpt import GPT, Block, Embedding, FinalNorm, Head, lm_loss
 from scalelm.model.spec import layer_spec, padded_vocab_size, transformer_config
+from scalelm.parallel import state
 from scalelm.parallel.grads import sum_sequence_parallel_grads
 from scalelm.parallel.topology import Layout, MegatronMPU, deepspeed_topology
 from scalelm.train.schedule import lr_scheduler
@@ -64,7 +69,7 @@ def pipeline_layers(cfg: Config, tc, spec, vocab_size: int) -> list:
     m, seed = cfg.model, cfg.train.seed
     embed = (TiedLayerSpec("embedding", Embedding, m, tc, vocab_size, seed, tied_weight_attr="word.weight")
              if m.tie_embeddings else LayerSpec(Embedding, m, tc, vocab_size, seed))
-    head = (TiedLayerSpec("embedding", Embedding, m, tc, vocab_size, seed, forward_fn=_tied_logits,
+    head = (TiedLayerSpec("embedding", Embedding, m, tc, vocab_size, seed, positions=False, forward_fn=_tied_logits,
                           tied_weight_attr="word.weight")
             if m.tie_embeddings else LayerSpec(Head, m, tc, vocab_size, seed))
     blocks = [LayerSpec(Block, m, tc, spec, i, seed) for i in range(1, m.num_layers + 1)]
@@ -107,6 +112,8 @@ class Engine:
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=module, optimizer=optimizer, lr_scheduler=lr_scheduler(optimizer, o),
             config=deepspeed_config(cfg, layout), mpu=None if self.pipeline else MegatronMPU())
+        # AdamW's state exists from the start, so checkpoints can read and load it before any step
+        state.init_optimizer_state(self.optimizer)
         self.layout = layout
         self.grad_accum = grad_accum_steps(cfg, layout)
 
@@ -136,6 +143,50 @@ class Engine:
                                  batch["labels"].to(self.layout.device)).float()
         self.engine.train()
         return self._data_parallel_mean(total / micro_batches)
+
+    @property
+    def step_applied(self) -> bool:
+        """False when DeepSpeed skipped the last step (gradients not finite, or an fp16 overflow)."""
+        return self.engine.was_step_applied()
+
+    def named_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
+        """This rank's parameters under single-process names, in the order every rank of a stage agrees on."""
+        return state.named_parameters(self.engine.module)
+
+    def gather(self, param: torch.nn.Parameter, key: str) -> torch.Tensor:
+        """The whole fp32 `key` state (param / exp_avg / exp_avg_sq) of `param`; collective."""
+        return state.gather(param, key, self.optimizer)
+
+    def scatter(self, param: torch.nn.Parameter, key: str, whole: torch.Tensor) -> None:
+        """Set the `key` state of `param` from its whole fp32 value; collective under ZeRO-3."""
+        state.scatter(param, key, whole, self.optimizer)
+
+    def counters(self) -> dict:
+        """Everything but tensors that the next step depends on, as JSON-safe data."""
+        scaler = getattr(self.optimizer, "loss_scaler", None)
+        return {"adam_steps": state.optimizer_steps(self.optimizer), "schedule_step": self.scheduler.last_epoch,
+                "global_steps": self.engine.global_steps, "global_samples": self.engine.global_samples,
+                "skipped_steps": self.engine.skipped_steps,
+                "loss_scaler": {k: v for k, v in vars(scaler).items() if isinstance(v, (int, float, bool))}
+                if scaler is not None else None}
+
+    def load_counters(self, counters: dict) -> None:
+        state.set_optimizer_steps(self.optimizer, counters["adam_steps"])
+        # Only the position in the schedule is restored: the schedule itself is the config's, so a
+        # resumed run may change optim.lr or the decay.
+        sched = self.scheduler
+        sched.last_epoch = counters["schedule_step"]
+        sched._step_count = sched.last_epoch + 1
+        sched._last_lr = [base * fn(sched.last_epoch) for base, fn in zip(sched.base_lrs, sched.lr_lambdas)]
+        for group, lr in zip(sched.optimizer.param_groups, sched._last_lr):
+            group["lr"] = lr
+        self.engine.global_steps = counters["global_steps"]
+        self.engine.global_samples = counters["global_samples"]
+        self.engine.skipped_steps = counters["skipped_steps"]
+        scaler = getattr(self.optimizer, "loss_scaler", None)
+        if scaler is not None and counters["loss_scaler"]:
+            for key, value in counters["loss_scaler"].items():
+                setattr(scaler, key, value)
 
     @property
     def lr(self) -> float:

@@ -79,6 +79,15 @@ def init_distributed(parallel: ParallelConfig, seed: int, timeout_s: int = 600) 
     return layout
 
 
+def gather_objects(obj) -> list:
+    """Every rank's `obj` (picklable), in rank order, on every rank; collective."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [obj]
+    everyone: list = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, obj)
+    return everyone
+
+
 def free_port() -> int:
     """A TCP port on this machine that nothing listens on now, for a rendezvous."""
     with socket.socket() as s:

@@ -1,6 +1,8 @@
-"""What a run writes for people: a progress bar, RUN_DIR/metrics.jsonl, TensorBoard, the resolved config.
+"""What a run writes for people: a progress bar, RUN_DIR/metrics.jsonl, TensorBoard, the resolved config,
+and RUN_DIR/events.log (resumes, checkpoints, skipped steps, loss spikes), which also go to the terminal.
 
-Only rank 0 writes; every other rank gets a RunLog that does nothing, so the loop never asks.
+Only rank 0 writes; every other rank gets a RunLog that does nothing, so the loop never asks. A
+resumed run (first_step > 0) keeps the records up to first_step and continues the files.
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ class RunLog:
             return
         self.dir = make_dir(Path(cfg.log.dir), "log.dir")
         (self.dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-        self.metrics = open(self.dir / "metrics.jsonl", "w")  # a new run starts a new record
+        self.metrics = _continue_records(self.dir / "metrics.jsonl", first_step)
+        self.events = open(self.dir / "events.log", "a" if first_step else "w")
         self.tensorboard = None
         if cfg.log.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -52,10 +55,18 @@ class RunLog:
             self.bar.write(f"step {step}: val loss {val_loss:.4f}, perplexity {perplexity:.2f}")
             self._write(record)
 
+    def note(self, step: int, message: str) -> None:
+        """An event worth a line: on the terminal and in events.log."""
+        if self.active:
+            self.bar.write(f"step {step}: {message}")
+            self.events.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} step {step}: {message}\n")
+            self.events.flush()
+
     def close(self) -> None:
         if self.active:
             self.bar.close()
             self.metrics.close()
+            self.events.close()
             if self.tensorboard is not None:
                 self.tensorboard.close()
 
@@ -66,3 +77,20 @@ class RunLog:
             for key, value in record.items():
                 if key != "step" and value is not None:
                     self.tensorboard.add_scalar(key, value, record["step"])
+
+
+def _continue_records(path: Path, first_step: int):
+    """metrics.jsonl opened for writing: emptied for a new run; for a resumed one, cut back to the
+    records of steps up to first_step (a killed run may have logged steps its checkpoint lacks)."""
+    if not first_step or not path.is_file():
+        return open(path, "w")
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= first_step:
+                kept.append(line)
+        except json.JSONDecodeError:  # the half-written last line of a killed run
+            pass
+    records = open(path, "w")
+    records.writelines(line + "\n" for line in kept)
+    return records

@@ -1,53 +1,133 @@
-"""`scalelm pretrain`: the training loop. The step is five lines; everything else is a call out."""
+"""`scalelm pretrain`: the training loop. The step is a few lines; resuming, guards, validation and
+checkpoints are calls out of it."""
 
 from __future__ import annotations
 
 import math
 import time
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
+from scalelm.checkpoint.resume import find_checkpoint, load_checkpoint
+from scalelm.checkpoint.save import save_checkpoint
 from scalelm.config import Config, validate
+from scalelm.data.files import sha256_file
 from scalelm.data.loader import loader_from_config
 from scalelm.data.tokenizer import load_tokenizer
-from scalelm.errors import ConfigError
+from scalelm.errors import ConfigError, Stopped, TrainingError
 from scalelm.parallel.engine import Engine
-from scalelm.parallel.topology import destroy_distributed, env_rank, init_distributed
+from scalelm.parallel.topology import destroy_distributed, env_rank, gather_objects, init_distributed
 from scalelm.train import metrics
+from scalelm.train.guards import LossGuard
 from scalelm.train.log import RunLog
+from scalelm.train.signals import StopSignals
 
 
 def pretrain(cfg: Config) -> dict:
-    """Train `cfg.train.steps` steps on this rank; returns the last metrics record on rank 0, None elsewhere."""
+    """Train to step `cfg.train.steps` on this rank, resuming from a checkpoint when there is one;
+    returns the last metrics record on rank 0, None elsewhere. Raises Stopped after SIGTERM."""
     _, world, _ = env_rank()
     validate(cfg, world_size=world)  # layout errors surface before any process group starts
     if cfg.train.precision == "fp16" and not torch.cuda.is_available():
         raise ConfigError("train.precision=fp16 needs a GPU (DeepSpeed has no fp16 on the CPU): use bf16 or fp32 here")
-    vocab_size = resolve_vocab_size(cfg)
+    vocab_size = cfg.model.vocab_size = resolve_vocab_size(cfg)  # saved with checkpoints, resolved
+    tokenizer_sha = sha256_file(cfg.data.tokenizer) if cfg.data.tokenizer else None
     layout = init_distributed(cfg.parallel, cfg.train.seed)
-    log = RunLog(cfg, active=layout.rank == 0, total_steps=cfg.train.steps)
+    log = None
     try:
         engine = Engine(cfg, layout, vocab_size)
-        batches = iter(loader_from_config(cfg, "train", layout.dp_rank, layout.data))
-        val_loader = loader_from_config(cfg, "val", layout.dp_rank, layout.data) if cfg.train.eval_every else None
-        val_start = val_loader.state_dict() if val_loader else None  # every evaluation reads the same batches
+        loader = loader_from_config(cfg, "train", layout.dp_rank, layout.data)
+        run = {"step": 0, "consumed_tokens": 0, "guard": None}
+        ckpt, manifest, notes = find_checkpoint(cfg, layout)
+        if ckpt is not None:
+            run, more = load_checkpoint(cfg, layout, engine, loader, ckpt, manifest, tokenizer_sha)
+            notes += more
+        log = RunLog(cfg, active=layout.rank == 0, total_steps=cfg.train.steps, first_step=run["step"])
+        for note in notes:
+            log.note(run["step"], note)
+        guard = LossGuard(cfg.train.max_bad_steps, cfg.train.spike_zscore, run["guard"])
+        batches = _Traced(iter(loader))
+        validation = _Validation(cfg, layout) if cfg.train.eval_every else None
         tokens_per_step = cfg.train.global_batch_size * cfg.train.seq_len
-        flops = _flops(cfg, vocab_size)
-        peak = metrics.peak_flops(layout.device)
-        for step in range(1, cfg.train.steps + 1):
-            started, lr = time.perf_counter(), engine.lr
-            loss = engine.train_step(batches)
-            seconds = time.perf_counter() - started
-            log.step(_record(step, loss, lr, engine.grad_norm, tokens_per_step / seconds, flops, peak, layout))
-            if cfg.train.eval_every and (step % cfg.train.eval_every == 0 or step == cfg.train.steps):
-                val_loader.load_state_dict(val_start)
-                val = engine.eval_loss(iter(val_loader), cfg.train.eval_iters)
-                log.eval(step, val, math.exp(min(val, 50.0)))
-        return log.last if layout.rank == 0 else None
+        flops, peak = _flops(cfg, vocab_size), metrics.peak_flops(layout.device)
+        saved_at = run["step"] if ckpt is not None else None
+
+        def save(step: int) -> None:
+            nonlocal saved_at
+            if saved_at != step:
+                done = save_checkpoint(cfg, layout, engine, step, run, loader.state_dict(), tokenizer_sha)
+                saved_at = step
+                log.note(step, f"saved {done['path']} ({done['bytes'] / 1e9:.2f} GB in {done['seconds']:.1f} s)")
+
+        with StopSignals(layout.device) as signals:
+            for step in range(run["step"] + 1, cfg.train.steps + 1):
+                started, lr = time.perf_counter(), engine.lr
+                loss = engine.train_step(batches.for_step())
+                seconds = time.perf_counter() - started
+                log.step(_record(step, loss, lr, engine.grad_norm, tokens_per_step / seconds, flops, peak, layout))
+                try:
+                    note = guard.check(step, loss, engine.step_applied)
+                except TrainingError as e:
+                    raise TrainingError(f"{e} (newest checkpoint: {_checkpoint_name(cfg, saved_at)})") from None
+                run = {"step": step, "consumed_tokens": run["consumed_tokens"] + tokens_per_step, "guard": guard.state()}
+                if note:
+                    log.note(step, note + batches.where())
+                if validation and (step % cfg.train.eval_every == 0 or step == cfg.train.steps):
+                    log.eval(step, *validation.run(engine))
+                save_now, stop = signals.poll()
+                if math.isfinite(loss) and (save_now or step % cfg.checkpoint.every == 0 or step == cfg.train.steps):
+                    save(step)
+                if stop:
+                    raise Stopped(f"stopped by SIGTERM after step {step}; newest checkpoint: "
+                                  f"{_checkpoint_name(cfg, saved_at)}; run the same command to resume")
+        return (log.last or {"step": run["step"]}) if layout.rank == 0 else None
     finally:
-        log.close()
+        if log is not None:
+            log.close()
         destroy_distributed()
+
+
+def _checkpoint_name(cfg: Config, step: int | None) -> str:
+    return "none" if step is None else str(Path(cfg.checkpoint.dir) / f"step-{step:08d}")
+
+
+class _Traced:
+    """The micro-batch iterator, remembering where the current step's sequences came from."""
+
+    def __init__(self, batches: Iterator[dict]):
+        self.batches, self.origins = batches, []
+
+    def for_step(self) -> Iterator[dict]:
+        self.origins = []
+        return self
+
+    def __iter__(self) -> Iterator[dict]:
+        return self
+
+    def __next__(self) -> dict:
+        batch = next(self.batches)
+        self.origins += batch["origin"]
+        return batch
+
+    def where(self) -> str:
+        """The step's sequences (every data-parallel rank's) as SHARD@TOKEN_OFFSET; collective."""
+        origins = sorted({o for rank in gather_objects(self.origins) for o in rank})
+        return f"; its batch: {', '.join(origins)}"
+
+
+class _Validation:
+    """The validation loss on the same batches every time: the val loader is built once and rewound."""
+
+    def __init__(self, cfg: Config, layout):
+        self.loader = loader_from_config(cfg, "val", layout.dp_rank, layout.data)
+        self.start, self.iters = self.loader.state_dict(), cfg.train.eval_iters
+
+    def run(self, engine: Engine) -> tuple[float, float]:
+        self.loader.load_state_dict(self.start)
+        val = engine.eval_loss(iter(self.loader), self.iters)
+        return val, math.exp(min(val, 50.0))
 
 
 def resolve_vocab_size(cfg: Config) -> int:

@@ -9,7 +9,6 @@ from tests.distributed.workloads import train_steps
 BATCH = ["train.global_batch_size=8", "train.micro_batch_size=2", "optim.warmup_steps=1", "optim.lr=1e-2"]
 
 LAYOUTS = {
-    "dp2-zero0": (2, ["parallel.zero_stage=0"]),
     "dp2-zero1": (2, ["parallel.zero_stage=1"]),
     "dp2-zero2": (2, ["parallel.zero_stage=2"]),
     "dp2-zero3": (2, ["parallel.zero_stage=3"]),
@@ -27,7 +26,7 @@ LAYOUTS = {
 }
 
 
-# Layouts that split the model: the first step's whole gradients are compared too (ZeRO 0/1 keep
+# Layouts that split the model: the first step's whole gradients are compared too (ZeRO-1 keeps
 # them whole until the step, so they can be read there).
 GRADIENTS_COMPARED = ["tp2", "tp2-sp", "pp2", "tp2xpp2", "pp2xdp2", "tp2xdp2"]
 

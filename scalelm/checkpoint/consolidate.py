@@ -1,0 +1,37 @@
+"""`scalelm checkpoint consolidate CKPT --out model.safetensors`: one unsharded weight file, single-process
+names, fp32 (the master weights), whatever layout saved the checkpoint. The input of the conversion tools.
+
+The file's metadata carries what a reader needs to rebuild the model: the model config (JSON), the
+tokenizer's vocabulary size (the embedding rows beyond it are padding), the tokenizer's SHA-256 and
+the step. Works on files alone: no process group, CPU only.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from scalelm.checkpoint import store
+from scalelm.data.files import make_dir
+from scalelm.errors import CheckpointError
+
+
+def consolidate(path: Path, out: Path, verify: bool = True) -> dict:
+    """Write `out` from the checkpoint at `path` (a step directory, or a checkpoint.dir: its latest)."""
+    ckpt = store.resolve(path)
+    manifest = store.read_manifest(ckpt)
+    if verify:
+        problems = store.verify(ckpt, manifest, sorted(manifest["files"]))
+        if problems:
+            raise CheckpointError(f"checkpoint {ckpt} failed verification: {problems[0]}")
+    reader = store.TensorReader(ckpt, manifest)
+    weights = {name: reader.get("param", name) for name in reader.names()}
+    if not weights:
+        raise CheckpointError(f"checkpoint {ckpt} holds no weights")
+    config = manifest["config"]
+    metadata = {"format": "scalelm-weights", "model": json.dumps(config["model"]), "step": str(manifest["step"]),
+                "vocab_size": str(config["model"]["vocab_size"] or ""), "tokenizer_sha256": manifest["tokenizer_sha256"] or ""}
+    make_dir(out.parent if str(out.parent) else Path("."), "--out")
+    record = store.write_tensors(out, weights, metadata)
+    return {"checkpoint": str(ckpt), "step": manifest["step"], "tensors": len(weights),
+            "parameters": sum(t.numel() for t in weights.values()), **record}

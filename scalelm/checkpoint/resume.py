@@ -1,0 +1,122 @@
+"""Resuming: the newest checkpoint that verifies, checked against this run, loaded into any layout.
+
+`train.resume=auto` takes the newest committed checkpoint in checkpoint.dir whose files all match
+their manifest (every rank hashes its share of the files); a damaged one is reported and the one
+before it is tried. A checkpoint whose model or tokenizer differ from this run's is refused, since
+loading it would silently change the math. The weights and AdamW's moments load into any layout
+(they are stored whole); RNG streams and the loader position continue exactly when the layout is
+the one that saved them, and otherwise restart as the notes say.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch.distributed as dist
+
+from scalelm.checkpoint import rng, store
+from scalelm.config import Config, to_dict
+from scalelm.data.loader import TokenLoader
+from scalelm.errors import CheckpointError, DataError
+from scalelm.parallel.engine import Engine
+from scalelm.parallel.state import KEYS
+from scalelm.parallel.topology import Layout, gather_objects
+
+
+def find_checkpoint(cfg: Config, layout: Layout) -> tuple[Path | None, dict | None, list[str]]:
+    """(checkpoint, its manifest, notes for the log), or (None, None, notes) to start from scratch; collective."""
+    if cfg.train.resume == "none":
+        return None, None, []
+    auto = cfg.train.resume == "auto"
+    root = Path(cfg.checkpoint.dir)
+    candidates = store.committed(root) if auto else [store.resolve(Path(cfg.train.resume))]
+    notes, rejected = [], []
+    for ckpt in candidates:
+        manifest, problems = _verify(ckpt, layout)
+        if not problems:
+            return ckpt, manifest, notes
+        problem = problems[0] + (f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else "")
+        if not auto:
+            raise CheckpointError(f"checkpoint {ckpt} failed verification: {problem}")
+        rejected.append(f"{ckpt.name}: {problem}")
+        notes.append(f"checkpoint {ckpt} failed verification ({problem}); trying the one before it")
+    if rejected:
+        raise CheckpointError(f"no checkpoint in {root} verifies ({'; '.join(rejected)}): "
+                              f"move them away, or set train.resume=none to start over")
+    return None, None, notes
+
+
+def load_checkpoint(cfg: Config, layout: Layout, engine: Engine, loader: TokenLoader, ckpt: Path, manifest: dict,
+                    tokenizer_sha256: str | None) -> tuple[dict, list[str]]:
+    """Load `ckpt` into this run; returns the saved run state and notes for the log. Collective."""
+    _check_fits(cfg, ckpt, manifest, tokenizer_sha256)
+    notes = [f"resuming from {ckpt} (step {manifest['step']})"]
+    changed = _changed_settings(manifest["config"], to_dict(cfg))
+    if changed:
+        notes.append("settings changed since the checkpoint: " + ", ".join(changed))
+
+    reader = store.TensorReader(ckpt, manifest)
+    for name, param in engine.named_parameters():
+        for key in KEYS:
+            try:
+                engine.scatter(param, key, reader.get(key, name))
+            except ValueError as e:
+                raise CheckpointError(f"{ckpt}: tensor {name} does not fit this model ({e})") from None
+    engine.load_counters(manifest["counters"])
+
+    saved = manifest["layout"]
+    same_grid = (saved["tensor"], saved["pipeline"], saved["data"]) == (layout.tensor, layout.pipeline, layout.data)
+    if same_grid:
+        rng.restore(*store.read_rank_tensors(ckpt / f"rng-{layout.rank:05d}.safetensors"))
+    else:
+        rng.reseed(cfg.train.seed + manifest["step"])
+        notes.append(f"layout changed (tensor x pipeline x data {saved['tensor']}x{saved['pipeline']}x{saved['data']} -> "
+                     f"{layout.tensor}x{layout.pipeline}x{layout.data}): weights and optimizer state resharded, "
+                     f"dropout streams reseeded")
+    notes += _resume_loader(loader, manifest["loader"], layout)
+    dist.barrier()
+    return manifest["run"], notes
+
+
+def _verify(ckpt: Path, layout: Layout) -> tuple[dict | None, list[str]]:
+    """The manifest and every problem any rank found with the files (each rank hashes every world-th file)."""
+    try:
+        manifest = store.read_manifest(ckpt)
+        files = sorted(manifest["files"])
+        problems = store.verify(ckpt, manifest, files[layout.rank::layout.world])
+    except CheckpointError as e:
+        manifest, problems = None, [str(e)]
+    everyone = gather_objects(problems)
+    return manifest, sorted({p for found in everyone for p in found})
+
+
+def _check_fits(cfg: Config, ckpt: Path, manifest: dict, tokenizer_sha256: str | None) -> None:
+    ours, theirs = to_dict(cfg)["model"], manifest["config"]["model"]
+    differ = [f"model.{k}={theirs.get(k)!r} there, {v!r} here" for k, v in ours.items() if theirs.get(k) != v]
+    if differ:
+        raise CheckpointError(f"checkpoint {ckpt} holds another model ({'; '.join(differ)}): use its model "
+                              f"settings, or set train.resume=none to start over")
+    if tokenizer_sha256 and manifest["tokenizer_sha256"] and tokenizer_sha256 != manifest["tokenizer_sha256"]:
+        raise CheckpointError(f"checkpoint {ckpt} was trained with another tokenizer than data.tokenizer="
+                              f"{cfg.data.tokenizer}: use that tokenizer and shards made with it")
+
+
+def _changed_settings(saved: dict, ours: dict) -> list[str]:
+    changed = []
+    for section in ("parallel", "optim", "data", "train"):
+        for key, value in ours[section].items():
+            if saved.get(section, {}).get(key) != value and key != "resume":
+                changed.append(f"{section}.{key} {saved.get(section, {}).get(key)!r} -> {value!r}")
+    return changed
+
+
+def _resume_loader(loader: TokenLoader, states: list[dict | None], layout: Layout) -> list[str]:
+    """The loader exactly where it was when its layout is unchanged; otherwise as `continue_from` says."""
+    state = states[layout.dp_rank] if len(states) == layout.data else None
+    if state is not None:
+        try:
+            loader.load_state_dict(state)
+            return []
+        except DataError:
+            pass  # another batch shape, data-parallel size or worker count
+    return [loader.continue_from(states)]

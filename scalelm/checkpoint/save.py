@@ -1,0 +1,98 @@
+"""Saving a checkpoint: every rank takes part, each whole tensor is written once, `latest` moves last.
+
+    1. rank 0 makes STEP.tmp                                          (store.start)
+    2. every rank lists its parameters; all agree who writes which:  each name goes to the rank
+       holding it that has been given the fewest bytes so far
+    3. each parameter's weight and moments are gathered whole        (Engine.gather, collective)
+       and kept only by their writer, which writes and fsyncs them
+    4. every rank writes its RNG states; rank 0 gathers every file's size and SHA-256, the loader
+       states and the counters, and commits: manifest, rename, `latest`  (store.commit)
+    5. a barrier: no rank goes on before the checkpoint is committed
+
+A rank killed at any point before 4 finishes leaves only STEP.tmp behind.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from scalelm.checkpoint import rng, store
+from scalelm.config import Config, to_dict
+from scalelm.parallel.engine import Engine
+from scalelm.parallel.state import KEYS
+from scalelm.parallel.topology import Layout, gather_objects
+
+
+def save_checkpoint(cfg: Config, layout: Layout, engine: Engine, step: int, run: dict, loader_state: dict | None,
+                    tokenizer_sha256: str | None) -> dict:
+    """Save the state after `step` into checkpoint.dir; collective. Returns {path, bytes, seconds} on every rank."""
+    started = time.perf_counter()
+    root = Path(cfg.checkpoint.dir)
+    tmp = store.temp_dir(root, step)
+    if layout.rank == 0:
+        store.start(root, step)
+    dist.barrier()
+
+    params = engine.named_parameters()
+    writers = _assign_writers([(name, getattr(p, "ds_numel", p.numel())) for name, p in params], layout.world)
+    mine: dict[str, dict[str, torch.Tensor]] = {key: {} for key in KEYS}
+    for name, param in params:
+        for key in KEYS:
+            whole = engine.gather(param, key)  # collective over the stage's data and tensor groups
+            if writers[name] == layout.rank:
+                mine[key][name if key == "param" else f"{key}/{name}"] = whole.detach().cpu()
+    files: dict[str, dict] = {}
+    tensors: dict[str, dict] = {}
+    if mine["param"]:
+        model, optimizer = f"model-{layout.rank:05d}.safetensors", f"optimizer-{layout.rank:05d}.safetensors"
+        files[model] = store.write_tensors(tmp / model, mine["param"])
+        files[optimizer] = store.write_tensors(tmp / optimizer, {k: v for key in KEYS[1:] for k, v in mine[key].items()})
+        tensors = {name: {"model": model, "optimizer": optimizer, "shape": list(t.shape)} for name, t in mine["param"].items()}
+    rng_file = f"rng-{layout.rank:05d}.safetensors"
+    files[rng_file] = store.write_tensors(tmp / rng_file, *rng.capture())
+
+    first_of_dp = layout.tp_rank == 0 and layout.pp_rank == 0  # the first stage draws every micro-batch
+    report = {"files": files, "tensors": tensors, "dp_rank": layout.dp_rank,
+              "loader": loader_state if first_of_dp else None}
+    reports = gather_objects(report)
+    total = sum(f["bytes"] for f in files.values())
+    if layout.rank == 0:
+        loaders = {r["dp_rank"]: r["loader"] for r in reports if r["loader"] is not None}
+        manifest = {
+            "step": step, "run": run, "created": time.time(),
+            "config": to_dict(cfg), "tokenizer_sha256": tokenizer_sha256,
+            "layout": {"tensor": layout.tensor, "pipeline": layout.pipeline, "data": layout.data,
+                       "world": layout.world, "zero_stage": cfg.parallel.zero_stage},
+            "counters": engine.counters(),
+            "loader": [loaders.get(d) for d in range(layout.data)],
+            "tensors": {name: entry for r in reports for name, entry in r["tensors"].items()},
+            "files": {name: entry for r in reports for name, entry in r["files"].items()},
+        }
+        total = sum(f["bytes"] for f in manifest["files"].values())
+        store.commit(root, step, manifest)
+        store.prune(root, cfg.checkpoint.keep)
+    dist.barrier()
+    return {"path": str(store.step_dir(root, step)), "bytes": total, "seconds": time.perf_counter() - started}
+
+
+def _assign_writers(local: list[tuple[str, int]], world: int) -> dict[str, int]:
+    """name -> the rank that writes it: the least-loaded rank among those holding it, the same answer
+    on every rank (it is computed from everyone's lists, in rank order)."""
+    everyone = gather_objects(local)
+    holders: dict[str, list[int]] = {}
+    sizes: dict[str, int] = {}
+    for rank, names in enumerate(everyone):
+        for name, numel in names:
+            holders.setdefault(name, []).append(rank)
+            sizes[name] = numel
+    load = [0] * world
+    writers = {}
+    for name, ranks in holders.items():
+        writer = min(ranks, key=lambda r: (load[r], r))
+        writers[name] = writer
+        load[writer] += sizes[name]
+    return writers

@@ -1,0 +1,194 @@
+"""Checkpoints on disk: their names, the atomic commit, verification, retention. Files only, no ranks.
+
+    checkpoint.dir/
+      latest                          "step-00001000": the newest committed checkpoint
+      step-00001000/
+        manifest.json                 written last: step, config, layouts, loader and scheduler state,
+                                      and the size and SHA-256 of every file beside it
+        model-00003.safetensors       whole fp32 weights under single-process names (written by rank 3)
+        optimizer-00003.safetensors   AdamW's moments of the same weights: exp_avg/NAME, exp_avg_sq/NAME
+        rng-00003.safetensors         rank 3's RNG states
+      step-00002000.tmp/              a save in progress, or one that was killed: never read
+
+Every tensor is whole (no shard of it) and lives in exactly one file, so any layout reads what it
+needs. A save writes into STEP.tmp and fsyncs each file; `commit` then writes the manifest, renames
+the directory into place and only then moves `latest`. A killed save therefore leaves a .tmp
+directory and the previous checkpoint untouched. Only safetensors and JSON are read back: loading
+a checkpoint never runs code from it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import threading
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save as safetensors_bytes
+
+from scalelm.data.files import make_dir, sha256_file
+from scalelm.errors import CheckpointError
+
+FORMAT, VERSION = "scalelm-checkpoint", 1
+MANIFEST, LATEST = "manifest.json", "latest"
+_STEP_DIR = re.compile(r"^step-(\d{8,})$")
+
+
+def step_dir(root: Path, step: int) -> Path:
+    return root / f"step-{step:08d}"
+
+
+def temp_dir(root: Path, step: int) -> Path:
+    return root / f"step-{step:08d}.tmp"
+
+
+def start(root: Path, step: int) -> Path:
+    """An empty STEP.tmp directory to save into (left-overs of a killed save are removed first)."""
+    make_dir(root, "checkpoint.dir")
+    for stale in root.glob("step-*.tmp"):
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = temp_dir(root, step)
+    tmp.mkdir()
+    return tmp
+
+
+def write_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> dict:
+    """Write a safetensors file and fsync it; its {"bytes", "sha256"} for the manifest."""
+    data = safetensors_bytes({k: v.contiguous() for k, v in tensors.items()}, metadata=metadata)
+    digest = hashlib.sha256()
+    # NOTE: hashing releases the GIL, so the digest is computed while the file is written.
+    hasher = threading.Thread(target=digest.update, args=(memoryview(data),))
+    hasher.start()
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    hasher.join()
+    return {"bytes": len(data), "sha256": digest.hexdigest()}
+
+
+def commit(root: Path, step: int, manifest: dict) -> Path:
+    """Write the manifest into STEP.tmp, rename it to STEP and point `latest` at it, each durably."""
+    tmp, final = temp_dir(root, step), step_dir(root, step)
+    _write_durably(tmp / MANIFEST, json.dumps({"format": FORMAT, "version": VERSION, **manifest}, indent=1))
+    _fsync_dir(tmp)
+    if final.exists():  # the same step saved by an earlier run (train.resume=none over an old directory)
+        shutil.rmtree(final)
+    tmp.rename(final)
+    _fsync_dir(root)
+    _write_durably(root / f"{LATEST}.tmp", final.name + "\n")
+    (root / f"{LATEST}.tmp").rename(root / LATEST)
+    _fsync_dir(root)
+    return final
+
+
+def prune(root: Path, keep: int) -> list[Path]:
+    """Delete all but the newest `keep` committed checkpoints; the deleted ones."""
+    old = committed(root)[keep:]
+    for path in old:
+        shutil.rmtree(path, ignore_errors=True)
+    return old
+
+
+def committed(root: Path) -> list[Path]:
+    """Committed checkpoints under `root`, newest first."""
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if _STEP_DIR.match(p.name) and (p / MANIFEST).is_file()]
+    return sorted(found, key=lambda p: int(_STEP_DIR.match(p.name).group(1)), reverse=True)
+
+
+def resolve(path: Path) -> Path:
+    """A checkpoint directory, given it or a checkpoint.dir (whose `latest` is taken)."""
+    if (path / MANIFEST).is_file():
+        return path
+    if (path / LATEST).is_file():
+        return path / (path / LATEST).read_text().strip()
+    found = committed(path)
+    if found:
+        return found[0]
+    raise CheckpointError(f"{path}: not a checkpoint, and holds none: give a step-* directory or a checkpoint.dir")
+
+
+def read_manifest(ckpt: Path) -> dict:
+    try:
+        manifest = json.loads((ckpt / MANIFEST).read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{ckpt}: no {MANIFEST}, so not a complete checkpoint") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{ckpt / MANIFEST} is damaged ({e}): use an earlier checkpoint") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise CheckpointError(f"{ckpt / MANIFEST} is not a scalelm checkpoint manifest")
+    if manifest.get("version") != VERSION:
+        raise CheckpointError(f"{ckpt}: checkpoint format version {manifest.get('version')}; "
+                              f"this scalelm reads version {VERSION}")
+    return manifest
+
+
+def verify(ckpt: Path, manifest: dict, names: list[str]) -> list[str]:
+    """What is wrong with the files `names` of a checkpoint (size and SHA-256); empty when nothing."""
+    problems = []
+    for name in names:
+        path, want = ckpt / name, manifest["files"][name]
+        if not path.is_file():
+            problems.append(f"{name} is missing")
+        elif path.stat().st_size != want["bytes"]:
+            problems.append(f"{name} has {path.stat().st_size} bytes, not {want['bytes']} (truncated?)")
+        elif sha256_file(path) != want["sha256"]:
+            problems.append(f"{name} does not match its SHA-256 (damaged)")
+    return problems
+
+
+class TensorReader:
+    """Whole tensors of a checkpoint by (kind, name), kind param / exp_avg / exp_avg_sq; files open lazily."""
+
+    def __init__(self, ckpt: Path, manifest: dict):
+        self.ckpt, self.tensors = ckpt, manifest["tensors"]
+        self._open: dict[str, object] = {}
+
+    def names(self) -> list[str]:
+        return list(self.tensors)
+
+    def get(self, kind: str, name: str) -> torch.Tensor:
+        entry = self.tensors.get(name)
+        if entry is None:
+            raise CheckpointError(f"{self.ckpt}: no tensor {name}: the checkpoint holds another model")
+        file = entry["model"] if kind == "param" else entry["optimizer"]
+        return self._tensor(file, name if kind == "param" else f"{kind}/{name}")
+
+    def _tensor(self, file: str, key: str) -> torch.Tensor:
+        try:
+            if file not in self._open:
+                self._open[file] = safe_open(self.ckpt / file, framework="pt")
+            return self._open[file].get_tensor(key)
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"{self.ckpt / file}: cannot read {key} ({e})") from None
+
+
+def read_rank_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """All tensors and the metadata of a small per-rank file (the RNG states)."""
+    try:
+        with safe_open(path, framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{path}: cannot read it ({e})") from None
+
+
+def _write_durably(path: Path, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
