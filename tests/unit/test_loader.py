@@ -281,3 +281,42 @@ def test_shards_over_http_read_like_local_ones(pipeline, served):
     assert all(torch.equal(a, b) for a, b in zip(remote, local))
     with pytest.raises(DataError, match=r"/nothing/manifest.json: cannot be read: check the address"):
         read_manifest(served + "/nothing", "train")
+
+
+def test_every_sequence_says_where_it_starts(pipeline):
+    shard_set = read_manifest(pipeline["shards"], "train")
+    tokens = {s.url: read_shard(s, shard_set.dtype).astype(np.int64) for s in shard_set.shards}
+    for batch in itertools.islice(loader(pipeline["shards"], micro_batch_size=3), 5):
+        assert len(batch["origin"]) == 3
+        for row, origin in zip(batch["input_ids"], batch["origin"]):
+            url, offset = origin.rsplit("@", 1)
+            assert torch.equal(row, torch.from_numpy(tokens[url][int(offset) : int(offset) + L]))
+
+
+def epoch_progress(ld: TokenLoader) -> list[tuple[int, float]]:
+    """(epoch, share of its range read) of each of a loader's logical workers."""
+    from scalelm.data.loader import _WindowStream
+
+    out = []
+    for worker, state in enumerate(ld._states):
+        reader = _WindowStream(ld.sets[0], ld.layout.dp_rank * ld.layout.workers + worker,
+                               ld.layout.dp_size * ld.layout.workers, ld.layout, "error", state["streams"][0])
+        out.append((reader.epoch, reader.read_in_epoch() / reader.per_reader))
+    return out
+
+
+def test_another_data_parallel_size_continues_at_the_same_share_of_the_epoch(pipeline):
+    one = loader(pipeline["shards"], micro_batch_size=50)
+    seen = {w.numpy().tobytes() for w in torch.cat(take(one, 20))}
+    (epoch, share), = epoch_progress(one)
+    assert epoch == 0 and 0.1 < share < 0.9
+    saved = [one.state_dict()]
+    for rank in range(2):
+        two = loader(pipeline["shards"], micro_batch_size=50, dp_rank=rank, dp_size=2, num_workers=2)
+        assert "continues where the saved one was (epoch 0 at" in two.continue_from(saved)
+        for got_epoch, got_share in epoch_progress(two):
+            assert got_epoch == 0 and got_share == pytest.approx(share, abs=0.01)
+        after = [w.numpy().tobytes() for w in torch.cat(take(two, 4))]
+        assert len(set(after) & seen) < len(after)  # not the start of the epoch again
+    other = loader(pipeline["shards"], micro_batch_size=50, seq_len=L // 2)
+    assert "starts at the beginning" in other.continue_from(saved)
