@@ -25,10 +25,14 @@ from scalelm.parallel.topology import Layout, gather_objects
 
 def find_checkpoint(cfg: Config, layout: Layout) -> tuple[Path | None, dict | None, list[str]]:
     """(checkpoint, its manifest, notes for the log), or (None, None, notes) to start from scratch; collective."""
+    root = Path(cfg.checkpoint.dir)
     if cfg.train.resume == "none":
+        earlier = store.committed(root)
+        if earlier:  # saving beside them would mix two runs' checkpoints, and a later resume would pick one
+            raise CheckpointError(f"checkpoint.dir={root} holds checkpoints of an earlier run (newest {earlier[0].name}) "
+                                  f"and train.resume=none: set checkpoint.dir elsewhere, move them away, or resume")
         return None, None, []
     auto = cfg.train.resume == "auto"
-    root = Path(cfg.checkpoint.dir)
     candidates = store.committed(root) if auto else [store.resolve(Path(cfg.train.resume))]
     notes, rejected = [], []
     for ckpt in candidates:

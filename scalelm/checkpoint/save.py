@@ -4,7 +4,7 @@
     2. every rank lists its parameters; all agree who writes which:  each name goes to the rank
        holding it that has been given the fewest bytes so far
     3. each parameter's weight and moments are gathered whole        (Engine.gather, collective)
-       and kept only by their writer, which writes and fsyncs them
+       and kept only by their writer, which streams them into its files (one tensor in memory at a time)
     4. every rank writes its RNG states; rank 0 gathers every file's size and SHA-256, the loader
        states and the counters, and commits: manifest, rename, `latest`  (store.commit)
     5. a barrier: no rank goes on before the checkpoint is committed
@@ -14,6 +14,7 @@ A rank killed at any point before 4 finishes leaves only STEP.tmp behind.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from pathlib import Path
 
@@ -39,19 +40,21 @@ def save_checkpoint(cfg: Config, layout: Layout, engine: Engine, step: int, run:
 
     params = engine.named_parameters()
     writers = _assign_writers([(name, getattr(p, "ds_numel", p.numel())) for name, p in params], layout.world)
-    mine: dict[str, dict[str, torch.Tensor]] = {key: {} for key in KEYS}
-    for name, param in params:
-        for key in KEYS:
-            whole = engine.gather(param, key)  # collective over the stage's data and tensor groups
-            if writers[name] == layout.rank:
-                mine[key][name if key == "param" else f"{key}/{name}"] = whole.detach().cpu()
-    files: dict[str, dict] = {}
-    tensors: dict[str, dict] = {}
-    if mine["param"]:
-        model, optimizer = f"model-{layout.rank:05d}.safetensors", f"optimizer-{layout.rank:05d}.safetensors"
-        files[model] = store.write_tensors(tmp / model, mine["param"])
-        files[optimizer] = store.write_tensors(tmp / optimizer, {k: v for key in KEYS[1:] for k, v in mine[key].items()})
-        tensors = {name: {"model": model, "optimizer": optimizer, "shape": list(t.shape)} for name, t in mine["param"].items()}
+    mine = {name: engine.whole_shape(p) for name, p in params if writers[name] == layout.rank}
+    model, optimizer = f"model-{layout.rank:05d}.safetensors", f"optimizer-{layout.rank:05d}.safetensors"
+    with contextlib.ExitStack() as stack:
+        if mine:  # streamed: gathered and written one tensor at a time
+            out = {"param": stack.enter_context(store.TensorWriter(
+                tmp / model, {name: (shape, torch.float32) for name, shape in mine.items()}))}
+            out["exp_avg"] = out["exp_avg_sq"] = stack.enter_context(store.TensorWriter(
+                tmp / optimizer, {f"{key}/{name}": (shape, torch.float32) for name, shape in mine.items() for key in KEYS[1:]}))
+        for name, param in params:
+            for key in KEYS:
+                whole = engine.gather(param, key)  # collective over the stage's data and tensor groups
+                if name in mine:
+                    out[key].write(name if key == "param" else f"{key}/{name}", whole.detach().cpu())
+    files = {model: out["param"].record, optimizer: out["exp_avg"].record} if mine else {}
+    tensors = {name: {"model": model, "optimizer": optimizer, "shape": list(shape)} for name, shape in mine.items()}
     rng_file = f"rng-{layout.rank:05d}.safetensors"
     files[rng_file] = store.write_tensors(tmp / rng_file, *rng.capture())
 

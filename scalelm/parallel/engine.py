@@ -157,6 +157,9 @@ class Engine:
         """The whole fp32 `key` state (param / exp_avg / exp_avg_sq) of `param`; collective."""
         return state.gather(param, key, self.optimizer)
 
+    def whole_shape(self, param: torch.nn.Parameter) -> tuple[int, ...]:
+        return state.whole_shape(param)
+
     def scatter(self, param: torch.nn.Parameter, key: str, whole: torch.Tensor) -> None:
         """Set the `key` state of `param` from its whole fp32 value; collective under ZeRO-3."""
         state.scatter(param, key, whole, self.optimizer)

@@ -14,9 +14,9 @@ import torch.distributed as dist
 
 def gather_tensor_parallel(tensor: torch.Tensor, param: torch.nn.Parameter, group) -> torch.Tensor:
     """`tensor` (the parameter itself or its gradient) whole, gathered over the tensor-parallel `group`."""
-    if not getattr(param, "tensor_model_parallel", False):
-        return tensor
     world = dist.get_world_size(group)
+    if world == 1 or not getattr(param, "tensor_model_parallel", False):
+        return tensor
     shards = [torch.empty_like(tensor) for _ in range(world)]
     dist.all_gather(shards, tensor.contiguous(), group=group)
     dim, stride = param.partition_dim, getattr(param, "partition_stride", 1)

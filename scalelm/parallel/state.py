@@ -65,6 +65,14 @@ def gather(param: torch.nn.Parameter, key: str, optimizer) -> torch.Tensor:
     return gather_tensor_parallel(value.float(), param, parallel_state.get_tensor_model_parallel_group())
 
 
+def whole_shape(param: torch.nn.Parameter) -> tuple[int, ...]:
+    """The shape `gather` returns for `param`: unpartitioned by ZeRO-3 and by the tensor group."""
+    shape = list(getattr(param, "ds_shape", param.shape))
+    if getattr(param, "tensor_model_parallel", False):
+        shape[param.partition_dim] *= parallel_state.get_tensor_model_parallel_world_size()
+    return tuple(shape)
+
+
 def scatter(param: torch.nn.Parameter, key: str, whole: torch.Tensor, optimizer) -> None:
     """Set the `key` state of `param` from its whole fp32 value (collective under ZeRO-3)."""
     mine = tensor_parallel_slice(whole, param, parallel_state.get_tensor_model_parallel_group())
@@ -82,9 +90,9 @@ def scatter(param: torch.nn.Parameter, key: str, whole: torch.Tensor, optimizer)
 
 def tensor_parallel_slice(whole: torch.Tensor, param: torch.nn.Parameter, group) -> torch.Tensor:
     """This rank's part of a whole tensor, cut as megatron cuts a master weight (see gather.py)."""
-    if not getattr(param, "tensor_model_parallel", False):
-        return whole
     world, rank = dist.get_world_size(group), dist.get_rank(group)
+    if world == 1 or not getattr(param, "tensor_model_parallel", False):
+        return whole
     dim, stride = param.partition_dim, getattr(param, "partition_stride", 1)
     chunks = whole.chunk(world * stride, dim=dim)
     return torch.cat([chunks[j * world + rank] for j in range(stride)], dim=dim)

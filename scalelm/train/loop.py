@@ -54,12 +54,12 @@ def pretrain(cfg: Config) -> dict:
         flops, peak = _flops(cfg, vocab_size), metrics.peak_flops(layout.device)
         saved_at = run["step"] if ckpt is not None else None
 
-        def save(step: int) -> None:
+        def save(step: int, why: str) -> None:
             nonlocal saved_at
             if saved_at != step:
                 done = save_checkpoint(cfg, layout, engine, step, run, loader.state_dict(), tokenizer_sha)
                 saved_at = step
-                log.note(step, f"saved {done['path']} ({done['bytes'] / 1e9:.2f} GB in {done['seconds']:.1f} s)")
+                log.note(step, f"saved {done['path']} ({why}; {done['bytes'] / 1e6:,.1f} MB in {done['seconds']:.1f} s)")
 
         with StopSignals(layout.device) as signals:
             for step in range(run["step"] + 1, cfg.train.steps + 1):
@@ -76,9 +76,10 @@ def pretrain(cfg: Config) -> dict:
                     log.note(step, note + batches.where())
                 if validation and (step % cfg.train.eval_every == 0 or step == cfg.train.steps):
                     log.eval(step, *validation.run(engine))
-                save_now, stop = signals.poll()
-                if math.isfinite(loss) and (save_now or step % cfg.checkpoint.every == 0 or step == cfg.train.steps):
-                    save(step)
+                signalled, stop = signals.poll()
+                why = _save_reason(cfg, step, signalled, stop)
+                if why and math.isfinite(loss):  # never over the last good checkpoint from a bad step
+                    save(step, why)
                 if stop:
                     raise Stopped(f"stopped by SIGTERM after step {step}; newest checkpoint: "
                                   f"{_checkpoint_name(cfg, saved_at)}; run the same command to resume")
@@ -87,6 +88,16 @@ def pretrain(cfg: Config) -> dict:
         if log is not None:
             log.close()
         destroy_distributed()
+
+
+def _save_reason(cfg: Config, step: int, signalled: bool, stop: bool) -> str | None:
+    if stop:
+        return "SIGTERM"
+    if signalled:
+        return "SIGUSR1"
+    if step == cfg.train.steps:
+        return "end of run"
+    return "checkpoint.every" if step % cfg.checkpoint.every == 0 else None
 
 
 def _checkpoint_name(cfg: Config, step: int | None) -> str:

@@ -10,6 +10,7 @@ from scalelm.model.gpt import GPT
 from scalelm.model.spec import layer_spec, padded_vocab_size, transformer_config
 from scalelm.parallel.gather import gather_tensor_parallel
 from scalelm.parallel.grads import sum_sequence_parallel_grads
+from scalelm.parallel.state import single_process_name
 from scalelm.parallel.topology import destroy_distributed, init_distributed
 
 VOCAB = 200
@@ -98,7 +99,7 @@ class _GradCapture:
         for grad in self.grads.values():  # each data-parallel rank saw its share of the batch: average them
             torch.distributed.all_reduce(grad, group=parallel_state.get_data_parallel_group())
             grad /= layout.data
-        mine = {_gpt_name(n): gather_tensor_parallel(g, self.named[n], tp_group) for n, g in self.grads.items()}
+        mine = {single_process_name(n): gather_tensor_parallel(g, self.named[n], tp_group) for n, g in self.grads.items()}
         if layout.pipeline == 1:
             return mine
         stages = [None] * layout.pipeline
@@ -110,20 +111,6 @@ class _GradCapture:
                 # gradient; DeepSpeed sums the two before the step, and so does this
                 whole[key] = whole[key] + grad if key in whole else grad
         return whole
-
-
-def _gpt_name(name: str) -> str:
-    """A PipelineModule parameter's name as GPT has it: '3.layer.x' -> 'blocks.2.layer.x' and so on."""
-    if name.startswith("tied_modules.embedding."):
-        return "embedding." + name.removeprefix("tied_modules.embedding.")
-    index, _, rest = name.partition(".")
-    if not index.isdigit():
-        return name
-    index = int(index)
-    if index == 0:
-        return f"embedding.{rest}"
-    kind = rest.split(".")[0]
-    return {"layer": f"blocks.{index - 1}.{rest}", "norm": f"norm.{rest}", "linear": f"head.{rest}"}[kind]
 
 
 def pretrain_run(overrides: list[str]) -> list[float]:

@@ -28,3 +28,10 @@ def test_train_benchmark_prints_figures():
     out = run(BENCH / "train_throughput.py", "--steps", "8", "model.num_layers=2", "model.hidden_size=64",
               "model.num_heads=4", "train.seq_len=32")
     assert "scalelm pretrain" in out and "plain PyTorch loop" in out and "ratio" in out
+
+
+def test_checkpoint_benchmark_prints_figures(tmp_path):
+    out = run(BENCH / "checkpoint_throughput.py", "--repeats", "1", "--dir", tmp_path, "model.num_layers=2",
+              "model.hidden_size=64", "model.num_heads=4", "train.seq_len=32")
+    assert "scalelm save_checkpoint" in out and "torch.save of the same tensors" in out and "GB/s" in out
+    assert not any(tmp_path.iterdir())  # it cleans up after itself

@@ -163,11 +163,13 @@ def test_a_damaged_newest_checkpoint_is_reported_and_the_one_before_used(pipelin
         train_here(monkeypatch, overrides(pipeline, run, "train.steps=8"))
 
 
-def test_a_checkpoint_of_another_model_is_refused(pipeline, tmp_path, monkeypatch):
+def test_a_checkpoint_of_another_model_is_refused_and_so_is_mixing_runs(pipeline, tmp_path, monkeypatch):
     run = tmp_path / "run"
     train_here(monkeypatch, overrides(pipeline, run, "train.steps=2"))
     with pytest.raises(CheckpointError, match="holds another model .*model.hidden_size=64 there, 128 here"):
         train_here(monkeypatch, overrides(pipeline, run, "train.steps=4", "model.hidden_size=128"))
+    with pytest.raises(CheckpointError, match="holds checkpoints of an earlier run .*and train.resume=none"):
+        train_here(monkeypatch, overrides(pipeline, run, "train.steps=4", "train.resume=none"))
 
 
 def poison(monkeypatch, bad_steps: set[int], micro_batches: int) -> None:

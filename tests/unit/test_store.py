@@ -84,3 +84,19 @@ def test_bad_manifests(tmp_path, text, message):
 def test_resolve_refuses_what_is_not_a_checkpoint(tmp_path):
     with pytest.raises(CheckpointError, match="not a checkpoint, and holds none"):
         store.resolve(tmp_path)
+
+
+def test_files_are_safetensors_that_safetensors_reads_back(tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    tensors = {"f32": torch.randn(3, 5), "bf16": torch.randn(4).bfloat16(), "f16": torch.randn(2, 2).half(),
+               "i64": torch.arange(7), "u8": torch.get_rng_state(), "scalar": torch.tensor(2.5), "empty": torch.zeros(0, 3),
+               "bool": torch.tensor([True, False]), "strided": torch.randn(4, 6).t()}
+    store.write_tensors(tmp_path / "t.safetensors", tensors, {"note": "hi"})
+    back = load_file(tmp_path / "t.safetensors")
+    assert back.keys() == tensors.keys()
+    for name, tensor in tensors.items():
+        assert back[name].dtype == tensor.dtype and torch.equal(back[name], tensor), name
+    with safe_open(tmp_path / "t.safetensors", framework="pt") as f:
+        assert f.metadata() == {"note": "hi"}
