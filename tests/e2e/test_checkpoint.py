@@ -193,7 +193,10 @@ def test_a_non_finite_loss_skips_the_step(pipeline, tmp_path, monkeypatch):
     train_here(monkeypatch, overrides(pipeline, run, "train.steps=6"))
     losses = [r["loss"] for r in steps_logged(run)]
     assert losses[2] != losses[2] and all(loss == loss for i, loss in enumerate(losses) if i != 2)  # NaN at step 3 only
-    assert "step 3: loss is nan, step skipped (1 in a row" in (run / "events.log").read_text()
+    events = (run / "events.log").read_text()
+    assert "step 3: loss is nan, step skipped (1 in a row" in events
+    batch = events.split("its batch: ")[1].splitlines()[0].split(", ")  # where the step's 8 sequences came from
+    assert len(batch) == 8 and all(".tar@" in origin for origin in batch)
     manifest = store.read_manifest(store.resolve(run / "checkpoints"))
     assert manifest["counters"]["skipped_steps"] == 1 and manifest["counters"]["adam_steps"] == 5
     weights = store.TensorReader(store.resolve(run / "checkpoints"), manifest)
