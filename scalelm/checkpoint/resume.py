@@ -10,6 +10,7 @@ the one that saved them, and otherwise restart as the notes say.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import torch.distributed as dist
@@ -33,11 +34,14 @@ def find_checkpoint(cfg: Config, layout: Layout) -> tuple[Path | None, dict | No
                                   f"and train.resume=none: set checkpoint.dir elsewhere, move them away, or resume")
         return None, None, []
     auto = cfg.train.resume == "auto"
-    candidates = store.committed(root) if auto else [store.resolve(Path(cfg.train.resume))]
+    # rank 0's listing for everyone: ranks that listed for themselves could disagree and hang in _verify
+    candidates = [Path(p) for p in gather_objects(
+        [str(p) for p in (store.committed(root) if auto else [store.resolve(Path(cfg.train.resume))])])[0]]
     notes, rejected = [], []
     for ckpt in candidates:
         manifest, problems = _verify(ckpt, layout)
         if not problems:
+            notes += _set_aside_newer(root, manifest["step"], layout)
             return ckpt, manifest, notes
         problem = problems[0] + (f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else "")
         if not auto:
@@ -46,7 +50,7 @@ def find_checkpoint(cfg: Config, layout: Layout) -> tuple[Path | None, dict | No
         notes.append(f"checkpoint {ckpt} failed verification ({problem}); trying the one before it")
     if rejected:
         raise CheckpointError(f"no checkpoint in {root} verifies ({'; '.join(rejected)}): "
-                              f"move them away, or set train.resume=none to start over")
+                              f"move them away, or set checkpoint.dir elsewhere to start over")
     return None, None, notes
 
 
@@ -61,11 +65,15 @@ def load_checkpoint(cfg: Config, layout: Layout, engine: Engine, loader: TokenLo
 
     reader = store.TensorReader(ckpt, manifest)
     for name, param in engine.named_parameters():
+        saved_shape = tuple(manifest["tensors"].get(name, {}).get("shape", ()))
+        if name in manifest["tensors"] and saved_shape != engine.whole_shape(param):
+            raise CheckpointError(f"{ckpt}: tensor {name} has shape {list(saved_shape)}, this model's is "
+                                  f"{list(engine.whole_shape(param))}")
         for key in KEYS:
             try:
                 engine.scatter(param, key, reader.get(key, name))
             except ValueError as e:
-                raise CheckpointError(f"{ckpt}: tensor {name} does not fit this model ({e})") from None
+                raise CheckpointError(f"{ckpt}: tensor {name} cannot be loaded here ({e})") from None
     engine.load_counters(manifest["counters"])
 
     saved = manifest["layout"]
@@ -80,6 +88,20 @@ def load_checkpoint(cfg: Config, layout: Layout, engine: Engine, loader: TokenLo
     notes += _resume_loader(loader, manifest["loader"], layout)
     dist.barrier()
     return manifest["run"], notes
+
+
+def _set_aside_newer(root: Path, step: int, layout: Layout) -> list[str]:
+    """Rename checkpoints newer than the one resumed from (damaged, or rolled back past) to STEP.superseded-N,
+    so that neither retention nor a later auto-resume mistakes them for this run's; collective."""
+    notes = []
+    if layout.rank == 0:
+        for newer in store.committed(root):
+            if int(newer.name.removeprefix("step-")) > step:
+                aside = newer.with_name(f"{newer.name}.superseded-{time.strftime('%Y%m%d-%H%M%S')}")
+                newer.rename(aside)
+                notes.append(f"{newer} is newer than the checkpoint resumed from: set aside as {aside.name}")
+    dist.barrier()
+    return notes
 
 
 def _verify(ckpt: Path, layout: Layout) -> tuple[dict | None, list[str]]:
@@ -99,7 +121,7 @@ def _check_fits(cfg: Config, ckpt: Path, manifest: dict, tokenizer_sha256: str |
     differ = [f"model.{k}={theirs.get(k)!r} there, {v!r} here" for k, v in ours.items() if theirs.get(k) != v]
     if differ:
         raise CheckpointError(f"checkpoint {ckpt} holds another model ({'; '.join(differ)}): use its model "
-                              f"settings, or set train.resume=none to start over")
+                              f"settings, or set checkpoint.dir elsewhere to start over")
     if tokenizer_sha256 and manifest["tokenizer_sha256"] and tokenizer_sha256 != manifest["tokenizer_sha256"]:
         raise CheckpointError(f"checkpoint {ckpt} was trained with another tokenizer than data.tokenizer="
                               f"{cfg.data.tokenizer}: use that tokenizer and shards made with it")

@@ -173,7 +173,7 @@ def resolve(path: Path) -> Path:
     """A checkpoint directory, given it or a checkpoint.dir (whose `latest` is taken)."""
     if (path / MANIFEST).is_file():
         return path
-    if (path / LATEST).is_file():
+    if (path / LATEST).is_file() and (path / (path / LATEST).read_text().strip() / MANIFEST).is_file():
         return path / (path / LATEST).read_text().strip()
     found = committed(path)
     if found:

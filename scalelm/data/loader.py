@@ -122,8 +122,10 @@ class TokenLoader:
         if self.layout.num_workers == 0:
             batches = iter(dataset)
         else:
+            # its own generator: by default a DataLoader draws its workers' base seed from torch's global RNG,
+            # which would shift the dropout streams of a resumed run
             batches = iter(DataLoader(dataset, batch_size=None, num_workers=self.layout.num_workers,
-                                      prefetch_factor=4, persistent_workers=False))
+                                      prefetch_factor=4, persistent_workers=False, generator=torch.Generator()))
         while True:
             try:
                 item = next(batches)

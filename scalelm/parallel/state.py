@@ -75,6 +75,10 @@ def whole_shape(param: torch.nn.Parameter) -> tuple[int, ...]:
 
 def scatter(param: torch.nn.Parameter, key: str, whole: torch.Tensor, optimizer) -> None:
     """Set the `key` state of `param` from its whole fp32 value (collective under ZeRO-3)."""
+    if hasattr(param, "ds_id") and whole.numel() % parallel_state.get_data_parallel_world_size():
+        # NOTE: DeepSpeed 0.19.8's ZeRO-3 cuts a whole value into equal parts and would read past its end
+        raise ValueError(f"ZeRO-3 cannot load {whole.numel()} values over {parallel_state.get_data_parallel_world_size()} "
+                         f"data-parallel ranks: use a data-parallel size that divides it, or ZeRO-1/2")
     mine = tensor_parallel_slice(whole, param, parallel_state.get_tensor_model_parallel_group())
     mine = mine.to(device=param.device, dtype=torch.float32)
     if key == "param":

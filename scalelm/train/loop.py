@@ -78,7 +78,7 @@ def pretrain(cfg: Config) -> dict:
                     log.eval(step, *validation.run(engine))
                 signalled, stop = signals.poll()
                 why = _save_reason(cfg, step, signalled, stop)
-                if why and math.isfinite(loss):  # never over the last good checkpoint from a bad step
+                if why:  # after a skipped step too: the guard checked the weights were left as they were
                     save(step, why)
                 if stop:
                     raise Stopped(f"stopped by SIGTERM after step {step}; newest checkpoint: "

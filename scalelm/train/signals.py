@@ -41,10 +41,9 @@ class StopSignals:
 
     def poll(self) -> tuple[bool, bool]:
         """(save now, stop after saving), agreed by every rank; the requests are then cleared."""
-        flags = torch.tensor([self.received[signal.SIGUSR1], self.received[signal.SIGTERM]], dtype=torch.int32,
-                             device=self.device)
+        mine, self.received = self.received, {sig: False for sig in self.HANDLED}  # one arriving now waits for the next poll
+        flags = torch.tensor([mine[signal.SIGUSR1], mine[signal.SIGTERM]], dtype=torch.int32, device=self.device)
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)
         save, stop = (bool(v) for v in flags.tolist())
-        self.received = {sig: False for sig in self.HANDLED}
         return save or stop, stop

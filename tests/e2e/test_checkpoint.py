@@ -155,6 +155,7 @@ def test_a_damaged_newest_checkpoint_is_reported_and_the_one_before_used(pipelin
     assert f"checkpoint {newest} failed verification ({damaged.name} does not match its SHA-256" in events
     assert f"resuming from {store.step_dir(run / 'checkpoints', 2)} (step 2)" in events
     assert [r["step"] for r in steps_logged(run)] == [1, 2, 3, 4, 5, 6]
+    assert len(list((run / "checkpoints").glob("step-00000004.superseded-*"))) == 1  # kept aside, not deleted
 
     for ckpt in store.committed(run / "checkpoints"):  # everything damaged: no silent fresh start
         for file in ckpt.glob("model-*"):
