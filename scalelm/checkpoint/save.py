@@ -7,7 +7,8 @@
        and kept only by their writer, which streams them into its files (one tensor in memory at a time)
     4. every rank writes its RNG states; rank 0 gathers every file's size and SHA-256, the loader
        states and the counters, and commits: manifest, rename, `latest`  (store.commit)
-    5. a barrier: no rank goes on before the checkpoint is committed
+    5. every rank learns that the commit happened before it goes on; a rank that could not write
+       (disk full, no permission) makes every rank raise the same CheckpointError instead
 
 A rank killed at any point before 4 finishes leaves only STEP.tmp behind.
 """
@@ -19,10 +20,10 @@ import time
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 from scalelm.checkpoint import rng, store
 from scalelm.config import Config, to_dict
+from scalelm.errors import CheckpointError, ScalelmError
 from scalelm.parallel.engine import Engine
 from scalelm.parallel.state import KEYS
 from scalelm.parallel.topology import Layout, gather_objects
@@ -30,39 +31,42 @@ from scalelm.parallel.topology import Layout, gather_objects
 
 def save_checkpoint(cfg: Config, layout: Layout, engine: Engine, step: int, run: dict, loader_state: dict | None,
                     tokenizer_sha256: str | None) -> dict:
-    """Save the state after `step` into checkpoint.dir; collective. Returns {path, bytes, seconds} on every rank."""
+    """Save the state after `step` into checkpoint.dir; collective. Returns {path, bytes, seconds} on every rank.
+    If any rank cannot write (disk full, no permission), every rank raises CheckpointError together
+    and the previous checkpoint stays the newest."""
     started = time.perf_counter()
     root = Path(cfg.checkpoint.dir)
     tmp = store.temp_dir(root, step)
-    if layout.rank == 0:
-        store.start(root, step)
-    dist.barrier()
+    _agree(_attempt(store.start, root, step) if layout.rank == 0 else None, step)
 
     params = engine.named_parameters()
     writers = _assign_writers([(name, getattr(p, "ds_numel", p.numel())) for name, p in params], layout.world)
     mine = {name: engine.whole_shape(p) for name, p in params if writers[name] == layout.rank}
     model, optimizer = f"model-{layout.rank:05d}.safetensors", f"optimizer-{layout.rank:05d}.safetensors"
+    out: dict[str, store.TensorWriter] = {}
+    failed = None  # a rank that cannot write still takes part in every gather; then all give up together
     with contextlib.ExitStack() as stack:
         if mine:  # streamed: gathered and written one tensor at a time
-            out = {"param": stack.enter_context(store.TensorWriter(
-                tmp / model, {name: (shape, torch.float32) for name, shape in mine.items()}))}
-            out["exp_avg"] = out["exp_avg_sq"] = stack.enter_context(store.TensorWriter(
-                tmp / optimizer, {f"{key}/{name}": (shape, torch.float32) for name, shape in mine.items() for key in KEYS[1:]}))
+            failed = _attempt(_open_writers, stack, out, tmp / model, tmp / optimizer, mine)
         for name, param in params:
             for key in KEYS:
                 whole = engine.gather(param, key)  # collective over the stage's data and tensor groups
-                if name in mine:
-                    out[key].write(name if key == "param" else f"{key}/{name}", whole.detach().cpu())
-    files = {model: out["param"].record, optimizer: out["exp_avg"].record} if mine else {}
+                if name in mine and failed is None:
+                    failed = _attempt(out[key].write, name if key == "param" else f"{key}/{name}", whole.detach().cpu())
+    files = {model: out["param"].record, optimizer: out["exp_avg"].record} if mine and failed is None else {}
     tensors = {name: {"model": model, "optimizer": optimizer, "shape": list(shape)} for name, shape in mine.items()}
     rng_file = f"rng-{layout.rank:05d}.safetensors"
-    files[rng_file] = store.write_tensors(tmp / rng_file, *rng.capture())
+    if failed is None:
+        record = _attempt(store.write_tensors, tmp / rng_file, *rng.capture())
+        failed, files[rng_file] = (record, None) if isinstance(record, str) else (None, record)
 
     first_of_dp = layout.tp_rank == 0 and layout.pp_rank == 0  # the first stage draws every micro-batch
-    report = {"files": files, "tensors": tensors, "dp_rank": layout.dp_rank,
+    report = {"files": files, "tensors": tensors, "dp_rank": layout.dp_rank, "failed": failed,
               "loader": loader_state if first_of_dp else None}
     reports = gather_objects(report)
-    total = sum(f["bytes"] for f in files.values())
+    _raise_if(next((f"rank {rank}: {r['failed']}" for rank, r in enumerate(reports) if r["failed"]), None), step)
+    total = sum(f["bytes"] for r in reports for f in r["files"].values())
+    committed = None
     if layout.rank == 0:
         loaders = {r["dp_rank"]: r["loader"] for r in reports if r["loader"] is not None}
         manifest = {
@@ -75,11 +79,41 @@ def save_checkpoint(cfg: Config, layout: Layout, engine: Engine, step: int, run:
             "tensors": {name: entry for r in reports for name, entry in r["tensors"].items()},
             "files": {name: entry for r in reports for name, entry in r["files"].items()},
         }
-        total = sum(f["bytes"] for f in manifest["files"].values())
-        store.commit(root, step, manifest)
-        store.prune(root, cfg.checkpoint.keep)
-    dist.barrier()
+        committed = _attempt(_commit, root, step, manifest, cfg.checkpoint.keep)
+    _agree(committed, step)  # also the barrier: no rank goes on before the checkpoint is committed
     return {"path": str(store.step_dir(root, step)), "bytes": total, "seconds": time.perf_counter() - started}
+
+
+def _open_writers(stack: contextlib.ExitStack, out: dict, model: Path, optimizer: Path, shapes: dict) -> None:
+    out["param"] = stack.enter_context(store.TensorWriter(model, {n: (s, torch.float32) for n, s in shapes.items()}))
+    out["exp_avg"] = out["exp_avg_sq"] = stack.enter_context(store.TensorWriter(
+        optimizer, {f"{key}/{n}": (s, torch.float32) for n, s in shapes.items() for key in KEYS[1:]}))
+
+
+def _commit(root: Path, step: int, manifest: dict, keep: int) -> None:
+    store.commit(root, step, manifest)
+    store.prune(root, keep)
+
+
+def _attempt(fn, *args):
+    """fn(*args), or the one-line reason (a str) it could not write."""
+    try:
+        return fn(*args)
+    except OSError as e:
+        return f"{e.strerror or e} ({e.filename})" if e.filename else str(e)
+    except ScalelmError as e:
+        return str(e)
+
+
+def _agree(failure: str | None, step: int) -> None:
+    """Every rank learns whether any failed (collective); all raise the same error if one did."""
+    _raise_if(next((f for f in gather_objects(failure) if isinstance(f, str)), None), step)
+
+
+def _raise_if(failure: str | None, step: int) -> None:
+    if failure:
+        raise CheckpointError(f"could not save the checkpoint of step {step}: {failure}; the previous "
+                              f"checkpoint is still the newest")
 
 
 def _assign_writers(local: list[tuple[str, int]], world: int) -> dict[str, int]:

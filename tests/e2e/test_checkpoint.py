@@ -173,6 +173,23 @@ def test_a_checkpoint_of_another_model_is_refused_and_so_is_mixing_runs(pipeline
         train_here(monkeypatch, overrides(pipeline, run, "train.steps=4", "train.resume=none"))
 
 
+def test_a_save_that_cannot_write_is_one_clear_error_and_the_previous_checkpoint_stays(pipeline, tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    write = store.TensorWriter.write
+
+    def disk_full(self, name, tensor):
+        if "step-00000004" in str(self.path):
+            raise OSError(28, "No space left on device", str(self.path))
+        write(self, name, tensor)
+
+    monkeypatch.setattr(store.TensorWriter, "write", disk_full)
+    with pytest.raises(CheckpointError, match=r"could not save the checkpoint of step 4: rank 0: No space left on device "
+                                              r"\(.*model-00000.safetensors\); the previous checkpoint is still the newest"):
+        train_here(monkeypatch, overrides(pipeline, run, "train.steps=6", "checkpoint.every=2"))
+    assert [p.name for p in store.committed(run / "checkpoints")] == ["step-00000002"]
+    assert store.resolve(run / "checkpoints").name == "step-00000002"
+
+
 def poison(monkeypatch, bad_steps: set[int], micro_batches: int) -> None:
     """Make the loss NaN on the given steps (the step's first micro-batch)."""
     import scalelm.model.gpt as gpt
