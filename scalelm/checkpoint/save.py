@@ -58,7 +58,10 @@ def save_checkpoint(cfg: Config, layout: Layout, engine: Engine, step: int, run:
     rng_file = f"rng-{layout.rank:05d}.safetensors"
     if failed is None:
         record = _attempt(store.write_tensors, tmp / rng_file, *rng.capture())
-        failed, files[rng_file] = (record, None) if isinstance(record, str) else (None, record)
+        if isinstance(record, str):
+            failed = record
+        else:
+            files[rng_file] = record
 
     first_of_dp = layout.tp_rank == 0 and layout.pp_rank == 0  # the first stage draws every micro-batch
     report = {"files": files, "tensors": tensors, "dp_rank": layout.dp_rank, "failed": failed,

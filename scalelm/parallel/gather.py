@@ -1,4 +1,4 @@
-"""Whole tensors from tensor-parallel shards: the inverse of how megatron-core splits a weight.
+"""Whole tensors from tensor-parallel shards and back: megatron-core's split of a weight, both ways.
 
 megatron splits a master weight along `partition_dim` into world * stride chunks and gives rank r
 the chunks r, r + world, r + 2 * world, ... (stride 2 keeps a SwiGLU rank's [gate, up] halves
@@ -22,3 +22,13 @@ def gather_tensor_parallel(tensor: torch.Tensor, param: torch.nn.Parameter, grou
     dim, stride = param.partition_dim, getattr(param, "partition_stride", 1)
     chunks = [shard.chunk(stride, dim=dim) for shard in shards]  # chunks[rank][j] is master chunk j * world + rank
     return torch.cat([chunks[k % world][k // world] for k in range(world * stride)], dim=dim)
+
+
+def tensor_parallel_slice(whole: torch.Tensor, param: torch.nn.Parameter, group) -> torch.Tensor:
+    """This rank's part of a whole tensor, cut as megatron cuts a master weight (the inverse of gather_tensor_parallel)."""
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    if world == 1 or not getattr(param, "tensor_model_parallel", False):
+        return whole
+    dim, stride = param.partition_dim, getattr(param, "partition_stride", 1)
+    chunks = whole.chunk(world * stride, dim=dim)
+    return torch.cat([chunks[j * world + rank] for j in range(stride)], dim=dim)

@@ -22,7 +22,6 @@ order, which `named_parameters` guarantees.
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 from deepspeed import zero
 from deepspeed.utils import (
     safe_get_full_fp32_param,
@@ -32,7 +31,7 @@ from deepspeed.utils import (
 )
 from megatron.core import parallel_state
 
-from scalelm.parallel.gather import gather_tensor_parallel
+from scalelm.parallel.gather import gather_tensor_parallel, tensor_parallel_slice
 
 KEYS = ("param", "exp_avg", "exp_avg_sq")
 
@@ -90,16 +89,6 @@ def scatter(param: torch.nn.Parameter, key: str, whole: torch.Tensor, optimizer)
         safe_set_full_fp32_param(param, mine)
     else:
         safe_set_full_optimizer_state(param, mine, key)
-
-
-def tensor_parallel_slice(whole: torch.Tensor, param: torch.nn.Parameter, group) -> torch.Tensor:
-    """This rank's part of a whole tensor, cut as megatron cuts a master weight (see gather.py)."""
-    world, rank = dist.get_world_size(group), dist.get_rank(group)
-    if world == 1 or not getattr(param, "tensor_model_parallel", False):
-        return whole
-    dim, stride = param.partition_dim, getattr(param, "partition_stride", 1)
-    chunks = whole.chunk(world * stride, dim=dim)
-    return torch.cat([chunks[j * world + rank] for j in range(stride)], dim=dim)
 
 
 def init_optimizer_state(optimizer) -> None:

@@ -10,6 +10,7 @@ from typing import Iterator
 
 import torch
 
+from scalelm.checkpoint import store
 from scalelm.checkpoint.resume import find_checkpoint, load_checkpoint
 from scalelm.checkpoint.save import save_checkpoint
 from scalelm.config import Config, validate
@@ -101,7 +102,7 @@ def _save_reason(cfg: Config, step: int, signalled: bool, stop: bool) -> str | N
 
 
 def _checkpoint_name(cfg: Config, step: int | None) -> str:
-    return "none" if step is None else str(Path(cfg.checkpoint.dir) / f"step-{step:08d}")
+    return "none" if step is None else str(store.step_dir(Path(cfg.checkpoint.dir), step))
 
 
 class _Traced:
