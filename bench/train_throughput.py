@@ -24,7 +24,7 @@ from scalelm.config import load_config
 from scalelm.data.loader import loader_from_config
 from scalelm.data.shards import ShardSetWriter
 from scalelm.model.gpt import GPT
-from scalelm.model.spec import layer_spec, padded_vocab_size, transformer_config
+from scalelm.model.spec import layer_spec, transformer_config
 from scalelm.parallel.topology import destroy_distributed, init_distributed
 from scalelm.train.loop import pretrain
 from scalelm.train.schedule import lr_scheduler
@@ -47,7 +47,7 @@ def plain_pytorch(cfg, steps: int) -> float:
     layout = init_distributed(cfg.parallel, cfg.train.seed)
     try:
         tc = transformer_config(cfg.model, cfg.parallel, on_gpu=False)
-        model = GPT(cfg.model, tc, layer_spec(on_gpu=False), padded_vocab_size(VOCAB), cfg.train.seed)
+        model = GPT(cfg.model, tc, layer_spec(on_gpu=False), VOCAB, cfg.train.seed)
         o = cfg.optim
         optimizer = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
                                       weight_decay=o.weight_decay)

@@ -6,6 +6,11 @@
     scalelm inspect SHARDS                    what a shard set holds; --verify checks every shard
     scalelm pretrain --config CFG [key=value ...] [--nproc-per-node N]
     scalelm checkpoint consolidate CKPT --out model.safetensors   one unsharded fp32 weight file
+    scalelm convert to-hf CKPT OUT_DIR        Hugging Face folder (GPT-2 or Llama layout), parity-checked
+    scalelm convert from-hf HF_DIR OUT_CKPT   a Hugging Face model as a scalelm checkpoint (train.init_from)
+    scalelm convert to-gguf CKPT OUT.gguf     GGUF for llama.cpp, --dtype f32|f16|q8_0
+    scalelm generate MODEL --prompt TEXT      sample text (transformers), --chat for the chat template
+    scalelm eval MODEL --data SHARDS          perplexity, in-framework or with transformers
     scalelm plot RUN_DIR --out loss.png       loss and throughput curves of a run
     scalelm config [CFG] [key=value ...]      the resolved, validated config
 
@@ -22,12 +27,17 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from scalelm.errors import ScalelmError, Stopped
+from scalelm.errors import ConfigError, ScalelmError, Stopped
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # key=value overrides may follow options too (argparse only takes positionals up to the first option)
+    if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return args.run(args) or 0
     except ScalelmError as e:
@@ -114,6 +124,61 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-verify", action="store_true", help="skip checking the files' SHA-256 first")
     p.set_defaults(run=_consolidate)
 
+    conv = sub.add_parser("convert", help="convert to and from Hugging Face, and to GGUF").add_subparsers(
+        required=True, metavar="ACTION")
+    p = conv.add_parser("to-hf", help="write a Hugging Face folder (GPT-2 or Llama layout) of a checkpoint",
+                        description="Convert a checkpoint of any parallel layout (or a consolidated file) into a folder "
+                                    "that transformers' AutoModelForCausalLM and AutoTokenizer load, then check its "
+                                    "logits against scalelm's forward.")
+    p.add_argument("checkpoint", type=Path, metavar="CKPT", help="a step-* directory, a checkpoint.dir, or a consolidated file")
+    p.add_argument("out", type=Path, metavar="OUT_DIR", help="the folder to write")
+    _conversion_flags(p)
+    p.set_defaults(run=_to_hf)
+    p = conv.add_parser("from-hf", help="write a scalelm checkpoint of a Hugging Face GPT-2 or Llama model",
+                        description="Convert a Hugging Face folder (safetensors) into a weights-only scalelm checkpoint "
+                                    "with a config.yaml; continue training it with train.init_from in any layout.")
+    p.add_argument("hf_dir", type=Path, metavar="HF_DIR", help="a folder with config.json and model.safetensors")
+    p.add_argument("out", type=Path, metavar="OUT_CKPT", help="the checkpoint directory to write (new or empty)")
+    p.add_argument("--no-verify", action="store_true", help="skip the parity check of the logits")
+    p.set_defaults(run=_from_hf)
+    p = conv.add_parser("to-gguf", help="write a GGUF file (tokenizer inside) for llama.cpp",
+                        description="Convert a checkpoint into one GGUF file, then read it back and check its logits "
+                                    "against scalelm's forward.")
+    p.add_argument("checkpoint", type=Path, metavar="CKPT", help="a step-* directory, a checkpoint.dir, or a consolidated file")
+    p.add_argument("out", type=Path, metavar="OUT.gguf", help="the file to write")
+    p.add_argument("--dtype", default="f16", help="f32, f16 (default) or q8_0")
+    _conversion_flags(p)
+    p.set_defaults(run=_to_gguf)
+
+    p = sub.add_parser("generate", help="sample text from a checkpoint or a Hugging Face export",
+                       description="Generate with transformers from MODEL (a Hugging Face folder, or a scalelm checkpoint, "
+                                   "converted on the fly), streaming tokens as they come; stops at end of text.")
+    p.add_argument("model", type=Path, metavar="MODEL", help="a Hugging Face folder, a checkpoint or a consolidated file")
+    p.add_argument("--prompt", required=True, help="the text to continue (with --chat: the user's message)")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate at most (default 64)")
+    p.add_argument("--temperature", type=float, default=0.8, help="0 is greedy (default 0.8)")
+    p.add_argument("--top-k", type=int, default=50, help="sample among the k most likely tokens; 0 is off (default 50)")
+    p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass; 1 is off (default 0.95)")
+    p.add_argument("--seed", type=int, default=0, help="the same seed gives the same text (default 0)")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template as the user's turn")
+    p.add_argument("--system", default=None, help="with --chat: a system message before it")
+    p.set_defaults(run=_generate)
+
+    p = sub.add_parser("eval", help="perplexity of a checkpoint or a Hugging Face export on token shards",
+                       description="Perplexity on the first N windows of a shard split, in order: a scalelm checkpoint "
+                                   "in-framework (any layout: --nproc-per-node and parallel.* overrides), a Hugging Face "
+                                   "folder with transformers. The same windows give the same number.")
+    p.add_argument("model", type=Path, metavar="MODEL", help="a checkpoint, or a Hugging Face folder")
+    p.add_argument("--data", required=True, nargs="+", metavar="SHARDS", help="shard directories written by `scalelm shard`")
+    p.add_argument("--split", default="val", choices=["train", "val"], help="which split (default val)")
+    p.add_argument("--windows", type=int, default=None, help="evaluate the first N windows (default: all)")
+    p.add_argument("--batch-size", type=int, default=None, help="windows per forward pass (default: the checkpoint's "
+                                                                  "micro-batch size; 4 for a Hugging Face folder)")
+    p.add_argument("--nproc-per-node", type=int, default=1, help="a checkpoint: start this many local ranks")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="a checkpoint: layout and precision, e.g. "
+                                                                     "parallel.tensor=2 train.precision=fp32")
+    p.set_defaults(run=_eval)
+
     p = sub.add_parser("plot", help="draw loss and throughput curves of a run",
                        description="Read RUN_DIR/metrics.jsonl and draw training/validation loss and tokens/s.")
     p.add_argument("run_dir", metavar="RUN_DIR", help="a run's log.dir")
@@ -177,19 +242,9 @@ def _inspect(args: argparse.Namespace) -> None:
 
 
 def _pretrain(args: argparse.Namespace) -> int:
-    import os
-    import warnings
-
-    import torch
-
     from scalelm.config import load_config
 
-    # The engines' notices about kernels that are not installed say nothing a user can act on here.
-    warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine|transformer_engine).*")
-    warnings.filterwarnings("ignore", category=DeprecationWarning, module="megatron")
-    warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
-    os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
-
+    _quiet_engines()
     cfg = load_config(args.config, args.overrides)  # config errors stop here, before any rank starts
     if args.nproc_per_node > 1:
         from scalelm.launch.torchrun import relaunch
@@ -212,6 +267,100 @@ def _consolidate(args: argparse.Namespace) -> None:
     done = consolidate(args.checkpoint, args.out, verify=not args.no_verify)
     print(f"{done['tensors']} tensors, {done['parameters']:,} parameters from {done['checkpoint']} (step {done['step']}) "
           f"-> {args.out} ({done['bytes'] / 1e6:.1f} MB)")
+
+
+def _conversion_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tokenizer", type=Path, default=None, help="the SentencePiece model (default: the one the checkpoint names)")
+    p.add_argument("--no-verify", action="store_true", help="skip the parity check of the logits")
+
+
+def _quiet_engines() -> None:
+    """The engines' notices about kernels that are not installed, and transformers' progress bars, say nothing
+    a user can act on here."""
+    import os
+    import warnings
+
+    import torch
+
+    warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine|transformer_engine).*")
+    warnings.filterwarnings("ignore", category=DeprecationWarning, module="megatron")
+    warnings.filterwarnings("ignore", message=".*cuda_graph_scope.*")
+    warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # every model here is a local folder
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+def _print_report(report: dict, out: Path) -> None:
+    from scalelm.convert.parity import describe
+
+    print(f"{report['source']} -> {out}" + (f" ({report['layout']} layout)" if "layout" in report else ""))
+    if "config" in report:
+        print(f"continue training it with: scalelm pretrain --config {report['config']} data.train=SHARDS")
+    if not report.get("tokenizer", True):
+        print("no tokenizer went with it: pass --tokenizer PATH to include one")
+    print(describe(report["parity"]) if "parity" in report else "parity: not checked (--no-verify)")
+
+
+def _to_hf(args: argparse.Namespace) -> None:
+    _quiet_engines()
+    from scalelm.convert.hf import to_hf
+
+    _print_report(to_hf(args.checkpoint, args.out, args.tokenizer, verify=not args.no_verify), args.out)
+
+
+def _from_hf(args: argparse.Namespace) -> None:
+    _quiet_engines()
+    from scalelm.convert.hf import from_hf
+
+    _print_report(from_hf(args.hf_dir, args.out, verify=not args.no_verify), args.out)
+
+
+def _to_gguf(args: argparse.Namespace) -> None:
+    _quiet_engines()
+    from scalelm.convert.gguf import to_gguf
+
+    report = to_gguf(args.checkpoint, args.out, args.dtype, args.tokenizer, verify=not args.no_verify)
+    report["source"] += f" ({report['architecture']}, {report['dtype']}, {report['bytes'] / 1e6:.1f} MB)"
+    _print_report(report, args.out)
+
+
+def _generate(args: argparse.Namespace) -> None:
+    _quiet_engines()
+    from scalelm.infer.generate import Sampling, generate
+
+    sampling = Sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed)
+    if args.chat is False and args.system:
+        raise ConfigError("--system goes with --chat")
+    generate(args.model, args.prompt, sampling, chat=args.chat, system=args.system)
+    print()
+
+
+def _eval(args: argparse.Namespace) -> int:
+    _quiet_engines()
+    from scalelm.infer.evaluate import evaluate_checkpoint, evaluate_hf
+
+    if not args.model.exists():
+        raise ConfigError(f"{args.model} does not exist: give a checkpoint or a Hugging Face folder")
+    if args.batch_size is not None and args.batch_size < 1:
+        raise ConfigError(f"--batch-size={args.batch_size}: use 1 or more")
+    if (args.model / "config.json").is_file():
+        if args.overrides or args.nproc_per_node > 1:
+            raise ConfigError("a Hugging Face folder runs in this process with transformers: drop --nproc-per-node and key=value")
+        result = evaluate_hf(args.model, args.data, args.split, None, args.batch_size or 4, args.windows)
+        print(result.line(args.split))
+        return 0
+    overrides = list(args.overrides) + ([f"train.micro_batch_size={args.batch_size}"] if args.batch_size else [])
+    if args.nproc_per_node > 1:
+        from scalelm.launch.torchrun import relaunch
+
+        forward = ["--data", *args.data, "--split", args.split] + (["--windows", str(args.windows)] if args.windows else [])
+        return relaunch(args.nproc_per_node, ["eval", str(args.model), *forward, *overrides])
+    result = evaluate_checkpoint(args.model, args.data, args.split, args.windows, overrides)
+    if result:
+        print(result.line(args.split))
+    return 0
 
 
 def _plot(args: argparse.Namespace) -> None:

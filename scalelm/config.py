@@ -10,6 +10,7 @@ bad value and the fix.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import math
@@ -146,6 +147,9 @@ class TrainConfig:
     """Micro-batches per validation pass."""
     resume: str = "auto"
     """auto (newest checkpoint in checkpoint.dir that verifies), none, or a checkpoint path."""
+    init_from: str | None = None
+    """Start a new run from these weights (any checkpoint, or `scalelm convert from-hf`'s output) with a
+    fresh optimizer, schedule and data order; ignored once the run has a checkpoint of its own to resume."""
     max_bad_steps: int = 5
     """Steps in a row with a non-finite loss (each one skipped) after which training stops."""
     spike_zscore: float = 6.0
@@ -195,9 +199,10 @@ class Config:
 # --------------------------------------------------------------------------- loading
 
 
-def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
-    """Read a YAML config (or start from the defaults), apply `key=value` overrides, validate."""
-    raw: dict[str, Any] = {}
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = (), base: dict[str, Any] | None = None) -> Config:
+    """Read a YAML config (or start from `base`, a config as dicts, or the defaults), apply `key=value`
+    overrides, validate."""
+    raw: dict[str, Any] = copy.deepcopy(base) if base else {}
     if path is not None:
         path = Path(path)
         if not path.is_file():

@@ -21,6 +21,11 @@ class CheckpointError(ScalelmError):
     """A checkpoint is missing, damaged, or does not fit the run that wants to load it."""
 
 
+class ConversionError(ScalelmError):
+    """A model cannot be converted (a layout the target cannot represent, a bad dtype), or the converted
+    model does not compute what the source does."""
+
+
 class TrainingError(ScalelmError):
     """Training cannot go on (say, a run of non-finite losses); the last good checkpoint is intact."""
 

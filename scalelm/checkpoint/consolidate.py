@@ -30,7 +30,8 @@ def consolidate(path: Path, out: Path, verify: bool = True) -> dict:
         raise CheckpointError(f"checkpoint {ckpt} holds no weights")
     config = manifest["config"]
     metadata = {"format": "scalelm-weights", "model": json.dumps(config["model"]), "step": str(manifest["step"]),
-                "vocab_size": str(config["model"]["vocab_size"] or ""), "tokenizer_sha256": manifest["tokenizer_sha256"] or ""}
+                "vocab_size": str(config["model"]["vocab_size"] or ""), "tokenizer_sha256": manifest["tokenizer_sha256"] or "",
+                "tokenizer": config.get("data", {}).get("tokenizer") or ""}
     make_dir(out.parent if str(out.parent) else Path("."), "--out")
     record = store.write_tensors(out, weights, metadata)
     return {"checkpoint": str(ckpt), "step": manifest["step"], "tensors": len(weights),

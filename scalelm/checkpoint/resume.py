@@ -57,23 +57,15 @@ def find_checkpoint(cfg: Config, layout: Layout) -> tuple[Path | None, dict | No
 def load_checkpoint(cfg: Config, layout: Layout, engine: Engine, loader: TokenLoader, ckpt: Path, manifest: dict,
                     tokenizer_sha256: str | None) -> tuple[dict, list[str]]:
     """Load `ckpt` into this run; returns the saved run state and notes for the log. Collective."""
+    if manifest.get("weights_only"):
+        raise CheckpointError(f"{ckpt} holds weights alone (no optimizer or data state): start a run from it with "
+                              f"train.init_from={ckpt} instead of train.resume")
     _check_fits(cfg, ckpt, manifest, tokenizer_sha256)
     notes = [f"resuming from {ckpt} (step {manifest['step']})"]
     changed = _changed_settings(manifest["config"], to_dict(cfg))
     if changed:
         notes.append("settings changed since the checkpoint: " + ", ".join(changed))
-
-    reader = store.TensorReader(ckpt, manifest)
-    for name, param in engine.named_parameters():
-        saved_shape = tuple(manifest["tensors"].get(name, {}).get("shape", ()))
-        if name in manifest["tensors"] and saved_shape != engine.whole_shape(param):
-            raise CheckpointError(f"{ckpt}: tensor {name} has shape {list(saved_shape)}, this model's is "
-                                  f"{list(engine.whole_shape(param))}")
-        for key in KEYS:
-            try:
-                engine.scatter(param, key, reader.get(key, name))
-            except ValueError as e:
-                raise CheckpointError(f"{ckpt}: tensor {name} cannot be loaded here ({e})") from None
+    _load_tensors(engine, ckpt, manifest, KEYS)
     engine.load_counters(manifest["counters"])
 
     saved = manifest["layout"]
@@ -88,6 +80,35 @@ def load_checkpoint(cfg: Config, layout: Layout, engine: Engine, loader: TokenLo
     notes += _resume_loader(loader, manifest["loader"], layout)
     dist.barrier()
     return manifest["run"], notes
+
+
+def init_weights(cfg: Config, engine: Engine, tokenizer_sha256: str | None) -> str:
+    """Load the weights of `train.init_from` (any checkpoint of this model) into a fresh run; a note for the log.
+    The optimizer, schedule, data order and RNG start anew. Collective."""
+    ckpt = store.resolve(Path(cfg.train.init_from))
+    manifest = store.read_manifest(ckpt)
+    problems = store.verify(ckpt, manifest, sorted(f for f in manifest["files"] if not f.startswith(("optimizer", "rng"))))
+    if problems:
+        raise CheckpointError(f"train.init_from={ckpt} failed verification: {problems[0]}")
+    _check_fits(cfg, ckpt, manifest, tokenizer_sha256)
+    _load_tensors(engine, ckpt, manifest, ("param",))
+    dist.barrier()
+    return f"started from the weights of {ckpt}" + (f" ({manifest['source']})" if manifest.get("source") else "")
+
+
+def _load_tensors(engine: Engine, ckpt: Path, manifest: dict, keys: tuple[str, ...]) -> None:
+    """Every parameter's `keys` states from the checkpoint's whole tensors into this rank's slices."""
+    reader = store.TensorReader(ckpt, manifest)
+    for name, param in engine.named_parameters():
+        saved_shape = tuple(manifest["tensors"].get(name, {}).get("shape", ()))
+        if name in manifest["tensors"] and saved_shape != engine.whole_shape(param):
+            raise CheckpointError(f"{ckpt}: tensor {name} has shape {list(saved_shape)}, this model's is "
+                                  f"{list(engine.whole_shape(param))}")
+        for key in keys:
+            try:
+                engine.scatter(param, key, reader.get(key, name))
+            except ValueError as e:
+                raise CheckpointError(f"{ckpt}: tensor {name} cannot be loaded here ({e})") from None
 
 
 def _set_aside_newer(root: Path, step: int, layout: Layout) -> list[str]:

@@ -116,6 +116,10 @@ class TokenLoader:
         self._batches = 0
         self._states: list[dict | None] = [None] * self.layout.workers
 
+    def windows(self) -> int:
+        """The sequences of seq_len + 1 tokens the sources hold: one epoch, over all readers."""
+        return sum(sum(_window_counts(s, self.layout.seq_len)) for s in self.sets)
+
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         dataset = _ReaderDataset(self.sets, self.layout, self.on_bad_shard, list(self._states),
                                  offset=self._batches % self.layout.workers)

@@ -3,6 +3,10 @@
     input_ids (b, s) ─Embedding─▶ (s, b, h) ─Block × L─▶ (s, b, h) ─FinalNorm─▶ ─Head─▶ logits (s, b, V/tp)
     loss = mean over tokens of vocab_parallel_cross_entropy(logits, labels)
 
+The embedding and head hold the vocabulary padded to a multiple of 128 (`padded_vocab_size`), so it
+splits evenly over tensor ranks; the padding is not part of the model: its logits are -inf, so the
+softmax, the loss and every export (which keeps only the real rows) are the same function.
+
 Activations are sequence-first, (s, b, h), as megatron-core's layers expect; under sequence
 parallelism each tensor-parallel rank holds s/tp of the sequence between the layers' matmuls.
 Every layer maps one tensor to one tensor, so the same list feeds DeepSpeed's pipeline engine or
@@ -19,7 +23,7 @@ from contextlib import contextmanager
 from typing import Iterator
 
 import torch
-from megatron.core import tensor_parallel
+from megatron.core import parallel_state, tensor_parallel
 from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
 from megatron.core.tensor_parallel import ColumnParallelLinear, VocabParallelEmbedding
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
@@ -27,7 +31,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from torch import nn
 
 from scalelm.config import ModelConfig
-from scalelm.model.spec import Norm
+from scalelm.model.spec import Norm, padded_vocab_size
 
 
 @contextmanager
@@ -49,7 +53,8 @@ class Embedding(nn.Module):
     def __init__(self, model: ModelConfig, tc: TransformerConfig, vocab_size: int, seed: int, positions: bool = True):
         super().__init__()
         with layer_seed(seed, 0):
-            self.word = VocabParallelEmbedding(vocab_size, model.hidden_size, init_method=tc.init_method, config=tc)
+            self.word = VocabParallelEmbedding(padded_vocab_size(vocab_size), model.hidden_size, init_method=tc.init_method, config=tc)
+            zero_padding(self.word.weight, vocab_size)
             self.position = None
             if positions and model.position_embedding == "learned":
                 self.position = nn.Embedding(model.max_position_embeddings, model.hidden_size)
@@ -109,19 +114,35 @@ class FinalNorm(nn.Module):
 
 
 class Head(nn.Module):
-    """hidden (s, b, h) -> logits (s, b, V/tp), this rank's slice of the vocabulary; no bias.
-    With tied embeddings it holds no weight and is given the embedding's."""
+    """hidden (s, b, h) -> logits (s, b, V/tp), this rank's slice of the padded vocabulary; no bias.
+    The padding's logits are -inf. With tied embeddings it holds no weight and is given the embedding's."""
 
     def __init__(self, model: ModelConfig, tc: TransformerConfig, vocab_size: int, seed: int):
         super().__init__()
         with layer_seed(seed, model.num_layers + 2):
-            self.linear = ColumnParallelLinear(model.hidden_size, vocab_size, config=tc, init_method=tc.init_method,
-                                               bias=False, gather_output=False,
+            self.linear = ColumnParallelLinear(model.hidden_size, padded_vocab_size(vocab_size), config=tc,
+                                               init_method=tc.init_method, bias=False, gather_output=False,
                                                skip_weight_param_allocation=model.tie_embeddings)
+            if self.linear.weight is not None:
+                zero_padding(self.linear.weight, vocab_size)
+        self.vocab_size = vocab_size
 
     def forward(self, hidden: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
-        logits, _ = self.linear(hidden, weight=weight)
+        logits, _ = self.linear(hidden, weight=weight)  # (s, b, V/tp)
+        width = logits.shape[-1]
+        first = parallel_state.get_tensor_model_parallel_rank() * width  # this rank's first vocabulary id
+        if first + width > self.vocab_size:
+            padding = torch.arange(first, first + width, device=logits.device) >= self.vocab_size
+            logits = logits.masked_fill(padding, float("-inf"))
         return logits
+
+
+def zero_padding(weight: torch.Tensor, vocab_size: int) -> None:
+    """Zero this tensor rank's rows of a (V_pad/tp, h) table that lie beyond the vocabulary. Their logits are
+    masked, so their gradient is zero and AdamW leaves them at zero: exports drop nothing that is not zero."""
+    first = parallel_state.get_tensor_model_parallel_rank() * weight.shape[0]
+    with torch.no_grad():
+        weight[max(0, vocab_size - first):].zero_()
 
 
 def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -143,10 +164,13 @@ class GPT(nn.Module):
         self.head = None if model.tie_embeddings else Head(model, tc, vocab_size, seed)
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return lm_loss(self.logits(input_ids), labels)
+
+    def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """input_ids (b, s) -> logits (s, b, V/tp), the padding -inf."""
         hidden = self.embedding(input_ids)
         for block in self.blocks:
             # megatron's checkpoint replays the RNG streams, so recomputed dropout masks match
             hidden = tensor_parallel.checkpoint(block, False, hidden) if self.recompute_blocks else block(hidden)
         hidden = self.norm(hidden)
-        logits = self.embedding.logits(hidden) if self.head is None else self.head(hidden)
-        return lm_loss(logits, labels)
+        return self.embedding.logits(hidden) if self.head is None else self.head(hidden)

@@ -24,7 +24,7 @@ from megatron.core import parallel_state, tensor_parallel
 
 from scalelm.config import Config
 from scalelm.model.gpt import GPT, Block, Embedding, FinalNorm, Head, lm_loss
-from scalelm.model.spec import layer_spec, padded_vocab_size, transformer_config
+from scalelm.model.spec import layer_spec, transformer_config
 from scalelm.parallel import state
 from scalelm.parallel.grads import sum_sequence_parallel_grads
 from scalelm.parallel.topology import Layout, MegatronMPU, deepspeed_topology
@@ -93,15 +93,14 @@ class Engine:
         on_gpu = layout.device.type == "cuda"
         tc = transformer_config(cfg.model, cfg.parallel, on_gpu=on_gpu, recompute=cfg.train.activation_checkpointing)
         spec = layer_spec(on_gpu)
-        vocab = padded_vocab_size(vocab_size)
         self.pipeline = layout.pipeline > 1
         if self.pipeline:
-            module = PipelineModule(pipeline_layers(cfg, tc, spec, vocab), topology=deepspeed_topology(layout),
+            module = PipelineModule(pipeline_layers(cfg, tc, spec, vocab_size), topology=deepspeed_topology(layout),
                                     loss_fn=lm_loss, partition_method="type:Block",
                                     activation_checkpoint_interval=int(cfg.train.activation_checkpointing == "full"),
                                     activation_checkpoint_func=_recompute, checkpointable_layers=["Block"])
         else:
-            module = GPT(cfg.model, tc, spec, vocab, cfg.train.seed,
+            module = GPT(cfg.model, tc, spec, vocab_size, cfg.train.seed,
                          recompute_blocks=cfg.train.activation_checkpointing == "full")
         if cfg.parallel.sequence_parallel:
             sum_sequence_parallel_grads(module, parallel_state.get_tensor_model_parallel_group())

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import os
 import socket
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Iterator
 
 import torch
 import torch.distributed as dist
@@ -99,6 +101,28 @@ def deepspeed_topology(layout: Layout):
     from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
 
     return PipeModelDataParallelTopology(num_pp=layout.pipeline, num_mp=layout.tensor, num_dp=layout.data)
+
+
+@contextmanager
+def single_process(seed: int = 0) -> Iterator[Layout]:
+    """A process group of this process alone (tensor = pipeline = data = 1) for the duration, for code that
+    runs scalelm's model outside a launched job (conversion parity checks); the environment is restored after."""
+    if dist.is_initialized():
+        raise RuntimeError("single_process() inside a running process group")
+    saved = {k: os.environ.get(k) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    try:
+        layout = init_distributed(ParallelConfig(), seed)
+        try:
+            yield layout
+        finally:
+            destroy_distributed()
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def destroy_distributed() -> None:

@@ -11,7 +11,7 @@ from typing import Iterator
 import torch
 
 from scalelm.checkpoint import store
-from scalelm.checkpoint.resume import find_checkpoint, load_checkpoint
+from scalelm.checkpoint.resume import find_checkpoint, init_weights, load_checkpoint
 from scalelm.checkpoint.save import save_checkpoint
 from scalelm.config import Config, validate
 from scalelm.data.files import sha256_file
@@ -45,6 +45,8 @@ def pretrain(cfg: Config) -> dict:
         if ckpt is not None:
             run, more = load_checkpoint(cfg, layout, engine, loader, ckpt, manifest, tokenizer_sha)
             notes += more
+        elif cfg.train.init_from:
+            notes.append(init_weights(cfg, engine, tokenizer_sha))
         log = RunLog(cfg, active=layout.rank == 0, total_steps=cfg.train.steps, first_step=run["step"])
         for note in notes:
             log.note(run["step"], note)

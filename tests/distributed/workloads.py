@@ -7,7 +7,7 @@ from megatron.core import parallel_state
 
 from scalelm.config import load_config
 from scalelm.model.gpt import GPT
-from scalelm.model.spec import layer_spec, padded_vocab_size, transformer_config
+from scalelm.model.spec import layer_spec, transformer_config
 from scalelm.parallel.gather import gather_tensor_parallel
 from scalelm.parallel.grads import sum_sequence_parallel_grads
 from scalelm.parallel.state import single_process_name
@@ -28,7 +28,7 @@ def forward_backward(overrides: list[str], seed: int = 0) -> dict:
     layout = init_distributed(cfg.parallel, seed)
     try:
         tc = transformer_config(cfg.model, cfg.parallel, on_gpu=False)
-        model = GPT(cfg.model, tc, layer_spec(on_gpu=False), padded_vocab_size(VOCAB), seed)
+        model = GPT(cfg.model, tc, layer_spec(on_gpu=False), VOCAB, seed)
         tp_group = parallel_state.get_tensor_model_parallel_group()
         if cfg.parallel.sequence_parallel:
             sum_sequence_parallel_grads(model, tp_group)

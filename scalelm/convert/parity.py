@@ -1,0 +1,58 @@
+"""Is the converted model the same model? Logits of scalelm's own forward against the converted one's
+on a fixed batch of token ids; the conversion reports the largest difference and fails past a target.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from scalelm.config import ModelConfig, ParallelConfig
+from scalelm.errors import ConversionError
+
+PROMPTS, PROMPT_LEN = 2, 32
+
+
+def probe_tokens(vocab_size: int, context: int) -> torch.Tensor:
+    """(PROMPTS, up to PROMPT_LEN) token ids, the same every time, drawn from the whole vocabulary."""
+    generator = torch.Generator().manual_seed(0)
+    return torch.randint(0, vocab_size, (PROMPTS, min(PROMPT_LEN, context)), generator=generator)
+
+
+@torch.no_grad()
+def scalelm_logits(model: ModelConfig, weights: dict[str, torch.Tensor], tokens: torch.Tensor) -> torch.Tensor:
+    """scalelm's forward (megatron-core layers, one process) on `tokens` (b, s): logits (b, s, V), fp32."""
+    from scalelm.model.gpt import GPT
+    from scalelm.model.spec import layer_spec, transformer_config
+    from scalelm.parallel.topology import single_process
+
+    with single_process():
+        gpt = GPT(model, transformer_config(model, ParallelConfig(), on_gpu=False), layer_spec(on_gpu=False),
+                  model.vocab_size, seed=0)
+        missing, unexpected = gpt.load_state_dict(weights, strict=False)
+        missing = [k for k in missing if not k.endswith("_extra_state")]
+        if missing or unexpected:
+            raise ConversionError(f"the weights do not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+        logits = gpt.eval().logits(tokens)  # (s, b, V_pad)
+    return logits.transpose(0, 1)[..., : model.vocab_size].float()
+
+
+@torch.no_grad()
+def hf_logits(hf_model, tokens: torch.Tensor) -> torch.Tensor:
+    return hf_model.eval()(input_ids=tokens).logits.float()
+
+
+def compare(ours: torch.Tensor, theirs: torch.Tensor, target: float | None, what: str) -> dict:
+    """{"max_abs_diff", "target", "what"}; raises ConversionError past the target."""
+    if ours.shape != theirs.shape:
+        raise ConversionError(f"{what}: logits of shape {list(theirs.shape)}, scalelm's are {list(ours.shape)}")
+    diff = (ours - theirs).abs().max().item()
+    report = {"max_abs_diff": diff, "target": target, "what": what}
+    if target is not None and not diff <= target:  # NaN fails too
+        raise ConversionError(f"parity check failed: {what} differs from scalelm's forward by max |Δlogit| = {diff:.3g} "
+                              f"> {target:g}; the export is kept for inspection")
+    return report
+
+
+def describe(report: dict) -> str:
+    target = f" (target ≤ {report['target']:g})" if report["target"] is not None else ""
+    return f"parity: max |Δlogit| = {report['max_abs_diff']:.2e} between scalelm and {report['what']}{target}"

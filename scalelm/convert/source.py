@@ -1,0 +1,120 @@
+"""A scalelm model on disk, read or written as files alone: no process group, CPU only.
+
+What reads: a checkpoint of any layout (a step directory, or a checkpoint.dir whose newest is
+taken), or the single file `scalelm checkpoint consolidate` writes. What writes: a weights-only
+checkpoint (`scalelm convert from-hf`), which `train.init_from` starts a run from.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+from safetensors import SafetensorError, safe_open
+
+from scalelm.checkpoint import store
+from scalelm.config import Config, ModelConfig, from_dict, to_dict
+from scalelm.convert.layouts import normalise_names
+from scalelm.data.files import make_dir, sha256_file
+from scalelm.errors import CheckpointError, ConfigError
+
+TOKENIZER = "tokenizer.model"  # a weights-only checkpoint's own copy of its tokenizer
+
+
+@dataclass
+class ScalelmModel:
+    """Whole fp32 tensors under single-process names, the model config (vocab_size resolved) and the tokenizer."""
+
+    model: ModelConfig
+    weights: dict[str, torch.Tensor]
+    tokenizer: Path | None
+    origin: str  # what it was read from, for reports
+
+
+def read_model(path: Path, tokenizer: Path | None = None, verify: bool = True) -> ScalelmModel:
+    """The model saved at `path`; `tokenizer` overrides the SentencePiece model the checkpoint names."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path} does not exist: give a checkpoint directory or a consolidated .safetensors file")
+    if path.is_file():
+        return _read_consolidated(path, tokenizer)
+    ckpt = store.resolve(path)
+    manifest = store.read_manifest(ckpt)
+    if verify:
+        problems = store.verify(ckpt, manifest, sorted(manifest["files"]))
+        if problems:
+            raise CheckpointError(f"checkpoint {ckpt} failed verification: {problems[0]}")
+    reader = store.TensorReader(ckpt, manifest)
+    weights = normalise_names({name: reader.get("param", name) for name in reader.names()})
+    own = ckpt / TOKENIZER if (ckpt / TOKENIZER).is_file() else None
+    named = manifest["config"].get("data", {}).get("tokenizer")
+    found = _tokenizer(tokenizer or own or (Path(named) if named else None), manifest.get("tokenizer_sha256"), ckpt)
+    return ScalelmModel(_model_config(manifest["config"]["model"], ckpt), weights, found, f"{ckpt} (step {manifest['step']})")
+
+
+def write_weights_only(out: Path, model: ModelConfig, weights: dict[str, torch.Tensor], tokenizer: Path | None,
+                       source: str) -> Path:
+    """A checkpoint directory holding weights alone (no optimizer, data or RNG state), with its tokenizer
+    copied in and a config.yaml to start a run from it; returns that config's path."""
+    if out.exists() and any(out.iterdir()):
+        raise CheckpointError(f"{out} exists and is not empty: give a new directory")
+    make_dir(out, "OUT_CKPT")
+    record = store.write_tensors(out / "model-00000.safetensors", weights)
+    files = {"model-00000.safetensors": record}
+    cfg = Config(model=model)
+    if tokenizer is not None:
+        shutil.copyfile(tokenizer, out / TOKENIZER)
+        files[TOKENIZER] = {"bytes": (out / TOKENIZER).stat().st_size, "sha256": sha256_file(out / TOKENIZER)}
+        cfg.data.tokenizer = str(out / TOKENIZER)
+    cfg.train.init_from = str(out)
+    manifest = {"format": store.FORMAT, "version": store.VERSION, "weights_only": True, "source": source, "step": 0,
+                "config": to_dict(cfg), "tokenizer_sha256": files.get(TOKENIZER, {}).get("sha256"),
+                "tensors": {name: {"model": "model-00000.safetensors", "shape": list(t.shape)} for name, t in weights.items()},
+                "files": files}
+    (out / store.MANIFEST).write_text(json.dumps(manifest, indent=1))
+    config = out / "config.yaml"
+    config.write_text(f"# Start a run from the weights converted from {source}: add data.train and the run's settings.\n"
+                      + yaml.safe_dump({"model": to_dict(cfg)["model"],
+                                        "data": {"tokenizer": cfg.data.tokenizer} if tokenizer else {},
+                                        "train": {"init_from": str(out)}}, sort_keys=False))
+    return config
+
+
+def _read_consolidated(path: Path, tokenizer: Path | None) -> ScalelmModel:
+    try:
+        with safe_open(path, framework="pt") as f:
+            meta = f.metadata() or {}
+            if meta.get("format") != "scalelm-weights":
+                raise CheckpointError(f"{path} is not a file `scalelm checkpoint consolidate` wrote")
+            weights = normalise_names({k: f.get_tensor(k) for k in f.keys()})
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{path}: cannot read it as safetensors ({e})") from None
+    named = meta.get("tokenizer")
+    found = _tokenizer(tokenizer or (Path(named) if named else None), meta.get("tokenizer_sha256"), path)
+    return ScalelmModel(_model_config(json.loads(meta["model"]), path), weights, found, str(path))
+
+
+def _model_config(saved: dict, where: Path) -> ModelConfig:
+    try:
+        model = from_dict({"model": saved}).model
+    except ConfigError as e:
+        raise CheckpointError(f"{where}: its model config is not one this scalelm knows ({e})") from None
+    if model.vocab_size is None:
+        raise CheckpointError(f"{where}: its model config has no vocab_size")
+    return model
+
+
+def _tokenizer(path: Path | None, sha256: str | None, where: Path) -> Path | None:
+    """The tokenizer, checked against the SHA-256 the checkpoint recorded; None when there is none to find."""
+    if path is None:
+        return None
+    if not path.is_file():
+        raise CheckpointError(f"{where} was trained with the tokenizer {path}, which is not there: pass --tokenizer PATH")
+    if sha256 and sha256_file(path) != sha256:
+        raise CheckpointError(f"{path} is not the tokenizer {where} was trained with (SHA-256 differs): pass the right one "
+                              f"with --tokenizer")
+    return path

@@ -1,0 +1,109 @@
+"""`scalelm eval MODEL --data SHARDS`: perplexity on the first N windows of a shard split, in order.
+
+    perplexity = exp(mean over every target token of -log p(token | the tokens before it))
+
+The windows are those the loader cuts (seq_len + 1 tokens, stride seq_len), read unshuffled by one
+reader, so every layout and every engine sees the same tokens: a scalelm checkpoint is evaluated
+in-framework with the parallel layout of the launch (micro-batch k goes to data-parallel rank
+k mod dp), a Hugging Face folder with transformers, and the two numbers agree.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from itertools import islice
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from scalelm.checkpoint import store
+from scalelm.data.loader import TokenLoader
+from scalelm.errors import DataError
+
+
+@dataclass
+class Perplexity:
+    loss: float
+    windows: int
+    seq_len: int
+    engine: str
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(min(self.loss, 50.0))
+
+    def line(self, split: str) -> str:
+        return (f"perplexity {self.perplexity:.4f} (loss {self.loss:.6f}) over {self.windows} {split} windows of "
+                f"{self.seq_len} tokens ({self.windows * self.seq_len:,} tokens; {self.engine})")
+
+
+def windows_loader(sources: Sequence[str], split: str, seq_len: int, batch: int, tokenizer_sha256: str | None) -> TokenLoader:
+    """The split's windows in order, `batch` at a time, by a single reader."""
+    return TokenLoader(sources, split=split, seq_len=seq_len, micro_batch_size=batch, shuffle=False,
+                       tokenizer_sha256=tokenizer_sha256)
+
+
+def window_count(loader: TokenLoader, wanted: int | None, multiple: int) -> int:
+    """`wanted` windows (all the split holds when None), rounded down to a multiple of micro-batch x data-parallel."""
+    have = loader.windows()
+    n = min(wanted or have, have)
+    n -= n % multiple
+    if n == 0:
+        raise DataError(f"{loader.layout.sources[0]} ({loader.layout.split}) holds {have} windows of "
+                        f"{loader.layout.seq_len + 1} tokens; evaluating needs at least {multiple} (micro-batch x "
+                        f"data-parallel ranks): add data or use a smaller --batch-size")
+    return n
+
+
+@torch.no_grad()
+def evaluate_hf(folder: Path, sources: Sequence[str], split: str, seq_len: int | None, batch: int,
+                windows: int | None) -> Perplexity:
+    """Perplexity of a Hugging Face folder, with transformers in fp32."""
+    from transformers import AutoModelForCausalLM
+
+    from scalelm.data.files import sha256_file
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    seq_len = seq_len or model.config.max_position_embeddings
+    tokenizer = folder / "tokenizer.model"
+    loader = windows_loader(sources, split, seq_len, batch, sha256_file(tokenizer) if tokenizer.is_file() else None)
+    n = window_count(loader, windows, batch)
+    total = 0.0
+    for b in islice(iter(loader), n // batch):
+        logits = model(input_ids=b["input_ids"]).logits.float()  # (B, L, V)
+        total += torch.nn.functional.cross_entropy(logits.flatten(0, 1), b["labels"].flatten(), reduction="sum").item()
+    return Perplexity(total / (n * seq_len), n, seq_len, f"transformers {type(model).__name__}, fp32")
+
+
+def evaluate_checkpoint(path: Path, sources: Sequence[str], split: str, windows: int | None,
+                        overrides: Sequence[str] = ()) -> Perplexity | None:
+    """Perplexity of a scalelm checkpoint (any, weights-only too) in-framework, in the layout the launch and
+    `overrides` (parallel.*, train.micro_batch_size, train.precision, ...) give; the result on rank 0. Collective."""
+    from scalelm.checkpoint.resume import init_weights
+    from scalelm.config import load_config, validate
+    from scalelm.parallel.engine import Engine
+    from scalelm.parallel.topology import destroy_distributed, env_rank, init_distributed
+
+    ckpt = store.resolve(Path(path))
+    manifest = store.read_manifest(ckpt)
+    _, world, _ = env_rank()
+    cfg = load_config(None, list(overrides), base=manifest["config"])
+    t, p = cfg.train, cfg.parallel
+    dp = world // (p.tensor * p.pipeline) if world % (p.tensor * p.pipeline) == 0 else 1
+    t.global_batch_size, t.eval_every = t.micro_batch_size * dp, 0  # one micro-batch per rank per step
+    cfg.train.init_from = str(ckpt)
+    validate(cfg, world_size=world)
+    loader = windows_loader(sources, split, t.seq_len, t.micro_batch_size, manifest.get("tokenizer_sha256"))
+    n = window_count(loader, windows, t.micro_batch_size * dp)
+    layout = init_distributed(cfg.parallel, t.seed)
+    try:
+        engine = Engine(cfg, layout, cfg.model.vocab_size)
+        init_weights(cfg, engine, manifest.get("tokenizer_sha256"))
+        mine = (b for k, b in enumerate(islice(iter(loader), n // t.micro_batch_size)) if k % dp == layout.dp_rank)
+        loss = engine.eval_loss(mine, n // (t.micro_batch_size * dp))
+        engine_name = f"scalelm tensor {layout.tensor} x pipeline {layout.pipeline} x data {layout.data}, {t.precision}"
+        return Perplexity(loss, n, t.seq_len, engine_name) if layout.rank == 0 else None
+    finally:
+        destroy_distributed()
