@@ -274,7 +274,7 @@ def _conversion_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-verify", action="store_true", help="skip the parity check of the logits")
 
 
-def _quiet_engines() -> None:
+def _quiet_engines(hf: bool = False) -> None:
     """The engines' notices about kernels that are not installed, and transformers' progress bars, say nothing
     a user can act on here."""
     import os
@@ -289,7 +289,11 @@ def _quiet_engines() -> None:
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # every model here is a local folder
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    if hf:
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+        transformers.logging.disable_progress_bar()
 
 
 def _print_report(report: dict, out: Path) -> None:
@@ -304,21 +308,21 @@ def _print_report(report: dict, out: Path) -> None:
 
 
 def _to_hf(args: argparse.Namespace) -> None:
-    _quiet_engines()
+    _quiet_engines(hf=True)
     from scalelm.convert.hf import to_hf
 
     _print_report(to_hf(args.checkpoint, args.out, args.tokenizer, verify=not args.no_verify), args.out)
 
 
 def _from_hf(args: argparse.Namespace) -> None:
-    _quiet_engines()
+    _quiet_engines(hf=True)
     from scalelm.convert.hf import from_hf
 
     _print_report(from_hf(args.hf_dir, args.out, verify=not args.no_verify), args.out)
 
 
 def _to_gguf(args: argparse.Namespace) -> None:
-    _quiet_engines()
+    _quiet_engines(hf=True)
     from scalelm.convert.gguf import to_gguf
 
     report = to_gguf(args.checkpoint, args.out, args.dtype, args.tokenizer, verify=not args.no_verify)
@@ -327,7 +331,7 @@ def _to_gguf(args: argparse.Namespace) -> None:
 
 
 def _generate(args: argparse.Namespace) -> None:
-    _quiet_engines()
+    _quiet_engines(hf=True)
     from scalelm.infer.generate import Sampling, generate
 
     sampling = Sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed)
@@ -338,7 +342,7 @@ def _generate(args: argparse.Namespace) -> None:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    _quiet_engines()
+    _quiet_engines(hf=True)
     from scalelm.infer.evaluate import evaluate_checkpoint, evaluate_hf
 
     if not args.model.exists():

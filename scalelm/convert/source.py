@@ -70,7 +70,7 @@ def write_weights_only(out: Path, model: ModelConfig, weights: dict[str, torch.T
         shutil.copyfile(tokenizer, out / TOKENIZER)
         files[TOKENIZER] = {"bytes": (out / TOKENIZER).stat().st_size, "sha256": sha256_file(out / TOKENIZER)}
         cfg.data.tokenizer = str(out / TOKENIZER)
-    cfg.train.init_from = str(out)
+    cfg.train.init_from, cfg.train.seq_len = str(out), model.max_position_embeddings
     manifest = {"format": store.FORMAT, "version": store.VERSION, "weights_only": True, "source": source, "step": 0,
                 "config": to_dict(cfg), "tokenizer_sha256": files.get(TOKENIZER, {}).get("sha256"),
                 "tensors": {name: {"model": "model-00000.safetensors", "shape": list(t.shape)} for name, t in weights.items()},
@@ -80,7 +80,7 @@ def write_weights_only(out: Path, model: ModelConfig, weights: dict[str, torch.T
     config.write_text(f"# Start a run from the weights converted from {source}: add data.train and the run's settings.\n"
                       + yaml.safe_dump({"model": to_dict(cfg)["model"],
                                         "data": {"tokenizer": cfg.data.tokenizer} if tokenizer else {},
-                                        "train": {"init_from": str(out)}}, sort_keys=False))
+                                        "train": {"seq_len": cfg.train.seq_len, "init_from": str(out)}}, sort_keys=False))
     return config
 
 

@@ -89,7 +89,9 @@ def evaluate_checkpoint(path: Path, sources: Sequence[str], split: str, windows:
     ckpt = store.resolve(Path(path))
     manifest = store.read_manifest(ckpt)
     _, world, _ = env_rank()
-    cfg = load_config(None, list(overrides), base=manifest["config"])
+    # the layout is this launch's (parallel.* overrides), not the one that trained the checkpoint
+    base = {**manifest["config"], "parallel": {}}
+    cfg = load_config(None, list(overrides), base=base)
     t, p = cfg.train, cfg.parallel
     dp = world // (p.tensor * p.pipeline) if world % (p.tensor * p.pipeline) == 0 else 1
     t.global_batch_size, t.eval_every = t.micro_batch_size * dp, 0  # one micro-batch per rank per step

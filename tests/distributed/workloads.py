@@ -120,7 +120,8 @@ def pretrain_run(overrides: list[str]) -> list[float]:
 
     from scalelm.train.loop import pretrain
 
-    cfg = load_config(None, overrides)
+    config = [o.removeprefix("--config=") for o in overrides if o.startswith("--config=")]
+    cfg = load_config(config[0] if config else None, [o for o in overrides if not o.startswith("--config=")])
     pretrain(cfg)
     records = (Path(cfg.log.dir) / "metrics.jsonl").read_text().splitlines()
     return [json.loads(line)["loss"] for line in records if '"loss"' in line]
@@ -150,3 +151,10 @@ def reshard(overrides: list[str], source: str, target: str) -> None:
         assert Path(target).is_dir()
     finally:
         destroy_distributed()
+
+
+def evaluate_run(checkpoint, sources: list[str], windows: int, overrides: list[str]):
+    """`scalelm eval CKPT` in-framework on these ranks; the Perplexity on rank 0."""
+    from scalelm.infer.evaluate import evaluate_checkpoint
+
+    return evaluate_checkpoint(checkpoint, sources, "val", windows, overrides)

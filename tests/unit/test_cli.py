@@ -8,7 +8,8 @@ from scalelm.cli import build_parser, main
 from scalelm.config import from_dict, load_config
 
 ROOT = Path(__file__).parents[2]
-COMMANDS = [["prepare"], ["tokenizer"], ["tokenizer", "train"], ["shard"], ["inspect"], ["config"]]
+COMMANDS = [["prepare"], ["tokenizer"], ["tokenizer", "train"], ["shard"], ["inspect"], ["config"], ["convert"],
+            ["convert", "to-hf"], ["convert", "from-hf"], ["convert", "to-gguf"], ["generate"], ["eval"]]
 
 
 @pytest.mark.parametrize("command", COMMANDS, ids=" ".join)
@@ -23,7 +24,7 @@ def test_top_level_help_lists_the_commands(capsys):
     with pytest.raises(SystemExit):
         main(["--help"])
     out = capsys.readouterr().out
-    assert all(c in out for c in ("prepare", "tokenizer", "shard", "inspect", "config"))
+    assert all(c in out for c in ("prepare", "tokenizer", "shard", "inspect", "config", "convert", "generate", "eval"))
 
 
 @pytest.mark.parametrize("argv, message", [
