@@ -10,6 +10,7 @@ from scalelm.data.prepare import prepare
 from scalelm.data.shards import write_shards
 from scalelm.data.tokenizer import train_tokenizer
 from tests.corpus import write_corpus
+from tests.trained import train_models
 
 
 @pytest.fixture(scope="session")
@@ -22,3 +23,22 @@ def pipeline(tmp_path_factory) -> dict[str, Path]:
     write_shards([root / "docs"], root / "tok.model", root / "shards", shard_size=64 << 10, val_fraction=0.1,
                  workers=1, progress=False)
     return {"raw": raw, "docs": root / "docs", "tokenizer": root / "tok.model", "shards": root / "shards"}
+
+
+@pytest.fixture(scope="session")
+def trained(pipeline, tmp_path_factory) -> dict[str, Path]:
+    """The models of tests/trained.py: {"gpt": checkpoint.dir, "llama": checkpoint.dir}."""
+    return train_models(pipeline, tmp_path_factory.mktemp("trained"))
+
+
+def pytest_addoption(parser):
+    parser.addoption("--llamacpp", action="store_true", help="run the tests marked llamacpp (needs llama-cpp-python)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--llamacpp"):
+        return
+    skip = pytest.mark.skip(reason="opt-in: pytest --llamacpp (llama-cpp-python compiles for 10+ minutes)")
+    for item in items:
+        if "llamacpp" in item.keywords:
+            item.add_marker(skip)

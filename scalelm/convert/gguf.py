@@ -24,7 +24,7 @@ import torch
 from scalelm.config import ModelConfig
 from scalelm.convert import layouts, parity
 from scalelm.convert.source import read_model
-from scalelm.convert.vocab import CHAT_TEMPLATE, gguf_vocab, specials
+from scalelm.convert.vocab import CHAT_TEMPLATE, add_dummy_prefix, gguf_vocab, specials
 from scalelm.data.files import make_dir
 from scalelm.errors import ConversionError
 
@@ -61,6 +61,7 @@ def to_gguf(source: Path, out: Path, dtype: str = "f16", tokenizer: Path | None 
             getattr(writer, f"add_{name}_token_id")(value)
     writer.add_add_bos_token(True)
     writer.add_add_eos_token(False)
+    writer.add_add_space_prefix(add_dummy_prefix(found.tokenizer))  # else llama.cpp puts "▁" before every text
     if ids.end_of_turn >= 0:
         writer.add_chat_template(CHAT_TEMPLATE)
     for name, tensor in gguf_tensors(model, layouts.to_hf(model, found.weights)).items():

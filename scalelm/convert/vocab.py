@@ -62,10 +62,9 @@ def write_hf_tokenizer(model_path: Path, out: Path, max_length: int) -> None:
                                                      ("pad", sp.pad_id())) if i >= 0}
     chat = [t for t in CHAT_TOKENS if sp.piece_to_id(t) != sp.unk_id()]
     special = {f"{name}_token": text for name, text in piece.items()}
-    proto = _proto(model_path)
     # NOTE: without add_prefix_space matching the model, transformers' LlamaTokenizer prepends "▁" to every text
     config = {"tokenizer_class": "LlamaTokenizer", **special, "add_bos_token": True, "add_eos_token": False,
-              "add_prefix_space": proto.normalizer_spec.add_dummy_prefix,
+              "add_prefix_space": add_dummy_prefix(model_path),
               "additional_special_tokens": chat, "model_max_length": max_length, "legacy": False,
               "clean_up_tokenization_spaces": False}
     if chat:
@@ -80,6 +79,11 @@ def gguf_vocab(model_path: Path) -> tuple[list[bytes], list[float], list[int]]:
     proto = _proto(model_path)
     return ([p.piece.encode("utf-8") for p in proto.pieces], [p.score for p in proto.pieces],
             [int(p.type) for p in proto.pieces])
+
+
+def add_dummy_prefix(model_path: Path) -> bool:
+    """Whether the SentencePiece model puts "▁" before a text (scalelm's do not)."""
+    return _proto(model_path).normalizer_spec.add_dummy_prefix
 
 
 def _proto(model_path: Path):

@@ -19,26 +19,9 @@ from scalelm.infer.evaluate import evaluate_hf
 from scalelm.infer.generate import Sampling, generate
 from tests.distributed.ranks import run_ranks
 from tests.distributed.workloads import evaluate_run, pretrain_run
+from tests.trained import MODELS, TINY
 
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("convert")]  # one worker trains the models once
-
-TINY = ["model.num_layers=2", "model.hidden_size=64", "model.num_heads=4", "train.seq_len=32", "train.micro_batch_size=2",
-        "train.global_batch_size=4", "train.precision=fp32", "train.eval_every=0", "data.num_workers=0", "train.steps=8",
-        "optim.warmup_steps=1", "optim.lr=1e-2", "log.tensorboard=false"]
-LLAMA = ["model.position_embedding=rope", "model.normalization=rmsnorm", "model.activation=swiglu", "model.bias=false",
-         "model.num_kv_heads=2", "model.tie_embeddings=false"]
-MODELS = {"gpt": (4, ["parallel.tensor=2", "parallel.pipeline=2"]), "llama": (2, ["parallel.zero_stage=3", *LLAMA])}
-
-
-@pytest.fixture(scope="module")
-def trained(pipeline, tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("trained")
-    out = {}
-    for name, (world, layout) in MODELS.items():
-        run_ranks(world, pretrain_run, [f"data.train={pipeline['shards']}", f"data.tokenizer={pipeline['tokenizer']}",
-                                        f"log.dir={root / name}", *TINY, *layout])
-        out[name] = root / name / "checkpoints"
-    return out
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("convert")]  # one worker, which trains the models once
 
 
 @pytest.fixture(scope="module")
