@@ -174,6 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--windows", type=int, default=None, help="evaluate the first N windows (default: all)")
     p.add_argument("--batch-size", type=int, default=None, help="windows per forward pass (default: the checkpoint's "
                                                                   "micro-batch size; 4 for a Hugging Face folder)")
+    p.add_argument("--seq-len", type=int, default=None, help="tokens per window (default: the checkpoint's train.seq_len; "
+                                                             "a Hugging Face model's context)")
     p.add_argument("--nproc-per-node", type=int, default=1, help="a checkpoint: start this many local ranks")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="a checkpoint: layout and precision, e.g. "
                                                                      "parallel.tensor=2 train.precision=fp32")
@@ -347,15 +349,17 @@ def _eval(args: argparse.Namespace) -> int:
 
     if not args.model.exists():
         raise ConfigError(f"{args.model} does not exist: give a checkpoint or a Hugging Face folder")
-    if args.batch_size is not None and args.batch_size < 1:
-        raise ConfigError(f"--batch-size={args.batch_size}: use 1 or more")
+    for flag, value in (("--batch-size", args.batch_size), ("--seq-len", args.seq_len), ("--windows", args.windows)):
+        if value is not None and value < 1:
+            raise ConfigError(f"{flag}={value}: use 1 or more")
     if (args.model / "config.json").is_file():
         if args.overrides or args.nproc_per_node > 1:
             raise ConfigError("a Hugging Face folder runs in this process with transformers: drop --nproc-per-node and key=value")
-        result = evaluate_hf(args.model, args.data, args.split, None, args.batch_size or 4, args.windows)
+        result = evaluate_hf(args.model, args.data, args.split, args.seq_len, args.batch_size or 4, args.windows)
         print(result.line(args.split))
         return 0
-    overrides = list(args.overrides) + ([f"train.micro_batch_size={args.batch_size}"] if args.batch_size else [])
+    overrides = (list(args.overrides) + ([f"train.micro_batch_size={args.batch_size}"] if args.batch_size else [])
+                 + ([f"train.seq_len={args.seq_len}"] if args.seq_len else []))
     if args.nproc_per_node > 1:
         from scalelm.launch.torchrun import relaunch
 

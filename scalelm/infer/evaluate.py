@@ -20,7 +20,7 @@ import torch
 
 from scalelm.checkpoint import store
 from scalelm.data.loader import TokenLoader
-from scalelm.errors import DataError
+from scalelm.errors import ConfigError, DataError
 
 
 @dataclass
@@ -66,7 +66,10 @@ def evaluate_hf(folder: Path, sources: Sequence[str], split: str, seq_len: int |
     from scalelm.data.files import sha256_file
 
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    seq_len = seq_len or model.config.max_position_embeddings
+    context = model.config.max_position_embeddings
+    if seq_len and seq_len > context:
+        raise ConfigError(f"--seq-len {seq_len} is longer than the model's context ({context} tokens)")
+    seq_len = seq_len or context
     tokenizer = folder / "tokenizer.model"
     loader = windows_loader(sources, split, seq_len, batch, sha256_file(tokenizer) if tokenizer.is_file() else None)
     n = window_count(loader, windows, batch)

@@ -64,6 +64,9 @@ def init_distributed(parallel: ParallelConfig, seed: int, timeout_s: int = 600) 
 
         use_cpu()
     if not dist.is_initialized():
+        if world == 1:  # an in-memory store: a lone process needs no port, and cannot lose one to a race
+            dist.init_process_group("nccl" if on_gpu else "gloo", store=dist.HashStore(), rank=0, world_size=1,
+                                    timeout=timedelta(seconds=timeout_s))
         deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo", auto_mpi_discovery=False, rank=rank,
                                    world_size=world, timeout=timedelta(seconds=timeout_s), verbose=False)
     tp, pp = parallel.tensor, parallel.pipeline

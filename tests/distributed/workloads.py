@@ -14,6 +14,7 @@ from scalelm.parallel.state import single_process_name
 from scalelm.parallel.topology import destroy_distributed, init_distributed
 
 VOCAB = 200
+LEARNABLE = 50  # tokens are drawn from the first 50 ids: a distribution the model can learn in a few steps
 TINY = ["model.num_layers=2", "model.hidden_size=64", "model.num_heads=4", "train.seq_len=16",
         "train.micro_batch_size=2", "train.global_batch_size=2", "train.precision=fp32"]
 
@@ -32,7 +33,7 @@ def forward_backward(overrides: list[str], seed: int = 0) -> dict:
         tp_group = parallel_state.get_tensor_model_parallel_group()
         if cfg.parallel.sequence_parallel:
             sum_sequence_parallel_grads(model, tp_group)
-        tokens = torch.randint(0, VOCAB, (cfg.train.micro_batch_size, cfg.train.seq_len + 1),
+        tokens = torch.randint(0, LEARNABLE, (cfg.train.micro_batch_size, cfg.train.seq_len + 1),
                                generator=torch.Generator().manual_seed(seed))
         loss = model(tokens[:, :-1], tokens[:, 1:])
         loss.backward()
@@ -61,7 +62,7 @@ def train_steps(overrides: list[str], steps: int = 3, seed: int = 0) -> dict:
         gen = torch.Generator().manual_seed(seed)
         losses = []
         def micro_batches():
-            tokens = torch.randint(0, VOCAB, (t.global_batch_size, t.seq_len + 1), generator=gen)
+            tokens = torch.randint(0, LEARNABLE, (t.global_batch_size, t.seq_len + 1), generator=gen)
             share = tokens.chunk(layout.data)[layout.dp_rank]
             return iter({"input_ids": m[:, :-1], "labels": m[:, 1:]} for m in share.split(t.micro_batch_size))
 

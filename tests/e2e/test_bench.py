@@ -35,3 +35,9 @@ def test_checkpoint_benchmark_prints_figures(tmp_path):
               "model.hidden_size=64", "model.num_heads=4", "train.seq_len=32")
     assert "scalelm save_checkpoint" in out and "torch.save of the same tensors" in out and "GB/s" in out
     assert not any(tmp_path.iterdir())  # it cleans up after itself
+
+
+def test_convert_benchmark_prints_figures(tmp_path):
+    out = run(BENCH / "convert_throughput.py", "--dir", tmp_path, "--new-tokens", "4", "model.num_layers=2",
+              "model.hidden_size=64", "model.num_heads=4", "train.seq_len=32")
+    assert "to-hf:" in out and "from-hf:" in out and "to-gguf q8_0" in out and "max |Δlogit|" in out and "tokens/s" in out
