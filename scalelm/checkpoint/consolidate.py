@@ -18,14 +18,7 @@ from scalelm.errors import CheckpointError
 
 def consolidate(path: Path, out: Path, verify: bool = True) -> dict:
     """Write `out` from the checkpoint at `path` (a step directory, or a checkpoint.dir: its latest)."""
-    ckpt = store.resolve(path)
-    manifest = store.read_manifest(ckpt)
-    if verify:
-        problems = store.verify(ckpt, manifest, sorted(manifest["files"]))
-        if problems:
-            raise CheckpointError(f"checkpoint {ckpt} failed verification: {problems[0]}")
-    reader = store.TensorReader(ckpt, manifest)
-    weights = {name: reader.get("param", name) for name in reader.names()}
+    ckpt, manifest, weights = store.read_weights(path, check=verify)
     if not weights:
         raise CheckpointError(f"checkpoint {ckpt} holds no weights")
     config = manifest["config"]

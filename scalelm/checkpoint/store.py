@@ -233,6 +233,19 @@ class TensorReader:
             raise CheckpointError(f"{self.ckpt / file}: cannot read {key} ({e})") from None
 
 
+def read_weights(path: Path, check: bool = True) -> tuple[Path, dict, dict[str, torch.Tensor]]:
+    """(checkpoint, manifest, every whole fp32 weight) of the checkpoint at `path` (a step directory, or a
+    checkpoint.dir: its latest), its files verified against the manifest first unless `check` is False."""
+    ckpt = resolve(path)
+    manifest = read_manifest(ckpt)
+    if check:
+        problems = verify(ckpt, manifest, sorted(manifest["files"]))
+        if problems:
+            raise CheckpointError(f"checkpoint {ckpt} failed verification: {problems[0]}")
+    reader = TensorReader(ckpt, manifest)
+    return ckpt, manifest, {name: reader.get("param", name) for name in reader.names()}
+
+
 def read_rank_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """All tensors and the metadata of a small per-rank file (the RNG states)."""
     try:

@@ -42,14 +42,8 @@ def read_model(path: Path, tokenizer: Path | None = None, verify: bool = True) -
         raise CheckpointError(f"{path} does not exist: give a checkpoint directory or a consolidated .safetensors file")
     if path.is_file():
         return _read_consolidated(path, tokenizer)
-    ckpt = store.resolve(path)
-    manifest = store.read_manifest(ckpt)
-    if verify:
-        problems = store.verify(ckpt, manifest, sorted(manifest["files"]))
-        if problems:
-            raise CheckpointError(f"checkpoint {ckpt} failed verification: {problems[0]}")
-    reader = store.TensorReader(ckpt, manifest)
-    weights = normalise_names({name: reader.get("param", name) for name in reader.names()})
+    ckpt, manifest, weights = store.read_weights(path, check=verify)
+    weights = normalise_names(weights)
     own = ckpt / TOKENIZER if (ckpt / TOKENIZER).is_file() else None
     named = manifest["config"].get("data", {}).get("tokenizer")
     found = _tokenizer(tokenizer or own or (Path(named) if named else None), manifest.get("tokenizer_sha256"), ckpt)
