@@ -246,7 +246,7 @@ def _inspect(args: argparse.Namespace) -> None:
 def _pretrain(args: argparse.Namespace) -> int:
     from scalelm.config import load_config
 
-    _quiet_engines()
+    quiet_engines()
     cfg = load_config(args.config, args.overrides)  # config errors stop here, before any rank starts
     if args.nproc_per_node > 1:
         from scalelm.launch.torchrun import relaunch
@@ -276,7 +276,7 @@ def _conversion_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-verify", action="store_true", help="skip the parity check of the logits")
 
 
-def _quiet_engines(hf: bool = False) -> None:
+def quiet_engines(hf: bool = False) -> None:
     """The engines' notices about kernels that are not installed, and transformers' progress bars, say nothing
     a user can act on here."""
     import os
@@ -310,21 +310,21 @@ def _print_report(report: dict, out: Path) -> None:
 
 
 def _to_hf(args: argparse.Namespace) -> None:
-    _quiet_engines(hf=True)
+    quiet_engines(hf=True)
     from scalelm.convert.hf import to_hf
 
     _print_report(to_hf(args.checkpoint, args.out, args.tokenizer, verify=not args.no_verify), args.out)
 
 
 def _from_hf(args: argparse.Namespace) -> None:
-    _quiet_engines(hf=True)
+    quiet_engines(hf=True)
     from scalelm.convert.hf import from_hf
 
     _print_report(from_hf(args.hf_dir, args.out, verify=not args.no_verify), args.out)
 
 
 def _to_gguf(args: argparse.Namespace) -> None:
-    _quiet_engines(hf=True)
+    quiet_engines(hf=True)
     from scalelm.convert.gguf import to_gguf
 
     report = to_gguf(args.checkpoint, args.out, args.dtype, args.tokenizer, verify=not args.no_verify)
@@ -333,7 +333,7 @@ def _to_gguf(args: argparse.Namespace) -> None:
 
 
 def _generate(args: argparse.Namespace) -> None:
-    _quiet_engines(hf=True)
+    quiet_engines(hf=True)
     from scalelm.infer.generate import Sampling, generate
 
     sampling = Sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed)
@@ -344,7 +344,7 @@ def _generate(args: argparse.Namespace) -> None:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    _quiet_engines(hf=True)
+    quiet_engines(hf=True)
     from scalelm.infer.evaluate import evaluate_checkpoint, evaluate_hf
 
     if not args.model.exists():

@@ -57,25 +57,26 @@ def init_distributed(parallel: ParallelConfig, seed: int, timeout_s: int = 600) 
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", str(free_port()) if world == 1 else "29500")
     on_gpu = torch.cuda.is_available()
-    if on_gpu:
-        torch.cuda.set_device(local_rank)
+    if on_gpu:  # a rank sees its node's GPUs (index = local rank), or only its own when the scheduler binds one
+        gpu = local_rank % torch.cuda.device_count()
+        torch.cuda.set_device(gpu)
     else:
         from scalelm.parallel.cpu import use_cpu
 
         use_cpu()
-    if not dist.is_initialized():
-        if world == 1:  # an in-memory store: a lone process needs no port, and cannot lose one to a race
-            dist.init_process_group("nccl" if on_gpu else "gloo", store=dist.HashStore(), rank=0, world_size=1,
-                                    timeout=timedelta(seconds=timeout_s))
-        deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo", auto_mpi_discovery=False, rank=rank,
-                                   world_size=world, timeout=timedelta(seconds=timeout_s), verbose=False)
+    if world == 1 and not dist.is_initialized():  # in memory: a lone process needs no port, cannot lose one to a race
+        dist.init_process_group("nccl" if on_gpu else "gloo", store=dist.HashStore(), rank=0, world_size=1,
+                                timeout=timedelta(seconds=timeout_s))
+    # Starts the group, or (Ray Train's workers, the lone process) takes over the one already started.
+    deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo", auto_mpi_discovery=False, rank=rank,
+                               world_size=world, timeout=timedelta(seconds=timeout_s), verbose=False)
     tp, pp = parallel.tensor, parallel.pipeline
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
     layout = Layout(rank=rank, world=world, tensor=tp, pipeline=pp, data=world // (tp * pp),
                     tp_rank=parallel_state.get_tensor_model_parallel_rank(),
                     dp_rank=parallel_state.get_data_parallel_rank(),
                     pp_rank=parallel_state.get_pipeline_model_parallel_rank(),
-                    device=torch.device("cuda", local_rank) if on_gpu else torch.device("cpu"))
+                    device=torch.device("cuda", gpu) if on_gpu else torch.device("cpu"))
     theirs = deepspeed_topology(layout).get_coord(rank)
     if (theirs.pipe, theirs.data, theirs.model) != (layout.pp_rank, layout.dp_rank, layout.tp_rank):
         raise RuntimeError(f"rank {rank}: megatron puts it at pp={layout.pp_rank} dp={layout.dp_rank} "

@@ -1,4 +1,5 @@
-"""What a run writes for people: a progress bar, RUN_DIR/metrics.jsonl, TensorBoard, the resolved config,
+"""What a run writes for people: a progress bar (or, when stderr is not a terminal, as in a SLURM or
+Ray log, a line every log.every steps), RUN_DIR/metrics.jsonl, TensorBoard, the resolved config,
 and RUN_DIR/events.log (resumes, checkpoints, skipped steps, loss spikes), which also go to the terminal.
 
 Only rank 0 writes; every other rank gets a RunLog that does nothing, so the loop never asks. A
@@ -8,6 +9,7 @@ resumed run (first_step > 0) keeps the records up to first_step and continues th
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -33,7 +35,9 @@ class RunLog:
             from torch.utils.tensorboard import SummaryWriter
 
             self.tensorboard = SummaryWriter(str(self.dir / "tensorboard"))
-        self.bar = tqdm(total=total_steps, initial=first_step, desc="pretrain", unit="step", dynamic_ncols=True)
+        self.lines = not sys.stderr.isatty()  # a log file gets lines, not a bar redrawn with carriage returns
+        self.bar = tqdm(total=total_steps, initial=first_step, desc="pretrain", unit="step", dynamic_ncols=True,
+                        disable=self.lines)
         self.started = time.time()
 
     def step(self, record: dict) -> None:
@@ -41,24 +45,26 @@ class RunLog:
         self.last = record
         if not self.active:
             return
+        summary = (f"loss {record['loss']:.4f} lr {record['lr']:.2e} {record['tokens_per_s']:,.0f} tok/s"
+                   + (f" MFU {100 * record['mfu']:.1f}% (PaLM)" if record["mfu"] is not None else ""))
         self.bar.update(1)
-        self.bar.set_postfix_str(
-            f"loss {record['loss']:.4f} lr {record['lr']:.2e} {record['tokens_per_s']:,.0f} tok/s"
-            + (f" MFU {100 * record['mfu']:.1f}% (PaLM)" if record["mfu"] is not None else ""), refresh=False)
+        self.bar.set_postfix_str(summary, refresh=False)
         if record["step"] % self.every == 0 or record["step"] == self.bar.total:
             self._write(record)
+            if self.lines:
+                self._say(f"step {record['step']}/{self.bar.total}: {summary}")
 
     def eval(self, step: int, val_loss: float, perplexity: float) -> None:
         record = {"step": step, "val_loss": val_loss, "val_perplexity": perplexity}
         self.last = {**self.last, **record}
         if self.active:
-            self.bar.write(f"step {step}: val loss {val_loss:.4f}, perplexity {perplexity:.2f}")
+            self._say(f"step {step}: val loss {val_loss:.4f}, perplexity {perplexity:.2f}")
             self._write(record)
 
     def note(self, step: int, message: str) -> None:
         """An event worth a line: on the terminal and in events.log."""
         if self.active:
-            self.bar.write(f"step {step}: {message}")
+            self._say(f"step {step}: {message}")
             self.events.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} step {step}: {message}\n")
             self.events.flush()
 
@@ -69,6 +75,10 @@ class RunLog:
             self.events.close()
             if self.tensorboard is not None:
                 self.tensorboard.close()
+
+    def _say(self, line: str) -> None:
+        self.bar.write(line)  # above the bar, when there is one
+        sys.stdout.flush()  # a log file sees it now, not when the buffer fills
 
     def _write(self, record: dict) -> None:
         self.metrics.write(json.dumps(record) + "\n")

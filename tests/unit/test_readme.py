@@ -14,7 +14,7 @@ def readme_commands() -> list[str]:
 def test_readme_starts_with_two_commands():
     run, test = readme_commands()
     assert run.startswith("pip install torch==2.13.0 -e '.[dev]' && ")
-    assert test.startswith("pip install torch==2.13.0 -e '.[dev]' && pytest")
+    assert test.startswith("tools/install_slurm.sh && pip install torch==2.13.0 -e '.[dev]' && pytest")
 
 
 def test_ci_runs_the_readme_test_command():

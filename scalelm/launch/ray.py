@@ -1,0 +1,113 @@
+"""Pretrain on a Ray cluster: every Ray Train worker is one scalelm rank.
+
+    ray job submit --address http://HEAD:8265 -- \\
+        python -m scalelm.launch.ray --config CFG --workers N [--gpus-per-worker G] [key=value ...]
+
+The config is read and checked here, in the job's driver, and handed to the workers as data, so only
+the paths inside it (shards, tokenizer, checkpoint and log directories) must be reachable from every
+node: give them as absolute paths on shared storage. Ray Train's TorchTrainer starts the workers and
+their process group (NCCL on GPUs, gloo on CPUs); each worker runs the same `pretrain` as torchrun
+and SLURM ranks. When a worker dies, Ray restarts the whole group (up to --max-failures times) and
+the new workers resume from the newest checkpoint in checkpoint.dir (train.resume=auto).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from scalelm.config import Config, from_dict, load_config, to_dict
+from scalelm.errors import ConfigError, ScalelmError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m scalelm.launch.ray", description="Pretrain on Ray Train workers.")
+    p.add_argument("--config", required=True, help="YAML config (read by this driver; the workers get it as data)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.steps=100")
+    p.add_argument("--workers", type=int, required=True, help="ranks in all: tensor x pipeline x data parallel")
+    p.add_argument("--gpus-per-worker", type=float, default=None,
+                   help="GPUs each worker reserves (default: 1 when the cluster has GPUs, else 0: train on CPUs)")
+    p.add_argument("--cpus-per-worker", type=float, default=1, help="CPUs each worker reserves (default 1)")
+    p.add_argument("--placement", choices=["pack", "spread"], default="pack",
+                   help="pack workers onto as few nodes as possible (default; keeps tensor-parallel peers together) "
+                        "or spread them")
+    p.add_argument("--max-failures", type=int, default=3,
+                   help="times Ray restarts the workers after one dies; each restart resumes from the newest checkpoint")
+    p.add_argument("--address", default=None, help="Ray cluster address (default: the job's cluster, or RAY_ADDRESS)")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args, extra = build_parser().parse_known_args(argv)
+    args.overrides += extra  # key=value may follow options too
+    try:
+        cfg = load_config(args.config, args.overrides)
+        check_paths(cfg)
+        run(cfg, args)
+    except ScalelmError as e:
+        print(f"scalelm: error: {e}", file=sys.stderr)
+        return 2
+    last = last_record(Path(cfg.log.dir) / "metrics.jsonl")
+    print(f"done: step {last['step']}, loss {last['loss']:.4f} -> {cfg.log.dir}/" if last else f"done -> {cfg.log.dir}/")
+    return 0
+
+
+def run(cfg: Config, args: argparse.Namespace) -> None:
+    """Train on `args.workers` Ray Train workers; raises when Ray gives up on them."""
+    import ray
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from scalelm.config import validate
+
+    validate(cfg, world_size=args.workers)  # the layout must divide the workers, before any worker starts
+    ray.init(address=args.address, log_to_driver=True)
+    gpus = args.gpus_per_worker
+    if gpus is None:
+        gpus = 1 if ray.cluster_resources().get("GPU", 0) > 0 else 0
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config={"config": to_dict(cfg)},
+        scaling_config=ScalingConfig(num_workers=args.workers, use_gpu=gpus > 0,
+                                     resources_per_worker={"CPU": args.cpus_per_worker, **({"GPU": gpus} if gpus else {})},
+                                     placement_strategy=args.placement.upper()),
+        run_config=RunConfig(name="ray", storage_path=str(Path(cfg.log.dir).resolve()),
+                             failure_config=FailureConfig(max_failures=args.max_failures)),
+    )
+    trainer.fit()
+
+
+def train_worker(loop_config: dict) -> None:
+    """One rank, on a Ray Train worker (which has set RANK, WORLD_SIZE, LOCAL_RANK and the process group)."""
+    from scalelm.cli import quiet_engines
+
+    quiet_engines()
+    from scalelm.train.loop import pretrain
+
+    pretrain(from_dict(loop_config["config"]))
+
+
+def last_record(metrics: Path) -> dict | None:
+    """The newest training record of a run's metrics.jsonl (written by rank 0), if this node sees it."""
+    lines = metrics.read_text().splitlines() if metrics.is_file() else []
+    records = [json.loads(line) for line in lines if '"loss"' in line]
+    return records[-1] if records else None
+
+
+def check_paths(cfg: Config) -> None:
+    """Workers run in their own directories on other nodes: every path in the config must be absolute."""
+    paths = {"data.train": cfg.data.train, "data.val": cfg.data.val, "data.tokenizer": [cfg.data.tokenizer],
+             "log.dir": [cfg.log.dir], "checkpoint.dir": [cfg.checkpoint.dir], "train.init_from": [cfg.train.init_from],
+             "train.resume": [cfg.train.resume if cfg.train.resume not in ("auto", "none") else None]}
+    for key, values in paths.items():
+        for value in values:
+            if value and "://" not in value and not value.startswith("pipe:") and not Path(value).is_absolute():
+                raise ConfigError(f"{key}={value} is a relative path: Ray workers do not run in this directory; "
+                                  f"give an absolute path on storage every node can read")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,63 @@
+#!/bin/bash
+# Pretrain on a SLURM cluster: N nodes x G GPUs, one task per GPU, every task one scalelm rank.
+#
+#   sbatch [sbatch options] slurm/pretrain.sh --config CFG [key=value ...]
+#   sbatch --nodes=16 --job-name=gpt3-6.7b slurm/pretrain.sh --config configs/gpt3-6.7b.yaml parallel.tensor=8
+#
+# Options given to sbatch override the #SBATCH lines below. Everything after the script's name goes to
+# `scalelm pretrain` unchanged. slurm/README.md explains each setting, the logs and preemption.
+#
+# ---- what to set ---------------------------------------------------------------------------------
+#SBATCH --job-name=scalelm
+#SBATCH --nodes=1
+#SBATCH --gpus-per-node=8
+#SBATCH --ntasks-per-node=8
+#SBATCH --cpus-per-task=8
+#SBATCH --time=24:00:00
+#SBATCH --output=%x-%j.out
+#SBATCH --open-mode=append
+#SBATCH --requeue
+#SBATCH --signal=B:USR1@120
+PYTHON=${SCALELM_PYTHON:-python}   # a Python with scalelm installed, at the same path on every node
+# NCCL over InfiniBand is found on its own; on Ethernet-only clusters name the interface:
+# export NCCL_SOCKET_IFNAME=eth0
+export NCCL_DEBUG=${NCCL_DEBUG:-WARN}
+export TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}  # a dead peer ends the job, not a hang
+export CUDA_DEVICE_MAX_CONNECTIONS=${CUDA_DEVICE_MAX_CONNECTIONS:-1}  # megatron's TP/SP communication overlap needs it
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}
+# ---------------------------------------------------------------------------------------------------
+
+set -uo pipefail
+if [ $# -eq 0 ]; then
+  echo "usage: sbatch [sbatch options] slurm/pretrain.sh --config CFG [key=value ...]" >&2
+  exit 2
+fi
+
+# Rank 0's host and a port every task derives from the job id: no two jobs on a node share one.
+MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+MASTER_PORT=$((20000 + SLURM_JOB_ID % 40000))
+export MASTER_ADDR MASTER_PORT
+echo "scalelm: job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on $SLURM_JOB_NUM_NODES node(s): $SLURM_JOB_NODELIST," \
+     "$SLURM_NTASKS ranks, rank 0 at $MASTER_ADDR:$MASTER_PORT, $(date -Is)"
+
+# Before the time limit (or on `scancel --batch --signal=USR1 JOB`) SLURM signals this script: every
+# rank is asked to stop (SIGTERM: each saves a checkpoint after its current step and exits 143), and
+# once they have, the job puts itself back in the queue. Its next run resumes from that checkpoint
+# (train.resume=auto). A preempted job is requeued by SLURM itself; the ranks save on its SIGTERM.
+requeue() {
+  echo "scalelm: USR1 at $(date -Is): checkpoint, then requeue"
+  scancel --signal=TERM "$SLURM_JOB_ID"
+  wait "$srun_pid"
+  scontrol requeue "$SLURM_JOB_ID"
+}
+trap requeue USR1
+
+# One task per GPU: each task is one rank (SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID) and gets
+# SLURM's signals directly, with no launcher in between.
+srun --kill-on-bad-exit=1 "$PYTHON" -m scalelm pretrain "$@" &
+srun_pid=$!
+wait "$srun_pid"  # returns early when USR1 arrives; the trap then waits for the ranks itself
+wait "$srun_pid"
+status=$?
+echo "scalelm: ranks exited with status $status at $(date -Is)"
+exit "$status"

@@ -1,0 +1,101 @@
+"""`ray job submit -- python -m scalelm.launch.ray` on a real local Ray head started by the test: two CPU
+workers train the tiny config; one is killed mid-run, Ray restarts the workers and they resume from
+the newest checkpoint to finish the run."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from scalelm.parallel.topology import free_port
+
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("ray")]
+
+REPO = Path(__file__).resolve().parents[2]
+RAY = shutil.which("ray", path=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+TINY = ["model.num_layers=2", "model.hidden_size=64", "model.num_heads=4", "train.seq_len=32", "train.micro_batch_size=2",
+        "train.global_batch_size=4", "train.eval_every=0", "data.num_workers=0", "optim.warmup_steps=2",
+        "log.every=1", "log.tensorboard=false"]
+
+
+@pytest.fixture(scope="module")
+def ray_head():
+    """A one-node Ray cluster (2 CPUs) with its job server on loopback; `ray stop` at the end."""
+    if RAY is None:
+        pytest.fail("no `ray` command: install the ray extra (pip install -e '.[ray]', part of '.[dev]')", pytrace=False)
+    root = Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp"))  # short: Ray's socket paths under it must fit in 107 bytes
+    dashboard = free_port()
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    started = subprocess.run([RAY, "start", "--head", "--num-cpus=2", f"--port={free_port()}",
+                              "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", f"--temp-dir={root}"],
+                             env=env, capture_output=True, text=True, timeout=300)
+    if started.returncode != 0:
+        pytest.fail(f"ray start failed: {started.stderr[-2000:]}", pytrace=False)
+    env["RAY_ADDRESS"] = f"http://127.0.0.1:{dashboard}"
+    problem = accepts_jobs(env, timeout_s=300)  # the job server and its agent come up after `ray start` returns
+    if problem:
+        logs = sorted(root.glob("session_*/logs/dashboard*.log"))
+        pytest.fail(f"Ray's job server took no job in 300 s: {problem[-1000:]} {logs[-1].read_text()[-1000:] if logs else ''}",
+                    pytrace=False)
+    yield env
+    subprocess.run([RAY, "stop", "--force"], env=env, capture_output=True, timeout=120)
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def accepts_jobs(env: dict, timeout_s: float) -> str | None:
+    """None once a trivial job submitted with `ray job submit` succeeds; else the last answer."""
+    deadline, answer = time.monotonic() + timeout_s, "no answer"
+    while time.monotonic() < deadline:
+        done = subprocess.run([RAY, "job", "submit", "--", "true"], env=env, capture_output=True, text=True, timeout=300)
+        if done.returncode == 0:
+            return None
+        answer = done.stderr or done.stdout
+        time.sleep(2)
+    return answer
+
+
+def train_workers() -> list[int]:
+    """Pids of the live Ray Train workers (Ray titles its actor processes ray::CLASS)."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and (proc / "cmdline").read_bytes().startswith(b"ray::RayTrainWorker"):
+                pids.append(int(proc.name))
+        except OSError:
+            pass
+    return pids
+
+
+def test_ray_job_trains_and_resumes_after_a_worker_is_killed(ray_head, pipeline, tmp_path):
+    steps, run = 60, tmp_path / "run"
+    job = subprocess.Popen(
+        [RAY, "job", "submit", "--", sys.executable, "-m", "scalelm.launch.ray", "--config", str(REPO / "configs/tiny.yaml"),
+         "--workers", "2", "--max-failures", "2", f"data.train={pipeline['shards']}", f"data.tokenizer={pipeline['tokenizer']}",
+         f"log.dir={run}", f"train.steps={steps}", "checkpoint.every=10", *TINY],
+        env=ray_head, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 600
+        while not (run / "checkpoints" / "step-00000010").is_dir():  # mid-run, with a checkpoint to resume from
+            assert job.poll() is None and time.monotonic() < deadline, job.communicate()[0][-3000:]
+            time.sleep(0.2)
+        victim = train_workers()
+        assert len(victim) == 2
+        os.kill(victim[1], signal.SIGKILL)
+        log, _ = job.communicate(timeout=600)
+    finally:
+        job.kill()
+    assert job.returncode == 0, log[-3000:]
+    assert f"done: step {steps}" in log
+    resumed = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in resumed if "loss" in r] == list(range(1, steps + 1))  # each step once, none lost
+    events = (run / "events.log").read_text()
+    resumed_at = int(events.split("resuming from ")[1].split("(step ")[1].split(")")[0])
+    assert 10 <= resumed_at < steps  # the new workers went on from the checkpoint, not from scratch
+    assert f"saved {run / 'checkpoints' / f'step-{steps:08d}'} (end of run" in events

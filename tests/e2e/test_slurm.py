@@ -1,0 +1,79 @@
+"""`sbatch slurm/pretrain.sh` on a real one-node SLURM started by the test (tests/local_slurm.py):
+two CPU ranks over gloo; a job that runs to the end, and one stopped by USR1 that requeues itself
+and finishes from its checkpoint."""
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.local_slurm import LocalSlurm, SlurmError
+
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("slurm")]
+
+REPO = Path(__file__).resolve().parents[2]
+# Two tasks on the CPU: the script's GPU request is switched off, one core each.
+CPU_JOB = ["--gpus-per-node=0", "--ntasks-per-node=2", "--cpus-per-task=1", "--time=20"]
+TINY = ["model.num_layers=2", "model.hidden_size=64", "model.num_heads=4", "train.seq_len=32", "train.micro_batch_size=2",
+        "train.global_batch_size=4", "train.eval_every=0", "data.num_workers=0", "optim.warmup_steps=2",
+        "log.every=1", "log.tensorboard=false"]
+
+
+@pytest.fixture(scope="module")
+def slurm(tmp_path_factory):
+    cluster = LocalSlurm(tmp_path_factory.mktemp("slurm"))
+    try:
+        cluster.start()
+    except SlurmError as e:
+        cluster.stop()
+        pytest.fail(str(e), pytrace=False)
+    cluster.env["SCALELM_PYTHON"] = sys.executable  # the job's ranks run this interpreter, as a user's venv would
+    yield cluster
+    cluster.stop()
+
+
+def submit(slurm: LocalSlurm, pipeline, run: Path, name: str, *extra: str) -> int:
+    return slurm.sbatch([*CPU_JOB, f"--job-name={name}", f"--output={run}/%x-%j.out", str(REPO / "slurm/pretrain.sh"),
+                         "--config", str(REPO / "configs/tiny.yaml"), f"data.train={pipeline['shards']}",
+                         f"data.tokenizer={pipeline['tokenizer']}", f"log.dir={run}", *TINY, *extra], cwd=run)
+
+
+def steps_logged(run: Path) -> list[int]:
+    path = run / "metrics.jsonl"
+    lines = path.read_text().splitlines() if path.exists() else []
+    return [json.loads(line)["step"] for line in lines if '"loss"' in line]
+
+
+def test_sbatch_trains_two_ranks_to_a_checkpoint(slurm, pipeline, tmp_path):
+    job_id = submit(slurm, pipeline, tmp_path, "plain", "train.steps=6")
+    job = slurm.wait(job_id, timeout_s=300)
+    log = (tmp_path / f"plain-{job_id}.out").read_text()
+    assert job["JobState"] == "COMPLETED" and job["ExitCode"] == "0:0", log[-3000:]
+    assert "2 ranks, rank 0 at" in log and "done: step 6" in log
+    assert steps_logged(tmp_path) == list(range(1, 7))
+    manifest = json.loads((tmp_path / "checkpoints" / "step-00000006" / "manifest.json").read_text())
+    assert manifest["layout"]["world"] == 2
+
+
+def test_usr1_checkpoints_requeues_and_finishes_from_the_checkpoint(slurm, pipeline, tmp_path):
+    steps = 100
+    job_id = submit(slurm, pipeline, tmp_path, "requeue", f"train.steps={steps}", "checkpoint.every=100000")
+    deadline = time.monotonic() + 300
+    while not steps_logged(tmp_path):  # training is under way: ask for the pre-timeout signal now
+        assert time.monotonic() < deadline and slurm.job(job_id)["JobState"] in ("PENDING", "RUNNING"), \
+            (tmp_path / f"requeue-{job_id}.out").read_text()[-3000:]
+        time.sleep(0.2)
+    slurm.signal(job_id, "USR1", batch=True)
+    job = slurm.wait(job_id, timeout_s=400)
+    log = (tmp_path / f"requeue-{job_id}.out").read_text()
+    assert job["JobState"] == "COMPLETED" and job["ExitCode"] == "0:0" and job["Restarts"] == "1", log[-3000:]
+    stopped = int(log.split("stopped by SIGTERM after step ")[1].split(";")[0])
+    assert 0 < stopped < steps
+    assert f"step-{stopped:08d} (step {stopped})" in log and f"done: step {steps}" in log
+    assert f"step {steps}/{steps}: loss" in log  # a log file gets progress lines, not a redrawn bar
+    logged = steps_logged(tmp_path)
+    assert logged == list(range(1, steps + 1))  # every step once: none lost, none repeated
+    checkpoints = sorted(p.name for p in (tmp_path / "checkpoints").glob("step-*"))
+    assert checkpoints == [f"step-{stopped:08d}", f"step-{steps:08d}"]

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# What the SLURM launcher tests need on the machine: Debian's SLURM daemons, client and munge
+# (tests/local_slurm.py starts a one-node cluster from them). Does nothing when they are there.
+set -euo pipefail
+export PATH="$PATH:/usr/sbin:/sbin"
+missing=0
+for cmd in munged slurmctld slurmd sbatch; do
+  command -v "$cmd" >/dev/null || missing=1
+done
+[ "$missing" -eq 0 ] && exit 0
+sudo=""
+[ "$(id -u)" -eq 0 ] || sudo="sudo"
+$sudo apt-get update -qq
+DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends slurmctld slurmd slurm-client munge >/dev/null
+echo "installed $(slurmctld -V) and munge"
