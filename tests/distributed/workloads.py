@@ -159,3 +159,31 @@ def evaluate_run(checkpoint, sources: list[str], windows: int, overrides: list[s
     from scalelm.infer.evaluate import evaluate_checkpoint
 
     return evaluate_checkpoint(checkpoint, sources, "val", windows, overrides)
+
+
+def peak_memory(overrides: list[str], vocab_size: int, steps: int = 3) -> dict:
+    """Bytes this rank's memory grew by, at its peak, from just before the engine is built to the end of
+    `steps` training steps (resident set size; the process is fresh, so nothing else grows it)."""
+    import resource
+
+    import psutil
+
+    from scalelm.config import validate
+    from scalelm.parallel.engine import Engine
+
+    cfg = tiny_config(overrides)
+    cfg.model.vocab_size = vocab_size
+    layout = init_distributed(cfg.parallel, 0)
+    try:
+        validate(cfg, world_size=layout.world)
+        t = cfg.train
+        batches = [torch.randint(0, vocab_size, (t.micro_batch_size, t.seq_len + 1)) for _ in range(steps * 64)]
+        before = psutil.Process().memory_info().rss
+        engine = Engine(cfg, layout, vocab_size)
+        stream = iter({"input_ids": b[:, :-1], "labels": b[:, 1:]} for b in batches)
+        for _ in range(steps):
+            engine.train_step(stream)
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+        return {"grown": peak - before, "before": before}
+    finally:
+        destroy_distributed()
