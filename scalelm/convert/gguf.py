@@ -16,6 +16,7 @@ itself is checked by the opt-in test `tests/e2e/test_llamacpp.py`.
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -73,20 +74,26 @@ def to_gguf(source: Path, out: Path, dtype: str = "f16", tokenizer: Path | None 
     writer.close()
     report = {"source": found.origin, "architecture": gguf.MODEL_ARCH_NAMES[arch], "dtype": dtype, "bytes": out.stat().st_size}
     if verify:
-        tokens_back = read_gguf_vocab(out)
+        tensors, tokens_back = read_gguf(out)
         if tokens_back != [t.decode("utf-8") for t in tokens]:
             raise ConversionError(f"{out}: the vocabulary read back differs from the tokenizer's")
-        from transformers import AutoModelForCausalLM
-
-        from scalelm.convert.hf import hf_config
-
         probe = parity.probe_tokens(model.vocab_size, model.max_position_embeddings)
-        hf = AutoModelForCausalLM.from_config(hf_config(model), dtype=torch.float32)
-        hf.load_state_dict(hf_state(model, read_gguf_tensors(out)), strict=False)
-        hf.tie_weights()
+        hf = _hf_model(model, hf_state(model, tensors))
         report["parity"] = parity.compare(parity.scalelm_logits(model, found.weights, probe), parity.hf_logits(hf, probe),
                                           TARGETS[dtype], f"the {dtype} GGUF weights")
     return report
+
+
+def _hf_model(model: ModelConfig, state: dict[str, torch.Tensor]):
+    """The transformers model holding `state`, loaded the way from_pretrained loads (no random initialisation first)."""
+    from transformers import AutoModelForCausalLM
+
+    from scalelm.convert.hf import hf_config, write_weights
+
+    with tempfile.TemporaryDirectory(prefix="scalelm-gguf-") as tmp:
+        hf_config(model).save_pretrained(tmp)
+        write_weights(Path(tmp), state)
+        return AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32)
 
 
 def gguf_tensors(model: ModelConfig, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -186,19 +193,16 @@ def rope_halves(rows: torch.Tensor, heads: int) -> torch.Tensor:
     return rows.reshape(heads, shape[0] // heads // 2, 2, *shape[1:]).transpose(1, 2).reshape(shape)
 
 
-def read_gguf_tensors(path: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of a GGUF file as fp32, dequantized, in torch's (out, in) orientation."""
+def read_gguf(path: Path) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """(every tensor as fp32, dequantized, in torch's (out, in) orientation; the vocabulary) of a GGUF file.
+    NOTE: parsing is the slow part (the reader walks a 50k-piece vocabulary field by field), so it happens once."""
     import gguf
 
     reader = _reader(path)
-    return {t.name: torch.from_numpy(np.array(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32))
-            for t in reader.tensors}
-
-
-def read_gguf_vocab(path: Path) -> list[str]:
-    reader = _reader(path)
+    tensors = {t.name: torch.from_numpy(np.array(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32))
+               for t in reader.tensors}
     field = reader.fields["tokenizer.ggml.tokens"]
-    return [bytes(field.parts[i]).decode("utf-8") for i in field.data]
+    return tensors, [bytes(field.parts[i]).decode("utf-8") for i in field.data]
 
 
 def _reader(path: Path):

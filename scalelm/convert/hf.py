@@ -42,7 +42,7 @@ def to_hf(source: Path, out: Path, tokenizer: Path | None = None, verify: bool =
     config = hf_config(model, ids)
     config.save_pretrained(out)
     _generation_config(ids).save_pretrained(out)
-    files = _write_weights(out, state)
+    files = write_weights(out, state)
     if found.tokenizer:
         write_hf_tokenizer(found.tokenizer, out, model.max_position_embeddings)
     report = {"source": found.origin, "layout": layout, "files": files, "tokenizer": bool(found.tokenizer),
@@ -165,7 +165,7 @@ def read_hf_weights(hf_dir: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def _write_weights(out: Path, state: dict[str, torch.Tensor]) -> list[str]:
+def write_weights(out: Path, state: dict[str, torch.Tensor]) -> list[str]:
     """model.safetensors, or shards of at most SHARD_BYTES and their index."""
     total = sum(t.numel() * t.element_size() for t in state.values())
     if total <= SHARD_BYTES:

@@ -25,9 +25,10 @@ def scalelm_logits(model: ModelConfig, weights: dict[str, torch.Tensor], tokens:
     from scalelm.model.spec import layer_spec, transformer_config
     from scalelm.parallel.topology import single_process
 
+    tc = transformer_config(model, ParallelConfig(), on_gpu=False)
+    tc.perform_initialization = False  # every weight is loaded next: drawing random ones first would take minutes at 7B
     with single_process():
-        gpt = GPT(model, transformer_config(model, ParallelConfig(), on_gpu=False), layer_spec(on_gpu=False),
-                  model.vocab_size, seed=0)
+        gpt = GPT(model, tc, layer_spec(on_gpu=False), model.vocab_size, seed=0)
         missing, unexpected = gpt.load_state_dict(weights, strict=False)
         missing = [k for k in missing if not k.endswith("_extra_state")]
         if missing or unexpected:
