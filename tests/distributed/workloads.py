@@ -180,10 +180,13 @@ def peak_memory(overrides: list[str], vocab_size: int, steps: int = 3) -> dict:
         batches = [torch.randint(0, vocab_size, (t.micro_batch_size, t.seq_len + 1)) for _ in range(steps * 64)]
         before = psutil.Process().memory_info().rss
         engine = Engine(cfg, layout, vocab_size)
+        built = psutil.Process().memory_info().rss
+        built_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         stream = iter({"input_ids": b[:, :-1], "labels": b[:, 1:]} for b in batches)
         for _ in range(steps):
             engine.train_step(stream)
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
-        return {"grown": peak - before, "before": before}
+        return {"grown": peak - before, "before": before, "built": built - before, "built_peak": built_peak - before,
+                "after": psutil.Process().memory_info().rss - before}
     finally:
         destroy_distributed()
