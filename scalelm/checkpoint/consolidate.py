@@ -15,6 +15,8 @@ from scalelm.checkpoint import store
 from scalelm.data.files import make_dir
 from scalelm.errors import CheckpointError
 
+FORMAT = "scalelm-weights"  # the metadata "format" of a consolidated file
+
 
 def consolidate(path: Path, out: Path, verify: bool = True) -> dict:
     """Write `out` from the checkpoint at `path` (a step directory, or a checkpoint.dir: its latest)."""
@@ -22,7 +24,7 @@ def consolidate(path: Path, out: Path, verify: bool = True) -> dict:
     if not weights:
         raise CheckpointError(f"checkpoint {ckpt} holds no weights")
     config = manifest["config"]
-    metadata = {"format": "scalelm-weights", "model": json.dumps(config["model"]), "step": str(manifest["step"]),
+    metadata = {"format": FORMAT, "model": json.dumps(config["model"]), "step": str(manifest["step"]),
                 "vocab_size": str(config["model"]["vocab_size"] or ""), "tokenizer_sha256": manifest["tokenizer_sha256"] or "",
                 "tokenizer": config.get("data", {}).get("tokenizer") or ""}
     make_dir(out.parent if str(out.parent) else Path("."), "--out")

@@ -24,6 +24,7 @@ import torch
 
 from scalelm.config import ModelConfig
 from scalelm.convert import layouts, parity
+from scalelm.convert.hf import hf_config, write_weights
 from scalelm.convert.source import read_model
 from scalelm.convert.vocab import CHAT_TEMPLATE, add_dummy_prefix, gguf_vocab, specials
 from scalelm.data.files import make_dir
@@ -77,23 +78,11 @@ def to_gguf(source: Path, out: Path, dtype: str = "f16", tokenizer: Path | None 
         tensors, tokens_back = read_gguf(out)
         if tokens_back != [t.decode("utf-8") for t in tokens]:
             raise ConversionError(f"{out}: the vocabulary read back differs from the tokenizer's")
-        probe = parity.probe_tokens(model.vocab_size, model.max_position_embeddings)
-        hf = _hf_model(model, hf_state(model, tensors))
-        report["parity"] = parity.compare(parity.scalelm_logits(model, found.weights, probe), parity.hf_logits(hf, probe),
-                                          TARGETS[dtype], f"the {dtype} GGUF weights")
+        with tempfile.TemporaryDirectory(prefix="scalelm-gguf-") as tmp:  # the weights read back, as transformers loads them
+            hf_config(model).save_pretrained(tmp)
+            write_weights(Path(tmp), hf_state(model, tensors))
+            report["parity"] = parity.check(model, found.weights, tmp, TARGETS[dtype], f"the {dtype} GGUF weights")
     return report
-
-
-def _hf_model(model: ModelConfig, state: dict[str, torch.Tensor]):
-    """The transformers model holding `state`, loaded the way from_pretrained loads (no random initialisation first)."""
-    from transformers import AutoModelForCausalLM
-
-    from scalelm.convert.hf import hf_config, write_weights
-
-    with tempfile.TemporaryDirectory(prefix="scalelm-gguf-") as tmp:
-        hf_config(model).save_pretrained(tmp)
-        write_weights(Path(tmp), state)
-        return AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32)
 
 
 def gguf_tensors(model: ModelConfig, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

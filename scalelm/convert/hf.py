@@ -48,12 +48,7 @@ def to_hf(source: Path, out: Path, tokenizer: Path | None = None, verify: bool =
     report = {"source": found.origin, "layout": layout, "files": files, "tokenizer": bool(found.tokenizer),
               "parameters": sum(t.numel() for t in state.values())}
     if verify:
-        from transformers import AutoModelForCausalLM
-
-        tokens = parity.probe_tokens(model.vocab_size, model.max_position_embeddings)
-        hf = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
-        report["parity"] = parity.compare(parity.scalelm_logits(model, found.weights, tokens),
-                                          parity.hf_logits(hf, tokens), HF_TARGET, f"{type(hf).__name__} (fp32)")
+        report["parity"] = parity.check(model, found.weights, out, HF_TARGET)
     return report
 
 
@@ -69,12 +64,7 @@ def from_hf(hf_dir: Path, out: Path, verify: bool = True) -> dict:
     report = {"source": str(hf_dir), "layout": raw["model_type"], "config": str(config), "tokenizer": bool(tokenizer),
               "parameters": sum(t.numel() for t in state.values())}
     if verify:
-        from transformers import AutoModelForCausalLM
-
-        tokens = parity.probe_tokens(model.vocab_size, model.max_position_embeddings)
-        hf = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
-        report["parity"] = parity.compare(parity.scalelm_logits(model, weights, tokens), parity.hf_logits(hf, tokens),
-                                          HF_TARGET, f"{type(hf).__name__} (fp32)")
+        report["parity"] = parity.check(model, weights, hf_dir, HF_TARGET)
     return report
 
 

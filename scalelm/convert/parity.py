@@ -42,6 +42,17 @@ def hf_logits(hf_model, tokens: torch.Tensor) -> torch.Tensor:
     return hf_model.eval()(input_ids=tokens).logits.float()
 
 
+def check(model: ModelConfig, weights: dict[str, torch.Tensor], folder, target: float | None, what: str | None = None) -> dict:
+    """Load the Hugging Face folder `folder` in fp32 and compare its logits with scalelm's forward of `weights`
+    on the probe batch; the report, or a ConversionError past `target`."""
+    from transformers import AutoModelForCausalLM
+
+    tokens = probe_tokens(model.vocab_size, model.max_position_embeddings)
+    hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    return compare(scalelm_logits(model, weights, tokens), hf_logits(hf, tokens), target,
+                   what or f"{type(hf).__name__} (fp32)")
+
+
 def compare(ours: torch.Tensor, theirs: torch.Tensor, target: float | None, what: str) -> dict:
     """{"max_abs_diff", "target", "what"}; raises ConversionError past the target."""
     if ours.shape != theirs.shape:

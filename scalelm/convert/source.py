@@ -16,7 +16,7 @@ import torch
 import yaml
 from safetensors import SafetensorError, safe_open
 
-from scalelm.checkpoint import store
+from scalelm.checkpoint import consolidate, store
 from scalelm.config import Config, ModelConfig, from_dict, to_dict
 from scalelm.convert.layouts import normalise_names
 from scalelm.data.files import make_dir, sha256_file
@@ -82,7 +82,7 @@ def _read_consolidated(path: Path, tokenizer: Path | None) -> ScalelmModel:
     try:
         with safe_open(path, framework="pt") as f:
             meta = f.metadata() or {}
-            if meta.get("format") != "scalelm-weights":
+            if meta.get("format") != consolidate.FORMAT:
                 raise CheckpointError(f"{path} is not a file `scalelm checkpoint consolidate` wrote")
             weights = normalise_names({k: f.get_tensor(k) for k in f.keys()})
     except (SafetensorError, OSError) as e:
