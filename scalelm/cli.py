@@ -11,6 +11,7 @@
     scalelm convert to-gguf CKPT OUT.gguf     GGUF for llama.cpp, --dtype f32|f16|q8_0
     scalelm generate MODEL --prompt TEXT      sample text (transformers), --chat for the chat template
     scalelm eval MODEL --data SHARDS          perplexity, in-framework or with transformers
+    scalelm plan --config CFG --nodes N --gpus-per-node G   preflight: memory per GPU, speed, layouts that fit
     scalelm plot RUN_DIR --out loss.png       loss and throughput curves of a run
     scalelm config [CFG] [key=value ...]      the resolved, validated config
 
@@ -180,6 +181,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="key=value", help="a checkpoint: layout and precision, e.g. "
                                                                      "parallel.tensor=2 train.precision=fp32")
     p.set_defaults(run=_eval)
+
+    p = sub.add_parser("plan", help="preflight: will a config fit a cluster, memory per GPU, speed",
+                       description="Check a config against a cluster without starting anything: the layout's arithmetic, "
+                                   "memory per GPU by kind, pipeline bubble, FLOPs and an estimated step time; when it "
+                                   "does not fit, layouts that do. Exit status 1 when it does not fit.")
+    p.add_argument("--config", required=True, help="YAML config (see configs/)")
+    p.add_argument("--nodes", type=int, required=True, help="nodes in the job")
+    p.add_argument("--gpus-per-node", type=int, required=True, help="GPUs per node")
+    p.add_argument("--gpu", default="h100", choices=["a100", "h100", "h200"], help="the GPU (default h100; a100 is the 80 GB one)")
+    p.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation to estimate the step time with (default 0.4)")
+    p.add_argument("--vocab-size", type=int, default=50257, help="when neither model.vocab_size nor data.tokenizer says "
+                                                                  "(default 50257, GPT-2's)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. parallel.tensor=8")
+    p.set_defaults(run=_plan)
 
     p = sub.add_parser("plot", help="draw loss and throughput curves of a run",
                        description="Read RUN_DIR/metrics.jsonl and draw training/validation loss and tokens/s.")
@@ -369,6 +384,42 @@ def _eval(args: argparse.Namespace) -> int:
     if result:
         print(result.line(args.split))
     return 0
+
+
+def _plan(args: argparse.Namespace) -> int:
+    _quiet_engines()
+    from scalelm.config import load_config
+    from scalelm.parallel.plan import GPUS, describe, layouts_that_fit, plan
+
+    if args.nodes < 1 or args.gpus_per_node < 1 or not 0 < args.mfu <= 1:
+        raise ConfigError("--nodes and --gpus-per-node must be 1 or more, --mfu in (0, 1]")
+    cfg = load_config(args.config, args.overrides)
+    if cfg.model.vocab_size is None:
+        if cfg.data.tokenizer:
+            from scalelm.train.loop import resolve_vocab_size
+
+            cfg.model.vocab_size = resolve_vocab_size(cfg)
+        else:
+            cfg.model.vocab_size = args.vocab_size
+    world, gpu_bytes = args.nodes * args.gpus_per_node, GPUS[args.gpu][0]
+    try:
+        result = plan(cfg, world)
+    except ConfigError as e:
+        print(f"this layout does not run on {world} GPUs: {e}")
+        result = None
+    else:
+        print("\n".join(describe(result, args.nodes, args.gpus_per_node, args.gpu, args.mfu)))
+        if result.fits(gpu_bytes):
+            return 0
+    fitting = layouts_that_fit(cfg, world, args.gpus_per_node, gpu_bytes)
+    if not fitting:
+        print("no layout of this model fits these GPUs at this batch shape: use more GPUs, or a smaller "
+              "train.micro_batch_size or model")
+    else:
+        print("layouts that fit (cheapest first):")
+        for overrides, other in fitting:
+            print(f"  {overrides}   # {other.memory.total / 2**30:.1f} GiB per GPU")
+    return 1
 
 
 def _plot(args: argparse.Namespace) -> None:

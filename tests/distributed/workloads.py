@@ -159,3 +159,72 @@ def evaluate_run(checkpoint, sources: list[str], windows: int, overrides: list[s
     from scalelm.infer.evaluate import evaluate_checkpoint
 
     return evaluate_checkpoint(checkpoint, sources, "val", windows, overrides)
+
+
+def peak_memory(runs: list[tuple[list[str], int]], vocab_size: int) -> list[dict]:
+    """For each (overrides of the tiny config, steps) in turn, all for this world size: how many bytes this rank's
+    memory rose above where it stood just before the engine was built, at the peak of building it and training
+    that many steps (and of building it alone).
+
+    The peak is the kernel's own high-water mark of the resident set (VmHWM), reset just before the engine is
+    built: it is exact, where a sampling thread could miss the optimizer step's temporaries, which live for a
+    few milliseconds. Two things are taken out that are not the training's memory. Pages of files (the shared
+    libraries torch and DeepSpeed load on first use) are code, not tensors: their growth is subtracted. And
+    glibc's mmap threshold is pinned at its default, 128 KiB: glibc otherwise raises it to the largest block
+    freed so far (up to 32 MiB), after which freed tensors stay in its heap, counted as resident though nothing
+    holds them (that is what made ZeRO-3 look as if it kept the whole model after partitioning it).
+
+    The ranks keep one process group across the layouts: only megatron's groups are made anew for each."""
+    import ctypes
+    import gc
+
+    from megatron.core import parallel_state
+
+    from scalelm.config import validate
+    from scalelm.parallel.engine import Engine
+
+    M_MMAP_THRESHOLD = -3  # glibc's malloc.h
+    if not ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, 128 * 1024):
+        raise RuntimeError("glibc refused to pin its mmap threshold")
+    results = []
+    try:
+        for overrides, steps in runs:
+            cfg = tiny_config(overrides)
+            cfg.model.vocab_size = vocab_size
+            layout = init_distributed(cfg.parallel, 0)
+            validate(cfg, world_size=layout.world)
+            t = cfg.train
+            tokens = torch.randint(0, vocab_size, (steps * t.global_batch_size, t.seq_len + 1), generator=torch.Generator().manual_seed(0))
+            batches = iter({"input_ids": b[:, :-1], "labels": b[:, 1:]} for b in tokens.split(t.micro_batch_size))
+            gc.collect()
+            before = _memory_status()
+            _reset_peak()
+            engine = Engine(cfg, layout, vocab_size)
+            built = _memory_status()
+            _reset_peak()
+            for _ in range(steps):
+                engine.train_step(batches)
+            after = _memory_status()
+            # the peak of the build and the peak of the steps, each less the file pages grown by then
+            peaks = [status["VmHWM"] - (status["RssFile"] - before["RssFile"]) for status in (built, after)]
+            results.append({"grown": max(peaks) - before["VmRSS"], "built": peaks[0] - before["VmRSS"],
+                            "files": after["RssFile"] - before["RssFile"]})
+            del engine, batches
+            gc.collect()
+            parallel_state.destroy_model_parallel()
+    finally:
+        destroy_distributed()
+    return results
+
+
+def _memory_status() -> dict[str, int]:
+    """This process's memory figures from /proc/self/status, in bytes (VmRSS, VmHWM, RssFile, ...)."""
+    with open("/proc/self/status") as f:
+        fields = (line.split() for line in f if line.split()[-1:] == ["kB"])
+        return {name.rstrip(":"): int(value) * 1024 for name, value, _ in fields}
+
+
+def _reset_peak() -> None:
+    """Restart the kernel's high-water mark of the resident set (VmHWM) from the present (Linux 4.0+)."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")

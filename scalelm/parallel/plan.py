@@ -1,0 +1,318 @@
+"""`scalelm plan`: will this config run on that cluster, how much memory per GPU, how fast, and if it does not
+fit, which layouts would. Arithmetic only: nothing is allocated, no process group.
+
+Memory is what DeepSpeed 0.19.8 and megatron-core hold on one rank of the most loaded pipeline stage, read
+from their code and checked against the peak memory of tiny CPU runs (tests/distributed/test_plan_memory.py,
+bench/plan_memory_probe.py). Ψ: the parameters the rank holds after the tensor and pipeline split; d: the
+data-parallel ranks; w: bytes per element of the training precision (4 fp32, 2 bf16/fp16); B = 5e8: DeepSpeed's
+reduce bucket in elements. Some memory is held for the whole run; the rest comes and goes within a step, at
+moments that do not overlap, and the peak is what is held plus the largest moment:
+
+    held      weights Ψ·w (ZeRO-3: /d); DeepSpeed's own fp32 master copy 4Ψ/d, in fp32 training too; AdamW's
+              moments 8Ψ/d. bf16 under ZeRO-1 runs DeepSpeed's bf16 optimizer, whose fp32 gradient accumulator
+              is 4Ψ on every rank. ZeRO-3: its gradient partition Ψ/d·w and its reduce bucket. The last pipeline
+              stage: the logits its pipeline buffers keep.
+    forward   ZeRO-3: the gathered parameters and the all-gather buffer, beside the layers' activations.
+    backward  its start: activations of the micro-batches in flight (Korthikanti et al. 2022, without the s×s
+              attention scores, which torch SDPA does not keep), the loss's logits and fp32 softmax (then the
+              output layer's weight gradient), and the gradients of earlier micro-batches if they are there.
+    reduce    the end of the step's last backward: the gradients in DeepSpeed's bucket and the flat copy it
+              all-reduces (or reduce-scatters).
+    step      the reduced gradient partition, its flat fp32 copy AdamW steps on, and AdamW's temporaries.
+
+Left out, being small beside these: the embedding's output on the first stage, biases and norms that ZeRO-3
+keeps whole, the hidden states the pipeline passes between stages, the gradient norm's fp64 copy of one
+gradient, and the communication libraries' own buffers. The CUDA context, NCCL's buffers and the allocator's
+fragmentation are what HEADROOM leaves free.
+
+A GPU and the CPU runs the model is checked on differ in three ways. On a GPU, DeepSpeed's buckets are
+allocated whole when made (torch.empty of B elements) and AdamW is fused (no temporaries). On the CPU only the
+pages written count (a bucket holds at most Ψ gradients), AdamW runs tensor by tensor (torch has no fused or
+foreach AdamW for the CPU) and gloo's reduce-scatter is an all-reduce of a second full copy.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+from dataclasses import dataclass
+
+from scalelm.config import Config, ModelConfig, validate
+from scalelm.errors import ConfigError
+from scalelm.model.spec import padded_vocab_size
+from scalelm.train.metrics import flops_per_token_megatron, parameter_count
+
+GiB = 2**30
+# name: (memory in bytes, dense bf16 peak FLOP/s)
+GPUS = {"a100": (80 * 2**30, 312e12), "h100": (80 * 2**30, 989e12), "h200": (141 * 10**9, 989e12)}
+HEADROOM = 0.9  # of a GPU's memory the plan lets a run use: the rest is the CUDA context, NCCL and fragmentation
+
+# DeepSpeed's defaults, in elements, which scalelm's deepspeed_config leaves as they are
+# (tests/unit/test_plan.py checks them against DeepSpeed's own).
+REDUCE_BUCKET = 500_000_000  # zero_optimization.reduce_bucket_size: gradients ZeRO reduces at once
+ALLREDUCE_BUCKET = 500_000_000  # the engine's all-reduce bucket, used by the bf16 optimizer (no ZeRO buckets)
+PREFETCH_BUCKET = 50_000_000  # zero_optimization.stage3_prefetch_bucket_size: parameters ZeRO-3 gathers at once
+MAX_REUSE_DISTANCE = 1_000_000_000  # zero_optimization.stage3_max_reuse_distance
+
+
+@dataclass(frozen=True)
+class Term:
+    """One named quantity of memory on a rank; `what` says in a few words what it is."""
+
+    name: str
+    bytes: float
+    what: str = ""
+
+
+@dataclass
+class Memory:
+    """Bytes on one rank of a pipeline stage: held for the whole run, plus each moment of a step."""
+
+    stage: str
+    held: list[Term]
+    moments: dict[str, list[Term]]
+    in_flight: int
+    activations: dict[str, float]  # this stage's activations under each train.activation_checkpointing
+
+    def moment_bytes(self, name: str) -> float:
+        return sum(term.bytes for term in self.moments[name])
+
+    @property
+    def held_bytes(self) -> float:
+        return sum(term.bytes for term in self.held)
+
+    @property
+    def peak_moment(self) -> str:
+        return max(self.moments, key=self.moment_bytes)
+
+    @property
+    def total(self) -> float:
+        """The peak: what is held plus the largest moment."""
+        return self.held_bytes + self.moment_bytes(self.peak_moment)
+
+
+@dataclass
+class Plan:
+    cfg: Config
+    world: int
+    parameters: int
+    memory: Memory  # the most loaded stage's
+    stages: dict[str, Memory]  # "only", or the "first" and the "last" pipeline stage
+    micro_batches: int
+    bubble: float
+    flops_per_step: float
+
+    def fits(self, gpu_bytes: float) -> bool:
+        return self.memory.total <= HEADROOM * gpu_bytes
+
+    def step_seconds(self, peak_flops: float, mfu: float) -> float:
+        return self.flops_per_step / (self.world * peak_flops * mfu)
+
+
+def plan(cfg: Config, world: int, on_gpu: bool = True) -> Plan:
+    """The plan of `cfg` on `world` GPUs (or, on_gpu=False, CPU ranks over gloo); ConfigError when the layout
+    does not divide."""
+    cfg = copy.deepcopy(cfg)
+    validate(cfg, world_size=world)
+    m, p, t = cfg.model, cfg.parallel, cfg.train
+    vocab = padded_vocab_size(m.vocab_size)
+    data = world // (p.tensor * p.pipeline)
+    micro_batches = t.global_batch_size // (t.micro_batch_size * data)
+    positions = m.max_position_embeddings * m.hidden_size if m.position_embedding == "learned" else 0
+    total = parameter_count(m, vocab) + positions
+    stages = {stage: stage_memory(cfg, data, micro_batches, stage, on_gpu)
+              for stage in (["only"] if p.pipeline == 1 else ["first", "last"])}
+    memory = max(stages.values(), key=lambda mem: mem.total)
+    flops = flops_per_token_megatron(m, vocab, t.seq_len, t.activation_checkpointing == "full") * t.global_batch_size * t.seq_len
+    bubble = (p.pipeline - 1) / (micro_batches + p.pipeline - 1)
+    return Plan(cfg, world, total, memory, stages, micro_batches, bubble, flops)
+
+
+def rank_parameters(m: ModelConfig, vocab: int, tensor: int, pipeline: int, stage: str) -> tuple[float, float]:
+    """(all, in transformer layers) parameters that one rank of `stage` ("only", "first", "last") holds. The
+    last stage holds the head, or with tied embeddings its own copy of the embedding (DeepSpeed's TiedLayerSpec)."""
+    h, f = m.hidden_size, m.ffn_hidden_size
+    kv = h // m.num_heads * m.num_kv_heads
+    fc1 = 2 * f if m.activation == "swiglu" else f
+    norm = h * (2 if m.bias and m.normalization == "layernorm" else 1)
+    # column-parallel (qkv, fc1) and row-parallel (proj, fc2) weights split over tensor ranks, as do the
+    # column-parallel biases; the row-parallel biases and the norms are whole on every tensor rank
+    split = h * (h + 2 * kv) + h * h + h * fc1 + f * h + ((h + 2 * kv) + fc1 if m.bias else 0)
+    whole = 2 * norm + (2 * h if m.bias else 0)
+    layers = m.num_layers // pipeline * (split / tensor + whole)
+    embedding = vocab * h / tensor
+    positions = m.max_position_embeddings * h if m.position_embedding == "learned" else 0
+    head = 0 if m.tie_embeddings and stage == "only" else embedding
+    ends = {"only": embedding + positions + norm + head, "first": embedding + positions, "last": norm + head}[stage]
+    return layers + ends, layers
+
+
+def layer_activations(m: ModelConfig, cfg: Config, bytes_per: int, recompute: str) -> float:
+    """Bytes one transformer layer keeps for its backward, per micro-batch (Korthikanti et al. 2022, table 2,
+    in elements of `bytes_per` bytes, without the attention scores: SDPA keeps only its output and log-sum-exp).
+
+    In units of s·b·h elements: the two norms' inputs and outputs (4, whole on every tensor rank unless sequence
+    parallel), q, k, v ((h + 2·kv)/h), the attention output (1), the MLP's first output and its activation
+    (fc1/h + f/h: 4 + 4 with GELU); 16 for GPT-3, which at 2 bytes plus the two residual dropouts' one-byte masks is
+    Korthikanti's 10 + 24/t, or 34/t with sequence parallelism. Full recomputation keeps each layer's input (1)."""
+    p, t = cfg.parallel, cfg.train
+    h, f = m.hidden_size, m.ffn_hidden_size
+    sbh = t.seq_len * t.micro_batch_size * h
+    along_sequence = p.tensor if p.sequence_parallel else 1
+    if recompute == "full":
+        return sbh * bytes_per / along_sequence
+    kv = h // m.num_heads * m.num_kv_heads
+    fc1 = 2 * f if m.activation == "swiglu" else f
+    split = (h + 2 * kv) / h + 1 + fc1 / h + f / h
+    masks = 2 if m.dropout > 0 else 0
+    return sbh * ((4 * bytes_per + masks) / along_sequence + split * bytes_per / p.tensor)
+
+
+def stage_memory(cfg: Config, data: int, micro_batches: int, stage: str, on_gpu: bool = True) -> Memory:
+    """The memory of one rank of `stage` ("only", "first" or "last" pipeline stage); see the module docstring."""
+    m, p, t = cfg.model, cfg.parallel, cfg.train
+    vocab = padded_vocab_size(m.vocab_size)
+    psi, psi_layers = rank_parameters(m, vocab, p.tensor, p.pipeline, stage)
+    d, w, zero = data, 4 if t.precision == "fp32" else 2, p.zero_stage
+    # engine.py asks for fp32 gradient accumulation with bf16 under ZeRO-1, and for that DeepSpeed runs its
+    # bf16 optimizer instead of the ZeRO one
+    bf16_optimizer = t.precision == "bf16" and zero == 1
+    in_bucket = min(psi, REDUCE_BUCKET)
+    bucket = (REDUCE_BUCKET if on_gpu else in_bucket) * w  # allocated whole on a GPU; pages written on the CPU
+    adam_temporaries = [] if on_gpu else [Term("AdamW temporaries", 2 * 4 * psi / d,
+                                               "sqrt and division of the second moment, one flat tensor at a time")]
+
+    held = [Term("weights", psi * w / (d if zero == 3 else 1), f"{t.precision}" + (f", / {d} (ZeRO-3)" if zero == 3 else "")),
+            Term("fp32 master weights", 4 * psi / d, f"DeepSpeed's copy of this rank's 1/{d}"),
+            Term("AdamW moments", 8 * psi / d, f"two fp32 moments of this rank's 1/{d}")]
+    if bf16_optimizer:
+        held.append(Term("fp32 gradients", 4 * psi, "the bf16 optimizer's accumulator, whole on every rank"))
+    if zero == 3:
+        held.append(Term("gradient partition", psi / d * w, f"ZeRO-3's reduced gradients, 1/{d}"))
+        held.append(Term("reduce bucket", bucket, "ZeRO-3's, made at start"))
+
+    last = stage in ("only", "last")
+    logits = t.seq_len * t.micro_batch_size * vocab / p.tensor
+    if stage == "last":
+        held.append(Term("pipeline outputs", min(2, micro_batches) * logits * w,
+                         "logits of the last micro-batches, kept in DeepSpeed's pipeline buffers"))
+
+    # activations: the micro-batches in flight on this stage (1F1B: the first stage has min(pipeline, micro-batches)
+    # forwards done before its first backward), each the stage's layers; under full recomputation one layer at
+    # a time is recomputed in full during the backward
+    in_flight = min(p.pipeline, micro_batches) if stage == "first" else 1
+    layers = m.num_layers // p.pipeline
+    activations = {"none": in_flight * layers * layer_activations(m, cfg, w, "none")}
+    activations["full"] = in_flight * layers * layer_activations(m, cfg, w, "full") + layer_activations(m, cfg, w, "none")
+    activations["selective"] = activations["none"]  # megatron's selective recomputation drops only the s×s scores
+    acts = Term("activations", activations[t.activation_checkpointing],
+                f"{in_flight} micro-batch{'es' if in_flight > 1 else ''} x {layers} layers")
+    # The loss: the logits in the training precision (masked to the vocabulary, cast to fp32; in the backward,
+    # their gradient), and the cross entropy's fp32 softmax, which the backward frees just before it makes its first
+    # weight gradient, the output layer's (V/t x h), while every activation is still there.
+    head_gradient = vocab / p.tensor * m.hidden_size * w
+    loss = [Term("logits", w * logits, "masked to the vocabulary, cast to fp32; then their gradient"),
+            Term("softmax | head grad", max(4 * logits, head_gradient),
+                 "the loss's fp32 softmax, then the output layer's weight gradient")] if last else []
+
+    # gradients of earlier micro-batches, still there when this stage's activations peak
+    earlier = []
+    if micro_batches > in_flight:
+        if bf16_optimizer:
+            earlier = [Term("bf16 gradients", 2 * psi, "param.grad, until the step")]
+        elif zero == 1:
+            earlier = [Term("gradients", psi * w, "param.grad, accumulated until the step")]
+        elif zero == 2:
+            earlier = [Term("gradient partition", psi / d * w, f"1/{d}, accumulated until the step")]
+
+    moments: dict[str, list[Term]] = {}
+    if zero == 3:
+        # NOTE: a layer's gathered parameters stay until their next use unless 1e9 (stage3_max_reuse_distance)
+        # parameters are fetched before it; between a layer's forward and its backward come the forward and the
+        # backward of every later layer, so the last 5e8 stay gathered: all of any model below that size.
+        gathered = Term("gathered parameters", min(psi, MAX_REUSE_DISTANCE / 2) * w, "ZeRO-3 keeps them to the backward")
+        moments["forward"] = [gathered, Term("all-gather buffer", min(psi_layers, PREFETCH_BUCKET) * w,
+                                             "one flat buffer per fetch, until the next"), acts]
+        moments["backward"] = [gathered, acts, *loss]
+        reduce_copy = in_bucket * w * (1 if on_gpu else 2)  # gloo's reduce-scatter: an all-reduce of a full copy
+        moments["reduce"] = [Term("reduce-scatter copy", reduce_copy, "the bucket flattened")]
+        moments["step"] = [Term("fp32 gradient", 4 * psi / d, "flat copy of the partition"), *adam_temporaries]
+    elif bf16_optimizer:
+        bf16_grads = Term("bf16 gradients", 2 * psi, "param.grad, until the step")
+        moments["backward"] = [*earlier, acts, *loss]
+        moments["reduce"] = [bf16_grads] + ([Term("all-reduce copy", 4 * min(psi, ALLREDUCE_BUCKET),
+                                                  "the fp32 gradients flattened")] if d > 1 else [])
+        moments["step"] = [bf16_grads, *adam_temporaries]
+    else:  # DeepSpeed's ZeRO-1/2 optimizer: fp32 and fp16, and bf16 under ZeRO-2
+        # the bucket is made at the backward's first gradient; with a pipeline, reduce_gradients makes a second
+        buckets = bucket * (2 if p.pipeline > 1 and on_gpu else 1)
+        moments["backward"] = [*earlier, acts, *loss] + ([Term("reduce bucket", bucket, "made at the first gradient")]
+                                                         if on_gpu else [])
+        moments["reduce"] = [Term("reduce bucket", buckets, "the gradients copied in"),
+                             Term("all-reduce copy", in_bucket * w, "the bucket flattened")]
+        if zero == 2 and micro_batches > 1:
+            moments["reduce"].append(Term("gradient partition", psi / d * w, f"1/{d}, accumulated until the step"))
+        moments["step"] = [Term("gradient partition", psi / d * w, f"the reduced 1/{d}"),
+                           Term("fp32 gradient", 4 * psi / d, "its flat copy AdamW steps on"), *adam_temporaries]
+    return Memory(stage, held, moments, in_flight, activations)
+
+
+def layouts_that_fit(cfg: Config, world: int, gpus_per_node: int, gpu_bytes: float, limit: int = 3) -> list[tuple[str, Plan]]:
+    """Up to `limit` layouts of `cfg` on `world` GPUs that fit, the cheapest first: least recomputation, then the
+    lowest ZeRO stage (least communication), then the fewest model-parallel ranks, tensor parallelism within a node."""
+    found = []
+    tensors = [x for x in (1, 2, 4, 8, 16) if x <= gpus_per_node]
+    stages = [x for x in range(1, cfg.model.num_layers + 1) if cfg.model.num_layers % x == 0]
+    recompute_cost = {"none": 0, "selective": 1, "full": 2}
+    for recompute, tp, pp, zero in itertools.product(recompute_cost, tensors, stages, (1, 2, 3)):
+        if world % (tp * pp) or (pp > 1 and zero != 1):
+            continue
+        trial = copy.deepcopy(cfg)
+        trial.parallel.tensor, trial.parallel.pipeline, trial.parallel.zero_stage = tp, pp, zero
+        trial.parallel.sequence_parallel = tp > 1
+        trial.train.activation_checkpointing = recompute
+        try:
+            candidate = plan(trial, world)
+        except ConfigError:
+            continue
+        if candidate.fits(gpu_bytes):
+            overrides = (f"parallel.tensor={tp} parallel.pipeline={pp} parallel.zero_stage={zero} "
+                         f"parallel.sequence_parallel={str(tp > 1).lower()} train.activation_checkpointing={recompute}")
+            found.append(((recompute_cost[recompute], zero, tp * pp, tp), overrides, candidate))
+    found.sort(key=lambda item: item[0])  # (recompute, ZeRO stage, model-parallel size, tensor)
+    return [(overrides, candidate) for _, overrides, candidate in found[:limit]]
+
+
+def describe(p: Plan, nodes: int, gpus_per_node: int, gpu: str, mfu: float) -> list[str]:
+    """The plan as lines for a terminal."""
+    m, par, t = p.cfg.model, p.cfg.parallel, p.cfg.train
+    gpu_bytes, peak = GPUS[gpu]
+    mem = p.memory
+    data = p.world // (par.tensor * par.pipeline)
+    step = p.step_seconds(peak, mfu)
+    where = {"only": "", "first": " on the first pipeline stage", "last": " on the last pipeline stage"}[mem.stage]
+    lines = [
+        f"cluster: {nodes} nodes x {gpus_per_node} {gpu} = {p.world} GPUs, {gpu_bytes / GiB:.0f} GiB each",
+        f"model: {p.parameters / 1e9:.2f}B parameters ({m.num_layers} layers, hidden {m.hidden_size}, {m.num_heads} heads, "
+        f"vocabulary {padded_vocab_size(m.vocab_size):,} padded), sequences of {t.seq_len}",
+        f"layout: tensor {par.tensor} x pipeline {par.pipeline} x data {data}, ZeRO-{par.zero_stage}"
+        + (", sequence parallel" if par.sequence_parallel else "") + f", {t.precision}, recompute {t.activation_checkpointing}",
+        f"batch: {t.global_batch_size} sequences = micro-batch {t.micro_batch_size} x {p.micro_batches} x data {data}"
+        + (f"; pipeline bubble {p.bubble:.1%}" if par.pipeline > 1 else ""),
+        f"memory per GPU{where}, at its peak (held for the whole run + the {mem.peak_moment}):",
+        *_terms(mem.held),
+        *_terms(mem.moments[mem.peak_moment]),
+        f"  {'total':20s} {mem.total / GiB:8.2f} GiB of {gpu_bytes / GiB:.0f} GiB: "
+        + ("fits" if p.fits(gpu_bytes) else f"DOES NOT FIT (the plan allows {HEADROOM:.0%} of a GPU)"),
+        "  other moments: " + ", ".join(f"{name} {(mem.held_bytes + mem.moment_bytes(name)) / GiB:.2f} GiB"
+                                        for name in mem.moments if name != mem.peak_moment),
+        "  activations without recomputation {:.2f} GiB, with full recomputation {:.2f} GiB".format(
+            mem.activations["none"] / GiB, mem.activations["full"] / GiB),
+        f"compute: {p.flops_per_step / 1e15:,.1f} PFLOP per step; at {mfu:.0%} MFU about {step:,.2f} s per step, "
+        f"{t.global_batch_size * t.seq_len / step:,.0f} tokens/s",
+    ]
+    return lines
+
+
+def _terms(terms: list[Term]) -> list[str]:
+    return [f"  {term.name:20s} {term.bytes / GiB:8.2f} GiB" + (f"  {term.what}" if term.what else "") for term in terms]

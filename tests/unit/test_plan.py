@@ -1,0 +1,147 @@
+"""scalelm.parallel.plan and `scalelm plan`: GPT-3 175B on Megatron's published layout, layouts that do not fit,
+layout arithmetic errors, the textbook terms of the memory model, and the command's sections and exit status.
+(The model's CPU figures are checked against measured peaks in tests/distributed/test_plan_memory.py.)"""
+
+import re
+from pathlib import Path
+
+import pytest
+
+from scalelm.cli import main
+from scalelm.config import load_config
+from scalelm.errors import ConfigError
+from scalelm.parallel.plan import (
+    ALLREDUCE_BUCKET,
+    GPUS,
+    MAX_REUSE_DISTANCE,
+    PREFETCH_BUCKET,
+    REDUCE_BUCKET,
+    describe,
+    layer_activations,
+    layouts_that_fit,
+    plan,
+)
+
+ROOT = Path(__file__).parents[2]
+GPT3 = str(ROOT / "configs" / "gpt3-175b.yaml")
+CLUSTER = ["--nodes", "128", "--gpus-per-node", "8", "--gpu", "a100"]  # Megatron's 1024 A100s (Narayanan et al. 2021)
+A100 = GPUS["a100"][0]
+SINGLE_GPU = ["parallel.tensor=1", "parallel.pipeline=1", "parallel.sequence_parallel=false"]
+
+
+def gpt3(overrides: list[str] = ()):
+    cfg = load_config(GPT3, list(overrides))
+    cfg.model.vocab_size = 50257  # GPT-2's tokenizer, as in the paper
+    return cfg
+
+
+def test_gpt3_175b_on_megatrons_layout_is_175b_parameters_and_fits():
+    cfg = gpt3()
+    assert (cfg.parallel.tensor, cfg.parallel.pipeline, cfg.train.global_batch_size) == (8, 16, 1536)
+    p = plan(cfg, 1024)
+    lines = describe(p, 128, 8, "a100", 0.4)
+    billions = float(re.search(r"model: ([\d.]+)B parameters", "\n".join(lines)).group(1))  # as printed
+    assert billions == pytest.approx(175, rel=0.01)
+    assert p.fits(A100)
+    assert p.micro_batches == 1536 // 8  # 8 data-parallel ranks
+    assert p.memory.stage == "first"  # 16 micro-batches in flight outweigh the last stage's logits
+    assert 10 * 2**30 < p.memory.total < 0.9 * A100
+    # 6 P with P the parameters, 2048 tokens x 1536 sequences, plus attention and the head: ~3.4 EFLOP a step
+    assert p.flops_per_step == pytest.approx(3.39e18, rel=0.01)
+
+
+def test_a_layout_that_cannot_fit_says_so_and_layouts_that_fit_are_offered():
+    cfg = gpt3(SINGLE_GPU + ["train.global_batch_size=2048"])  # the whole model on every GPU
+    p = plan(cfg, 1024)
+    assert not p.fits(A100)
+    assert p.memory.held_bytes > 175e9 * 2  # bf16 weights alone are 350 GB
+    found = layouts_that_fit(cfg, 1024, 8, A100)
+    assert found
+    for overrides, other in found:
+        assert other.fits(A100)
+        assert plan(load_config(GPT3, overrides.split() + ["train.global_batch_size=2048", "model.vocab_size=50257"]),
+                    1024).fits(A100)
+
+
+@pytest.mark.parametrize("overrides, world, message", [
+    (["parallel.tensor=16", "parallel.pipeline=16"], 1000, "world size 1000 does not divide by parallel.tensor x "
+                                                           "parallel.pipeline = 256"),
+    (["parallel.pipeline=7"], 1024, "parallel.pipeline=7 does not divide model.num_layers=96"),
+    (["train.global_batch_size=1540"], 1024, "train.global_batch_size=1540 is not a multiple of micro_batch_size x "
+                                             "data_parallel = 1 x 8 = 8: use 1544"),
+    (["train.micro_batch_size=5"], 1024, "train.global_batch_size=1536 is not a multiple of train.micro_batch_size=5"),
+    (["parallel.zero_stage=3"], 1024, "parallel.zero_stage=3 does not work with parallel.pipeline=16"),
+])
+def test_layout_arithmetic_errors_are_one_clear_line(overrides, world, message):
+    with pytest.raises(ConfigError) as info:
+        plan(gpt3(overrides), world)
+    assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_activations_are_korthikantis_with_dropout_at_two_bytes():
+    """Korthikanti et al. 2022: s·b·h·(10 + 24/t) bytes per layer, 34/t with sequence parallelism (without the
+    5·a·s/h attention-score term that SDPA does not keep); full recomputation keeps the 2·s·b·h input."""
+    cfg = gpt3(["model.dropout=0.1"])
+    sbh = cfg.train.seq_len * cfg.train.micro_batch_size * cfg.model.hidden_size
+    assert layer_activations(cfg.model, cfg, 2, "none") == pytest.approx(sbh * 34 / 8)
+    cfg.parallel.sequence_parallel = False
+    assert layer_activations(cfg.model, cfg, 2, "none") == pytest.approx(sbh * (10 + 24 / 8))
+    assert layer_activations(cfg.model, cfg, 2, "full") == pytest.approx(2 * sbh)
+
+
+def test_mixed_precision_holds_two_two_four_and_twelve_over_d_bytes_per_parameter():
+    """bf16 under ZeRO-1 runs DeepSpeed's bf16 optimizer: bf16 weights and gradients (2 + 2), its fp32 gradient
+    accumulator (4), and fp32 master weights and AdamW moments over the data-parallel ranks (12 / d)."""
+    p = plan(gpt3(["parallel.tensor=8", "parallel.pipeline=1", "train.global_batch_size=1536"]), 1024)
+    held = {t.name: t.bytes for t in p.memory.held}
+    weights = held["weights"] / 2  # the parameters on one rank
+    data = 1024 // 8
+    assert held["fp32 gradients"] == 4 * weights
+    assert held["fp32 master weights"] + held["AdamW moments"] == pytest.approx(12 * weights / data)
+    assert {t.name: t.bytes for t in p.memory.moments["step"]}["bf16 gradients"] == 2 * weights
+    zero3 = plan(gpt3(["parallel.pipeline=1", "parallel.zero_stage=3"]), 1024)
+    held3 = {t.name: t.bytes for t in zero3.memory.held}
+    assert held3["weights"] == pytest.approx(2 * weights / data)  # ZeRO-3 partitions the weights too
+
+
+def test_deepspeed_defaults_are_the_ones_the_plan_assumes():
+    import torch
+    from deepspeed.runtime.engine import MEMORY_OPT_ALLREDUCE_SIZE
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+
+    from scalelm.parallel.engine import deepspeed_config
+    from scalelm.parallel.topology import Layout
+
+    layout = Layout(rank=0, world=1, tensor=1, pipeline=1, data=1, tp_rank=0, dp_rank=0, pp_rank=0,
+                    device=torch.device("cpu"))
+    ours = deepspeed_config(load_config(None, []), layout)["zero_optimization"]
+    assert set(ours) == {"stage"}  # the buckets are DeepSpeed's defaults
+    zero = DeepSpeedZeroConfig(**ours)
+    assert zero.reduce_bucket_size == REDUCE_BUCKET
+    assert zero.prefetch_bucket_size == PREFETCH_BUCKET
+    assert zero.max_reuse_distance == MAX_REUSE_DISTANCE
+    assert MEMORY_OPT_ALLREDUCE_SIZE == ALLREDUCE_BUCKET
+
+
+def test_cli_prints_the_sections_and_exits_0_when_it_fits(capsys):
+    assert main(["plan", "--config", GPT3, *CLUSTER]) == 0
+    out = capsys.readouterr().out
+    for section in ("cluster: 128 nodes x 8 a100 = 1024 GPUs", "model: 174.6", "B parameters",
+                    "layout: tensor 8 x pipeline 16 x data 8, ZeRO-1", "pipeline bubble", "memory per GPU",
+                    "weights", "fp32 master weights", "AdamW moments", "gradients", "activations", "total",
+                    "fits", "without recomputation", "with full recomputation", "PFLOP per step",
+                    "at 40% MFU", "s per step", "tokens/s"):
+        assert section in out, section
+
+
+def test_cli_exits_1_and_suggests_layouts_when_it_does_not_fit(capsys):
+    assert main(["plan", "--config", GPT3, *CLUSTER, *SINGLE_GPU, "train.global_batch_size=2048"]) == 1
+    out = capsys.readouterr().out
+    assert "DOES NOT FIT" in out and "layouts that fit" in out and "parallel.tensor=" in out
+
+
+def test_cli_exits_1_on_a_layout_that_does_not_divide(capsys):
+    assert main(["plan", "--config", GPT3, *CLUSTER, *SINGLE_GPU]) == 1  # 1536 sequences over 1024 ranks
+    out = capsys.readouterr().out
+    assert "this layout does not run on 1024 GPUs: train.global_batch_size=1536 is not a multiple" in out
+    assert "layouts that fit" in out
