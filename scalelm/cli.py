@@ -387,7 +387,7 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _plan(args: argparse.Namespace) -> int:
-    _quiet_engines()
+    quiet_engines()
     from scalelm.config import load_config
     from scalelm.parallel.plan import GPUS, describe, layouts_that_fit, plan
 

@@ -48,14 +48,14 @@ requeue() {
   echo "scalelm: USR1 at $(date -Is): checkpoint, then requeue"
   scancel --signal=TERM "$SLURM_JOB_ID"
   wait "$srun_pid"
-  scontrol requeue "$SLURM_JOB_ID"
+  scontrol requeue "$SLURM_JOB_ID" || echo "scalelm: could not requeue the job; resubmit it to resume"
 }
-trap requeue USR1
 
 # One task per GPU: each task is one rank (SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID) and gets
 # SLURM's signals directly, with no launcher in between.
 srun --kill-on-bad-exit=1 "$PYTHON" -m scalelm pretrain "$@" &
 srun_pid=$!
+trap requeue USR1
 wait "$srun_pid"  # returns early when USR1 arrives; the trap then waits for the ranks itself
 wait "$srun_pid"
 status=$?
