@@ -3,10 +3,11 @@ fit, which layouts would. Arithmetic only: nothing is allocated, no process grou
 
 Memory is what DeepSpeed 0.19.8 and megatron-core hold on one rank of the most loaded pipeline stage, read
 from their code and checked against the peak memory of tiny CPU runs (tests/distributed/test_plan_memory.py,
-bench/plan_memory_probe.py). Ψ: the parameters the rank holds after the tensor and pipeline split; d: the
-data-parallel ranks; w: bytes per element of the training precision (4 fp32, 2 bf16/fp16); B = 5e8: DeepSpeed's
-reduce bucket in elements. Some memory is held for the whole run; the rest comes and goes within a step, at
-moments that do not overlap, and the peak is what is held plus the largest moment:
+bench/plan_memory_probe.py) and of one-GPU runs (tests/gpu/test_plan_gpu.py; bench/plan_memory_findings.md).
+Ψ: the parameters the rank holds after the tensor and pipeline split; d: the data-parallel ranks; w: bytes per
+element of the training precision (4 fp32, 2 bf16/fp16); B = 5e8: DeepSpeed's reduce bucket in elements. Some
+memory is held for the whole run; the rest comes and goes within a step, at moments that do not overlap, and
+the peak is what is held plus the largest moment:
 
     held      weights Ψ·w (ZeRO-3: /d); DeepSpeed's own fp32 master copy 4Ψ/d, in fp32 training too; AdamW's
               moments 8Ψ/d. bf16 under ZeRO-1 runs DeepSpeed's bf16 optimizer, whose fp32 gradient accumulator
