@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Sequence
 
 from scalelm.config import Config, from_dict, load_config, to_dict
-from scalelm.errors import ConfigError, ScalelmError
+from scalelm.errors import ConfigError, ScalelmError, TrainingError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,8 +41,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args, extra = build_parser().parse_known_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if any("=" not in e or e.startswith("-") for e in extra):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     args.overrides += extra  # key=value may follow options too
+    if args.workers < 1 or args.max_failures < 0:
+        parser.error("--workers must be 1 or more and --max-failures 0 or more")
     try:
         cfg = load_config(args.config, args.overrides)
         check_paths(cfg)
@@ -56,7 +61,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def run(cfg: Config, args: argparse.Namespace) -> None:
-    """Train on `args.workers` Ray Train workers; raises when Ray gives up on them."""
+    """Train on `args.workers` Ray Train workers; TrainingError when Ray gives up on them."""
     import ray
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -77,7 +82,12 @@ def run(cfg: Config, args: argparse.Namespace) -> None:
         run_config=RunConfig(name="ray", storage_path=str(Path(cfg.log.dir).resolve()),
                              failure_config=FailureConfig(max_failures=args.max_failures)),
     )
-    trainer.fit()
+    try:
+        trainer.fit()
+    except ray.train.TrainingFailedError as e:
+        newest = sorted(Path(cfg.checkpoint.dir).glob("step-*"))
+        raise TrainingError(f"the workers failed and Ray gave up after {args.max_failures} restart(s): "
+                            f"{str(e).splitlines()[0]}; newest checkpoint: {newest[-1] if newest else 'none'}") from None
 
 
 def train_worker(loop_config: dict) -> None:

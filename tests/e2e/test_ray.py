@@ -99,3 +99,4 @@ def test_ray_job_trains_and_resumes_after_a_worker_is_killed(ray_head, pipeline,
     resumed_at = int(events.split("resuming from ")[1].split("(step ")[1].split(")")[0])
     assert 10 <= resumed_at < steps  # the new workers went on from the checkpoint, not from scratch
     assert f"saved {run / 'checkpoints' / f'step-{steps:08d}'} (end of run" in events
+
