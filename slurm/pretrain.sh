@@ -34,6 +34,9 @@ if [ $# -eq 0 ]; then
 fi
 
 # Rank 0's host and a port every task derives from the job id: no two jobs on a node share one.
+# Each task's rank comes from SLURM (SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID), never from the shell
+# sbatch was run in: a RANK or WORLD_SIZE left there would make every task a rank 0 of its own.
+unset RANK WORLD_SIZE LOCAL_RANK
 MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
 MASTER_PORT=$((20000 + SLURM_JOB_ID % 40000))
 export MASTER_ADDR MASTER_PORT

@@ -30,6 +30,9 @@ def slurm(tmp_path_factory):
         cluster.stop()
         pytest.fail(str(e), pytrace=False)
     cluster.env["SCALELM_PYTHON"] = sys.executable  # the job's ranks run this interpreter, as a user's venv would
+    # A shell that ran a one-process job before has these; sbatch passes them on, and the script must not let
+    # them make each task a rank 0 of its own.
+    cluster.env.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
     yield cluster
     cluster.stop()
 
