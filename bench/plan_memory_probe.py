@@ -19,11 +19,10 @@ sys.path.insert(0, str(Path(__file__).parents[1]))  # the repository, for tests.
 
 from scalelm.parallel.plan import plan
 from tests.distributed.ranks import run_ranks
+from tests.distributed.workloads import MEMORY_MODEL as MODEL
+from tests.distributed.workloads import MEMORY_VOCAB as VOCAB
 from tests.distributed.workloads import peak_memory, tiny_config
 
-VOCAB = 8000
-MODEL = ["model.num_layers=4", "model.hidden_size=512", "model.num_heads=8", "train.seq_len=128",
-         "train.micro_batch_size=4", "train.global_batch_size=8", "train.precision=fp32"]
 LAYOUTS = {  # name: (world size, overrides)
     "single": (1, []),
     "dp2-zero1": (2, ["parallel.zero_stage=1"]),
@@ -41,8 +40,7 @@ def planned(overrides: list[str], world: int) -> list:
     cfg = tiny_config(overrides)
     cfg.model.vocab_size = VOCAB
     p = plan(cfg, world, on_gpu=False)
-    stages = {1: ["only"], 2: ["first", "last"]}[p.cfg.parallel.pipeline]  # the plan has the first and last stage
-    return [p.stages[stages[rank * len(stages) // world]] for rank in range(world)]
+    return [p.for_rank(rank) for rank in range(world)]
 
 
 def main() -> None:

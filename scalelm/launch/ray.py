@@ -14,13 +14,13 @@ the new workers resume from the newest checkpoint in checkpoint.dir (train.resum
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Sequence
 
 from scalelm.config import Config, from_dict, load_config, to_dict
 from scalelm.errors import ConfigError, ScalelmError, TrainingError
+from scalelm.train.log import read_records
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,7 +55,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ScalelmError as e:
         print(f"scalelm: error: {e}", file=sys.stderr)
         return 2
-    last = last_record(Path(cfg.log.dir) / "metrics.jsonl")
+    last = next((r for r in reversed(read_records(cfg.log.dir)) if "loss" in r), None)  # rank 0's, on shared storage
     print(f"done: step {last['step']}, loss {last['loss']:.4f} -> {cfg.log.dir}/" if last else f"done -> {cfg.log.dir}/")
     return 0
 
@@ -98,13 +98,6 @@ def train_worker(loop_config: dict) -> None:
     from scalelm.train.loop import pretrain
 
     pretrain(from_dict(loop_config["config"]))
-
-
-def last_record(metrics: Path) -> dict | None:
-    """The newest training record of a run's metrics.jsonl (written by rank 0), if this node sees it."""
-    lines = metrics.read_text().splitlines() if metrics.is_file() else []
-    records = [json.loads(line) for line in lines if '"loss"' in line]
-    return records[-1] if records else None
 
 
 def check_paths(cfg: Config) -> None:

@@ -103,6 +103,13 @@ class Plan:
     bubble: float
     flops_per_step: float
 
+    def for_rank(self, rank: int) -> Memory:
+        """The memory of global rank `rank` (pipeline stage = rank // (tensor x data); a middle stage is counted
+        as the first, which holds more)."""
+        stage = rank // (self.world // self.cfg.parallel.pipeline)
+        return self.stages["only" if self.cfg.parallel.pipeline == 1 else
+                           "last" if stage == self.cfg.parallel.pipeline - 1 else "first"]
+
     def fits(self, gpu_bytes: float) -> bool:
         return self.memory.total <= HEADROOM * gpu_bytes
 

@@ -89,6 +89,19 @@ class RunLog:
                     self.tensorboard.add_scalar(key, value, record["step"])
 
 
+def read_records(run_dir: str | Path) -> list[dict]:
+    """RUN_DIR/metrics.jsonl as records (training steps have "loss", validations "val_loss"), less the
+    half-written last line a killed run may leave; [] when there is no such file."""
+    path = Path(run_dir) / "metrics.jsonl"
+    records = []
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            pass
+    return records
+
+
 def _continue_records(path: Path, first_step: int):
     """metrics.jsonl opened for writing: emptied for a new run; for a resumed one, cut back to the
     records of steps up to first_step (a killed run may have logged steps its checkpoint lacks)."""

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from scalelm.errors import DataError
+from scalelm.train.log import read_records
 
 
 def plot_run(run_dir: str | Path, out: str | Path) -> Path:
@@ -18,7 +18,7 @@ def plot_run(run_dir: str | Path, out: str | Path) -> Path:
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         raise DataError(f"{path} not found: give the log.dir of a `scalelm pretrain` run")
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = read_records(run_dir)
     train = [r for r in records if "loss" in r]
     val = [r for r in records if "val_loss" in r]
     if not train:

@@ -11,13 +11,12 @@ import pytest
 
 from scalelm.parallel.plan import plan
 from tests.distributed.ranks import run_ranks
+from tests.distributed.workloads import MEMORY_MODEL as MODEL
+from tests.distributed.workloads import MEMORY_VOCAB as VOCAB
 from tests.distributed.workloads import peak_memory, tiny_config
 
 pytestmark = pytest.mark.xdist_group("plan_memory")  # one worker: the layouts share their ranks
 
-VOCAB = 8000
-MODEL = ["model.num_layers=4", "model.hidden_size=512", "model.num_heads=8", "train.seq_len=128",
-         "train.micro_batch_size=4", "train.global_batch_size=8", "train.precision=fp32"]
 LAYOUTS = {  # name: (world size, overrides, steps); single accumulates 2 micro-batches, the others 1 each
     "single": (1, [], 1),
     "dp2-zero2": (2, ["parallel.zero_stage=2"], 1),
@@ -44,9 +43,8 @@ def test_planned_memory_is_within_20_percent_of_the_peak(measured, name):
     cfg = tiny_config(MODEL + overrides)
     cfg.model.vocab_size = VOCAB
     p = plan(cfg, world, on_gpu=False)
-    stages = {1: ["only"], 2: ["first", "last"]}[cfg.parallel.pipeline]  # ranks in pipeline order
     for rank, got in enumerate(measured[name]):
-        memory = p.stages[stages[rank * len(stages) // world]]
+        memory = p.for_rank(rank)
         assert memory.total == pytest.approx(got["grown"], rel=0.2), (
             f"rank {rank}: planned {memory.total / 1e6:.0f} MB (held {memory.held_bytes / 1e6:.0f} + "
             f"{memory.peak_moment} {memory.moment_bytes(memory.peak_moment) / 1e6:.0f}), measured {got['grown'] / 1e6:.0f} MB "

@@ -161,6 +161,13 @@ def evaluate_run(checkpoint, sources: list[str], windows: int, overrides: list[s
     return evaluate_checkpoint(checkpoint, sources, "val", windows, overrides)
 
 
+# The model peak_memory's callers measure: big enough that what the plan models (hundreds of MB a rank) dwarfs
+# what it does not (Python's and the engines' own objects, a few tens of MB).
+MEMORY_VOCAB = 8000
+MEMORY_MODEL = ["model.num_layers=4", "model.hidden_size=512", "model.num_heads=8", "train.seq_len=128",
+                "train.micro_batch_size=4", "train.global_batch_size=8", "train.precision=fp32"]
+
+
 def peak_memory(runs: list[tuple[list[str], int]], vocab_size: int) -> list[dict]:
     """For each (overrides of the tiny config, steps) in turn, all for this world size: how many bytes this rank's
     memory rose above where it stood just before the engine was built, at the peak of building it and training

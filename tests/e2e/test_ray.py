@@ -2,7 +2,6 @@
 workers train the tiny config; one is killed mid-run, Ray restarts the workers and they resume from
 the newest checkpoint to finish the run."""
 
-import json
 import os
 import shutil
 import signal
@@ -15,14 +14,12 @@ from pathlib import Path
 import pytest
 
 from scalelm.parallel.topology import free_port
+from tests.launched import TINY, steps_logged
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("ray")]
 
 REPO = Path(__file__).resolve().parents[2]
 RAY = shutil.which("ray", path=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
-TINY = ["model.num_layers=2", "model.hidden_size=64", "model.num_heads=4", "train.seq_len=32", "train.micro_batch_size=2",
-        "train.global_batch_size=4", "train.eval_every=0", "data.num_workers=0", "optim.warmup_steps=2",
-        "log.every=1", "log.tensorboard=false"]
 
 
 @pytest.fixture(scope="module")
@@ -93,8 +90,7 @@ def test_ray_job_trains_and_resumes_after_a_worker_is_killed(ray_head, pipeline,
         job.kill()
     assert job.returncode == 0, log[-3000:]
     assert f"done: step {steps}" in log
-    resumed = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in resumed if "loss" in r] == list(range(1, steps + 1))  # each step once, none lost
+    assert steps_logged(run) == list(range(1, steps + 1))  # each step once, none lost
     events = (run / "events.log").read_text()
     resumed_at = int(events.split("resuming from ")[1].split("(step ")[1].split(")")[0])
     assert 10 <= resumed_at < steps  # the new workers went on from the checkpoint, not from scratch

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.launched import TINY, steps_logged
 from tests.local_slurm import LocalSlurm, SlurmError
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("slurm")]
@@ -16,9 +17,6 @@ pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("slurm")]
 REPO = Path(__file__).resolve().parents[2]
 # Two tasks on the CPU: the script's GPU request is switched off, one core each.
 CPU_JOB = ["--gpus-per-node=0", "--ntasks-per-node=2", "--cpus-per-task=1", "--time=20"]
-TINY = ["model.num_layers=2", "model.hidden_size=64", "model.num_heads=4", "train.seq_len=32", "train.micro_batch_size=2",
-        "train.global_batch_size=4", "train.eval_every=0", "data.num_workers=0", "optim.warmup_steps=2",
-        "log.every=1", "log.tensorboard=false"]
 
 
 @pytest.fixture(scope="module")
@@ -41,12 +39,6 @@ def submit(slurm: LocalSlurm, pipeline, run: Path, name: str, *extra: str) -> in
     return slurm.sbatch([*CPU_JOB, f"--job-name={name}", f"--output={run}/%x-%j.out", str(REPO / "slurm/pretrain.sh"),
                          "--config", str(REPO / "configs/tiny.yaml"), f"data.train={pipeline['shards']}",
                          f"data.tokenizer={pipeline['tokenizer']}", f"log.dir={run}", *TINY, *extra], cwd=run)
-
-
-def steps_logged(run: Path) -> list[int]:
-    path = run / "metrics.jsonl"
-    lines = path.read_text().splitlines() if path.exists() else []
-    return [json.loads(line)["step"] for line in lines if '"loss"' in line]
 
 
 def test_sbatch_trains_two_ranks_to_a_checkpoint(slurm, pipeline, tmp_path):
