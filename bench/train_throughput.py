@@ -1,6 +1,6 @@
-"""Training throughput on this CPU: `scalelm pretrain` (one process) next to a plain-PyTorch loop of the
-same model, batch and data. The ratio is the framework's own overhead (DeepSpeed engine, loader,
-metrics); 1.0 means none.
+"""Training throughput on this machine's CPU, or its first GPU when it has one: `scalelm pretrain` (one process)
+next to a plain-PyTorch loop of the same model, batch and data (under autocast in bf16/fp16). The ratio is the
+framework's own overhead (DeepSpeed engine, loader, metrics); 1.0 means none.
 
     python bench/train_throughput.py [--config configs/tiny.yaml] [--steps 40] [key=value ...]
 
@@ -46,8 +46,10 @@ def plain_pytorch(cfg, steps: int) -> float:
     """The same GPT, AdamW, schedule, clipping and loader, driven by hand: no DeepSpeed."""
     layout = init_distributed(cfg.parallel, cfg.train.seed)
     try:
-        tc = transformer_config(cfg.model, cfg.parallel, on_gpu=False)
-        model = GPT(cfg.model, tc, layer_spec(on_gpu=False), VOCAB, cfg.train.seed)
+        device, on_gpu = layout.device, layout.device.type == "cuda"
+        tc = transformer_config(cfg.model, cfg.parallel, on_gpu=on_gpu)
+        model = GPT(cfg.model, tc, layer_spec(on_gpu=on_gpu), VOCAB, cfg.train.seed).to(device)
+        half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.precision)  # fp16: no loss scaling, speed only
         o = cfg.optim
         optimizer = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
                                       weight_decay=o.weight_decay)
@@ -59,11 +61,15 @@ def plain_pytorch(cfg, steps: int) -> float:
             start = time.perf_counter()
             for _ in range(accum):
                 batch = next(batches)
-                (model(batch["input_ids"], batch["labels"]) / accum).backward()
+                with torch.autocast(device.type, dtype=half, enabled=half is not None):
+                    loss = model(batch["input_ids"].to(device), batch["labels"].to(device))
+                (loss / accum).backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
+            if on_gpu:
+                torch.cuda.synchronize()
             rates.append(cfg.train.global_batch_size * cfg.train.seq_len / (time.perf_counter() - start))
         return statistics.median(rates[5:])
     finally:
@@ -90,13 +96,15 @@ def main() -> None:
         pretrain(cfg)
         records = [json.loads(line) for line in (tmp / "run" / "metrics.jsonl").read_text().splitlines()]
         ours = statistics.median(r["tokens_per_s"] for r in records[5:])
+        mfu = statistics.median(r["mfu"] for r in records[5:]) if records[-1]["mfu"] is not None else None
         plain_after = plain_pytorch(cfg, args.steps)
         plain = (plain_before + plain_after) / 2
     m, t = cfg.model, cfg.train
     print(f"{Path(args.config).name}: {m.num_layers} layers x {m.hidden_size}, seq {t.seq_len}, "
           f"global batch {t.global_batch_size} (micro {t.micro_batch_size}), {t.precision}, "
-          f"{torch.get_num_threads()} threads, 1 process")
-    print(f"  scalelm pretrain     {ours:10,.0f} tokens/s")
+          + (f"{torch.cuda.get_device_name()}" if torch.cuda.is_available() else f"{torch.get_num_threads()} threads")
+          + ", 1 process")
+    print(f"  scalelm pretrain     {ours:10,.0f} tokens/s" + (f", MFU {mfu:.1%} (PaLM)" if mfu is not None else ""))
     print(f"  plain PyTorch loop   {plain:10,.0f} tokens/s (before {plain_before:,.0f}, after {plain_after:,.0f})")
     print(f"  ratio                {ours / plain:10.2f}")
 
