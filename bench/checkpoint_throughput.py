@@ -31,6 +31,7 @@ from scalelm.checkpoint.resume import find_checkpoint, load_checkpoint  # noqa: 
 from scalelm.checkpoint.save import save_checkpoint  # noqa: E402
 from scalelm.config import load_config, validate  # noqa: E402
 from scalelm.data.loader import loader_from_config  # noqa: E402
+from scalelm.model.build import build_model  # noqa: E402
 from scalelm.parallel.engine import Engine  # noqa: E402
 from scalelm.parallel.state import KEYS  # noqa: E402
 from scalelm.parallel.topology import destroy_distributed, init_distributed  # noqa: E402
@@ -80,7 +81,7 @@ def main() -> None:
 
 def run(cfg, layout, root: Path, repeats: int) -> None:
     started = time.perf_counter()
-    engine = Engine(cfg, layout, VOCAB)
+    engine = Engine(cfg, layout, build_model(cfg, layout, VOCAB))
     loader = loader_from_config(cfg, "train", 0, 1)
     params = sum(p.numel() for _, p in engine.named_parameters())
     print(f"model: {cfg.model.num_layers} layers x {cfg.model.hidden_size}, {params / 1e6:.1f}M parameters "

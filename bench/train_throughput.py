@@ -27,6 +27,7 @@ from scalelm.model.gpt import GPT
 from scalelm.model.spec import layer_spec, transformer_config
 from scalelm.parallel.topology import destroy_distributed, init_distributed
 from scalelm.train.loop import pretrain
+from scalelm.train.objectives import token_losses
 from scalelm.train.schedule import lr_scheduler
 
 VOCAB = 8000
@@ -62,7 +63,7 @@ def plain_pytorch(cfg, steps: int) -> float:
             for _ in range(accum):
                 batch = next(batches)
                 with torch.autocast(device.type, dtype=half, enabled=half is not None):
-                    loss = model(batch["input_ids"].to(device), batch["labels"].to(device))
+                    loss = token_losses(model(batch["input_ids"].to(device)), batch["labels"].to(device)).mean()
                 (loss / accum).backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip)
             optimizer.step()

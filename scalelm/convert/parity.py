@@ -33,7 +33,7 @@ def scalelm_logits(model: ModelConfig, weights: dict[str, torch.Tensor], tokens:
         missing = [k for k in missing if not k.endswith("_extra_state")]
         if missing or unexpected:
             raise ConversionError(f"the weights do not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
-        logits = gpt.eval().logits(tokens)  # (s, b, V_pad)
+        logits = gpt.eval()(tokens)  # (s, b, V_pad)
     return logits.transpose(0, 1)[..., : model.vocab_size].float()
 
 

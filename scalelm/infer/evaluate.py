@@ -86,6 +86,7 @@ def evaluate_checkpoint(path: Path, sources: Sequence[str], split: str, windows:
     `overrides` (parallel.*, train.micro_batch_size, train.precision, ...) give; the result on rank 0. Collective."""
     from scalelm.checkpoint.resume import init_weights
     from scalelm.config import load_config, validate
+    from scalelm.model.build import build_model
     from scalelm.parallel.engine import Engine
     from scalelm.parallel.topology import destroy_distributed, env_rank, init_distributed
 
@@ -104,7 +105,7 @@ def evaluate_checkpoint(path: Path, sources: Sequence[str], split: str, windows:
     n = window_count(loader, windows, t.micro_batch_size * dp)
     layout = init_distributed(cfg.parallel, t.seed)
     try:
-        engine = Engine(cfg, layout, cfg.model.vocab_size)
+        engine = Engine(cfg, layout, build_model(cfg, layout, cfg.model.vocab_size), train=False)
         init_weights(cfg, engine, manifest.get("tokenizer_sha256"))
         mine = (b for k, b in enumerate(islice(iter(loader), n // t.micro_batch_size)) if k % dp == layout.dp_rank)
         loss = engine.eval_loss(mine, n // (t.micro_batch_size * dp))

@@ -4,6 +4,11 @@ megatron-core's own local core attention materialises the (s x s) score matrix a
 mask on a CUDA device; SDPA picks flash, cuDNN or memory-efficient kernels on a GPU, runs on the CPU,
 and handles grouped-query attention itself. Same constructor and forward as megatron's
 DotProductAttention, so it drops into `SelfAttentionSubmodules.core_attention`.
+
+Without a mask, attention is causal over the whole window (SDPA's `is_causal`, which keeps the flash
+kernels). With packed documents the block builds `document_mask(document_ids)`, causal within each
+document and closed between them, and it is used as given. megatron's `PackedSeqParams` (the THD
+format of Transformer Engine) is refused rather than ignored.
 """
 
 from __future__ import annotations
@@ -14,8 +19,19 @@ from megatron.core import tensor_parallel
 from megatron.core.transformer.module import MegatronModule
 
 
+def document_mask(document_ids: torch.Tensor) -> torch.Tensor:
+    """document_ids (b, s) -> (b, 1, s, s) bool, True where query i may NOT attend to key j (megatron's convention):
+    j > i, or j in another document than i. Every query keeps at least itself, so no row is all masked."""
+    same = document_ids[:, None, :, None] == document_ids[:, None, None, :]  # (b, 1, s, s)
+    s = document_ids.shape[1]
+    causal = torch.ones(s, s, dtype=torch.bool, device=document_ids.device).tril()
+    return ~(same & causal)
+
+
 class SDPAttention(MegatronModule):
-    """softmax(Q K^T * scale + causal mask) V over this rank's heads; query (s, b, n, d), key/value (s, b, g, d)."""
+    """softmax(Q K^T * scale + mask) V over this rank's heads; query (s, b, n, d), key/value (s, b, g, d).
+
+    attention_mask: None (causal over the window) or document_mask's (b, 1, s, s), True = not attended."""
 
     def __init__(self, config, layer_number: int, attn_mask_type, attention_type: str,
                  attention_dropout: float | None = None, softmax_scale: float | None = None,
@@ -26,12 +42,16 @@ class SDPAttention(MegatronModule):
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask=None,
                 attn_mask_type=None, attention_bias=None, packed_seq_params=None) -> torch.Tensor:
+        if packed_seq_params is not None or attention_bias is not None:
+            raise ValueError("scalelm's SDPA attention takes packed documents as document_ids (a block mask), "
+                             "not megatron's PackedSeqParams or an attention bias")
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # (s, b, n, d) -> (b, n, s, d)
         dropout = self.dropout if self.training else 0.0
+        allowed = None if attention_mask is None else ~attention_mask
         # NOTE: heads are split over tensor-parallel ranks, so their dropout masks must differ: the
         # model-parallel RNG stream gives each rank its own.
         with tensor_parallel.get_cuda_rng_tracker().fork():
-            out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True, scale=self.softmax_scale,
-                                                 enable_gqa=q.shape[1] != k.shape[1])
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout, is_causal=allowed is None,
+                                                 scale=self.softmax_scale, enable_gqa=q.shape[1] != k.shape[1])
         b, n, s, d = out.shape
         return out.permute(2, 0, 1, 3).reshape(s, b, n * d)  # (s, b, n * d)

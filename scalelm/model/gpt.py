@@ -1,7 +1,16 @@
 """The GPT decoder as a list of layers: embedding, megatron-core TransformerLayers, final norm, head.
 
     input_ids (b, s) ─Embedding─▶ (s, b, h) ─Block × L─▶ (s, b, h) ─FinalNorm─▶ ─Head─▶ logits (s, b, V/tp)
-    loss = mean over tokens of vocab_parallel_cross_entropy(logits, labels)
+
+The model ends at the logits and knows no loss: an objective (scalelm.train.objectives) maps logits
+and a batch to a loss, so pretraining, SFT and later preference losses share one model.
+
+Packed documents. A window may hold several documents (conversations, or pretraining documents
+with `data.document_mask`) that must not see each other. Then the layers pass, beside the hidden
+state, the batch's `position_ids` (b, s), which restart at 0 with each document (learned positions
+and RoPE alike), and `document_ids` (b, s), from which each block builds a block-diagonal causal
+mask. Between layers the activations are therefore `hidden`, or `(hidden, position_ids, document_ids)`
+(`split` / `join`); a run uses one or the other throughout, as DeepSpeed's pipeline needs.
 
 The embedding and head hold the vocabulary padded to a multiple of 128 (`padded_vocab_size`), so it
 splits evenly over tensor ranks; the padding is not part of the model: its logits are -inf, so the
@@ -20,7 +29,7 @@ tensor- and pipeline-parallel layout starts from exactly the single-process weig
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Iterator, Union
 
 import torch
 from megatron.core import parallel_state, tensor_parallel
@@ -31,7 +40,29 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from torch import nn
 
 from scalelm.config import ModelConfig
+from scalelm.model.attention import document_mask
 from scalelm.model.spec import Norm, padded_vocab_size
+
+Activations = Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+"""hidden (s, b, h), or (hidden, position_ids (b, s), document_ids (b, s)) for packed documents."""
+
+
+def split(x: Activations) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+    """(hidden, documents): documents is () or (position_ids, document_ids)."""
+    return (x[0], tuple(x[1:])) if isinstance(x, tuple) else (x, ())
+
+
+def join(hidden: torch.Tensor, documents: tuple[torch.Tensor, ...]) -> Activations:
+    return (hidden, *documents) if documents else hidden
+
+
+def recompute(function, x: Activations) -> Activations:
+    """function(x) under full activation checkpointing (a block, or DeepSpeed's run of pipeline layers), through
+    megatron's checkpoint, which replays the model-parallel RNG streams so recomputed dropout masks match.
+    Only the hidden state is saved and recomputed from; the document tensors ride along unchanged."""
+    hidden, documents = split(x)
+    out = tensor_parallel.checkpoint(lambda h: split(function(join(h, documents)))[0], False, hidden)
+    return join(out, documents)
 
 
 @contextmanager
@@ -63,19 +94,22 @@ class Embedding(nn.Module):
         self.sequence_parallel = tc.sequence_parallel
         self.head = Head(model, tc, vocab_size, seed) if model.tie_embeddings else None  # holds no weight
 
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.head(hidden, weight=self.word.weight)
+    def logits(self, x: Activations) -> torch.Tensor:
+        return self.head(x, weight=self.word.weight)
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, inputs: Activations) -> Activations:
+        """input_ids (b, s), or (input_ids, position_ids, document_ids) -> hidden (s, b, h) [+ the same documents]."""
+        input_ids, documents = split(inputs)
         hidden = self.word(input_ids)  # (b, s, h)
         if self.position is not None:
-            hidden = hidden + self.position(torch.arange(input_ids.shape[1], device=input_ids.device))
+            positions = documents[0] if documents else torch.arange(input_ids.shape[1], device=input_ids.device)
+            hidden = hidden + self.position(positions)
         hidden = hidden.transpose(0, 1).contiguous()  # (s, b, h)
         if self.sequence_parallel:
             hidden = tensor_parallel.scatter_to_sequence_parallel_region(hidden)  # (s/tp, b, h)
             with tensor_parallel.get_cuda_rng_tracker().fork():  # each rank drops out its own part
-                return self.dropout(hidden)
-        return self.dropout(hidden)
+                return join(self.dropout(hidden), documents)
+        return join(self.dropout(hidden), documents)
 
 
 class Block(nn.Module):
@@ -91,14 +125,22 @@ class Block(nn.Module):
                                         use_cpu_initialization=tc.use_cpu_initialization)
         self.sequence_factor = tc.tensor_model_parallel_size if tc.sequence_parallel else 1
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: Activations) -> Activations:
+        hidden, documents = split(x)
         # Attention sees the whole sequence even when the layer's input holds only this rank's part.
-        rotary = self.rope(hidden.shape[0] * self.sequence_factor) if self.rope is not None else None
+        seq_len = hidden.shape[0] * self.sequence_factor
+        rotary = self.rope(seq_len) if self.rope is not None else None  # (s, 1, 1, d): positions 0..s-1
+        mask = None  # causal over the whole window
+        if documents:
+            position_ids, document_ids = documents
+            if rotary is not None:
+                rotary = rotary[:, 0][position_ids.t()]  # (s, b, 1, d): each token's own position
+            mask = document_mask(document_ids)
         if self.sequence_factor > 1:
             # each rank holds its own part of the sequence, so its dropout masks must be its own
             with tensor_parallel.get_cuda_rng_tracker().fork():
-                return self.layer(hidden, attention_mask=None, rotary_pos_emb=rotary)[0]
-        return self.layer(hidden, attention_mask=None, rotary_pos_emb=rotary)[0]
+                return join(self.layer(hidden, attention_mask=mask, rotary_pos_emb=rotary)[0], documents)
+        return join(self.layer(hidden, attention_mask=mask, rotary_pos_emb=rotary)[0], documents)
 
 
 class FinalNorm(nn.Module):
@@ -109,8 +151,9 @@ class FinalNorm(nn.Module):
         with layer_seed(seed, model.num_layers + 1):
             self.norm = Norm(tc, model.hidden_size, eps=model.norm_eps)
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.norm(hidden)
+    def forward(self, x: Activations) -> Activations:
+        hidden, documents = split(x)
+        return join(self.norm(hidden), documents)
 
 
 class Head(nn.Module):
@@ -127,8 +170,8 @@ class Head(nn.Module):
                 zero_padding(self.linear.weight, vocab_size)
         self.vocab_size = vocab_size
 
-    def forward(self, hidden: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
-        logits, _ = self.linear(hidden, weight=weight)  # (s, b, V/tp)
+    def forward(self, x: Activations, weight: torch.Tensor | None = None) -> torch.Tensor:
+        logits, _ = self.linear(split(x)[0], weight=weight)  # (s, b, V/tp)
         width = logits.shape[-1]
         first = parallel_state.get_tensor_model_parallel_rank() * width  # this rank's first vocabulary id
         if first + width > self.vocab_size:
@@ -145,14 +188,8 @@ def zero_padding(weight: torch.Tensor, vocab_size: int) -> None:
         weight[max(0, vocab_size - first):].zero_()
 
 
-def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross entropy; logits (s, b, V/tp) split over tensor ranks, labels (b, s)."""
-    losses = tensor_parallel.vocab_parallel_cross_entropy(logits.float(), labels.transpose(0, 1).contiguous())  # (s, b)
-    return losses.mean()
-
-
 class GPT(nn.Module):
-    """The layers in order with the loss on top, for runs without pipeline parallelism."""
+    """The layers in order, for runs without pipeline parallelism: token ids in, logits out."""
 
     def __init__(self, model: ModelConfig, tc: TransformerConfig, spec: ModuleSpec, vocab_size: int, seed: int,
                  recompute_blocks: bool = False):
@@ -163,14 +200,14 @@ class GPT(nn.Module):
         self.norm = FinalNorm(model, tc, seed)
         self.head = None if model.tie_embeddings else Head(model, tc, vocab_size, seed)
 
-    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return lm_loss(self.logits(input_ids), labels)
-
-    def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """input_ids (b, s) -> logits (s, b, V/tp), the padding -inf."""
-        hidden = self.embedding(input_ids)
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
+                document_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """input_ids (b, s) -> logits (s, b, V/tp), the padding -inf. With position_ids and document_ids
+        (b, s), each document of a packed window is attended to, and positioned, on its own."""
+        if (position_ids is None) != (document_ids is None):
+            raise ValueError("packed documents need both position_ids and document_ids")
+        x = self.embedding(input_ids if position_ids is None else (input_ids, position_ids, document_ids))
         for block in self.blocks:
-            # megatron's checkpoint replays the RNG streams, so recomputed dropout masks match
-            hidden = tensor_parallel.checkpoint(block, False, hidden) if self.recompute_blocks else block(hidden)
-        hidden = self.norm(hidden)
-        return self.embedding.logits(hidden) if self.head is None else self.head(hidden)
+            x = recompute(block, x) if self.recompute_blocks else block(x)
+        x = self.norm(x)
+        return self.embedding.logits(x) if self.head is None else self.head(x)

@@ -72,10 +72,15 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig, *, on_gpu: 
     )
 
 
-def layer_spec(on_gpu: bool) -> ModuleSpec:
-    """The transformer layer's modules: Transformer Engine's, or megatron's local ones with ours swapped in."""
+def layer_spec(on_gpu: bool, documents: bool = False) -> ModuleSpec:
+    """The transformer layer's modules: Transformer Engine's, or megatron's local ones with ours swapped in.
+    With packed documents (`documents`) core attention is always scalelm's SDPA, which takes their block
+    mask; Transformer Engine's causal attention would not look at it."""
     if use_transformer_engine(on_gpu):
-        return get_gpt_layer_with_transformer_engine_spec()
+        spec = get_gpt_layer_with_transformer_engine_spec()
+        if documents:
+            spec.submodules.self_attention.submodules.core_attention = SDPAttention
+        return spec
     spec = get_gpt_layer_local_spec()
     spec.submodules.input_layernorm = Norm
     spec.submodules.pre_mlp_layernorm = Norm

@@ -1,11 +1,12 @@
-"""DeepSpeed assembly: the GPT (or its pipeline of layers), AdamW, the schedule, ZeRO and precision.
+"""DeepSpeed assembly around a built model (model/build.py): the objective, AdamW, the schedule, ZeRO, precision.
 
-    parallel.pipeline == 1   GPT inside a plain DeepSpeedEngine, ZeRO stage 1-3 over the data group
-    parallel.pipeline > 1    the layer list in a DeepSpeed PipelineModule, 1F1B, ZeRO-1
+    parallel.pipeline == 1   the GPT inside a plain DeepSpeedEngine, ZeRO stage 1-3 over the data group
+    parallel.pipeline > 1    its DeepSpeed PipelineModule, 1F1B, ZeRO-1; the objective is the last stage's loss_fn
 
 `Engine.train_step` takes one optimizer step from an iterator of micro-batches and returns the
-step's mean loss over the whole global batch; `Engine.eval_loss` averages the loss of micro-batches
-without touching the weights. A step whose gradients are not finite is skipped by DeepSpeed's ZeRO
+step's loss over the whole global batch, weighted by target tokens (train/objectives.py);
+`Engine.eval_loss` computes the same over micro-batches without touching the weights, and an engine
+built with `train=False` has no optimizer at all. A step whose gradients are not finite is skipped by DeepSpeed's ZeRO
 optimizer (weights, moments and schedule untouched; `step_applied` says so). For checkpoints,
 `gather` / `scatter` move each parameter's state as whole tensors (see state.py) and
 `counters` / `load_counters` the rest: AdamW's step count, the schedule and DeepSpeed's own counts.
@@ -19,15 +20,13 @@ from typing import Iterator
 import deepspeed
 import torch
 import torch.distributed as dist
-from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
-from megatron.core import parallel_state, tensor_parallel
+from megatron.core import parallel_state
 
 from scalelm.config import Config
-from scalelm.model.gpt import GPT, Block, Embedding, FinalNorm, Head, lm_loss
-from scalelm.model.spec import layer_spec, transformer_config
 from scalelm.parallel import state
 from scalelm.parallel.grads import sum_sequence_parallel_grads
-from scalelm.parallel.topology import Layout, MegatronMPU, deepspeed_topology
+from scalelm.parallel.topology import Layout, MegatronMPU
+from scalelm.train.objectives import NextToken
 from scalelm.train.schedule import lr_scheduler
 
 
@@ -36,16 +35,18 @@ def grad_accum_steps(cfg: Config, layout: Layout) -> int:
     return cfg.train.global_batch_size // (cfg.train.micro_batch_size * layout.data)
 
 
-def deepspeed_config(cfg: Config, layout: Layout) -> dict:
+def deepspeed_config(cfg: Config, layout: Layout, zero: bool = True) -> dict:
+    """DeepSpeed's config; without `zero` (no optimizer: evaluation) ZeRO is off and only precision matters."""
     t = cfg.train
+    stage = cfg.parallel.zero_stage if zero else 0
     return {
         "train_batch_size": t.global_batch_size,
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
         "gradient_accumulation_steps": grad_accum_steps(cfg, layout),
         "gradient_clipping": cfg.optim.grad_clip,
-        "zero_optimization": {"stage": cfg.parallel.zero_stage},
+        "zero_optimization": {"stage": stage},
         # bf16 gradients accumulate over micro-batches in fp32 (DeepSpeed does this under ZeRO-1)
-        **({"data_types": {"grad_accum_dtype": "fp32"}} if t.precision == "bf16" and cfg.parallel.zero_stage == 1 else {}),
+        **({"data_types": {"grad_accum_dtype": "fp32"}} if t.precision == "bf16" and stage == 1 else {}),
         "bf16": {"enabled": t.precision == "bf16"},
         # Dynamic loss scaling: start at 2^16, halve on overflow, double after 1000 clean steps.
         "fp16": {"enabled": t.precision == "fp16", "loss_scale": 0, "initial_scale_power": 16,
@@ -53,6 +54,11 @@ def deepspeed_config(cfg: Config, layout: Layout) -> dict:
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
+
+
+def model_inputs(batch: dict) -> list[torch.Tensor]:
+    """What the model takes from a batch: input_ids, and for packed documents their position_ids and document_ids."""
+    return [batch["input_ids"]] + ([batch["position_ids"], batch["document_ids"]] if "document_ids" in batch else [])
 
 
 def param_groups(module: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -64,84 +70,124 @@ def param_groups(module: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def pipeline_layers(cfg: Config, tc, spec, vocab_size: int) -> list:
-    """The GPT as DeepSpeed layer specs; a tied embedding is one weight shared by the first and last stage."""
-    m, seed = cfg.model, cfg.train.seed
-    embed = (TiedLayerSpec("embedding", Embedding, m, tc, vocab_size, seed, tied_weight_attr="word.weight")
-             if m.tie_embeddings else LayerSpec(Embedding, m, tc, vocab_size, seed))
-    head = (TiedLayerSpec("embedding", Embedding, m, tc, vocab_size, seed, positions=False, forward_fn=_tied_logits,
-                          tied_weight_attr="word.weight")
-            if m.tie_embeddings else LayerSpec(Head, m, tc, vocab_size, seed))
-    blocks = [LayerSpec(Block, m, tc, spec, i, seed) for i in range(1, m.num_layers + 1)]
-    return [embed, *blocks, LayerSpec(FinalNorm, m, tc, seed), head]
-
-
-def _recompute(function, *args):
-    """Full activation checkpointing in the pipeline through megatron's checkpoint, which replays the
-    model-parallel RNG streams (DeepSpeed's own would not know them)."""
-    return tensor_parallel.checkpoint(function, False, *args)
-
-
-def _tied_logits(embedding: Embedding, hidden: torch.Tensor) -> torch.Tensor:
-    return embedding.logits(hidden)
-
-
 class Engine:
-    """The model on this rank, wrapped by DeepSpeed, one optimizer step at a time."""
+    """A model on this rank, wrapped by DeepSpeed, one optimizer step at a time; with `train=False`, no
+    optimizer at all (evaluation, scoring): the weights are the model's, loaded through `scatter`."""
 
-    def __init__(self, cfg: Config, layout: Layout, vocab_size: int):
-        on_gpu = layout.device.type == "cuda"
-        tc = transformer_config(cfg.model, cfg.parallel, on_gpu=on_gpu, recompute=cfg.train.activation_checkpointing)
-        spec = layer_spec(on_gpu)
+    def __init__(self, cfg: Config, layout: Layout, model: torch.nn.Module, objective=None, train: bool = True):
         self.pipeline = layout.pipeline > 1
-        if self.pipeline:
-            module = PipelineModule(pipeline_layers(cfg, tc, spec, vocab_size), topology=deepspeed_topology(layout),
-                                    loss_fn=lm_loss, partition_method="type:Block",
-                                    activation_checkpoint_interval=int(cfg.train.activation_checkpointing == "full"),
-                                    activation_checkpoint_func=_recompute, checkpointable_layers=["Block"])
-        else:
-            module = GPT(cfg.model, tc, spec, vocab_size, cfg.train.seed,
-                         recompute_blocks=cfg.train.activation_checkpointing == "full")
-        if cfg.parallel.sequence_parallel:
-            sum_sequence_parallel_grads(module, parallel_state.get_tensor_model_parallel_group())
-        module.to(layout.device)
-        o = cfg.optim
-        optimizer = torch.optim.AdamW(param_groups(module, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2),
-                                      eps=o.eps, fused=on_gpu)
-        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=module, optimizer=optimizer, lr_scheduler=lr_scheduler(optimizer, o),
-            config=deepspeed_config(cfg, layout), mpu=None if self.pipeline else MegatronMPU())
-        # AdamW's state exists from the start, so checkpoints can read and load it before any step
-        state.init_optimizer_state(self.optimizer)
+        self.objective = objective or NextToken()
         self.layout = layout
         self.grad_accum = grad_accum_steps(cfg, layout)
+        if self.pipeline:
+            model.loss_fn = self._pipeline_loss
+        if cfg.parallel.sequence_parallel:
+            sum_sequence_parallel_grads(model, parallel_state.get_tensor_model_parallel_group())
+        model.to(layout.device)
+        optimizer = scheduler = None
+        if train:
+            o = cfg.optim
+            optimizer = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2),
+                                          eps=o.eps, fused=layout.device.type == "cuda")
+            scheduler = lr_scheduler(optimizer, o)
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler,
+            config=deepspeed_config(cfg, layout, zero=train), mpu=None if self.pipeline else MegatronMPU())
+        if train:  # AdamW's state exists from the start, so checkpoints can read and load it before any step
+            state.init_optimizer_state(self.optimizer)
+        # the first and last pipeline stages read the micro-batches (inputs, targets); the others never see them
+        self.reads_data = not self.pipeline or self.engine.is_first_stage() or self.engine.is_last_stage()
+        self.computes_loss = not self.pipeline or self.engine.is_last_stage()
+        self.step_metrics: dict[str, float] = {}
+        self._sums: torch.Tensor | None = None  # the pipeline's metric sums, added up by _pipeline_loss
 
     def train_step(self, batches: Iterator[dict]) -> float:
-        """One optimizer step over grad_accum micro-batches; the mean loss of the global batch."""
+        """One optimizer step over grad_accum micro-batches; the loss of the global batch, token-weighted.
+        `step_metrics` then holds the step's target count and the objective's metrics."""
+        micro = self._take(batches, self.grad_accum)
         if self.pipeline:
-            return self.engine.train_batch(data_iter=self._pairs(batches)).item()
+            loss = self.engine.train_batch(data_iter=self._pipeline_batches(micro)).item()
+            return self._finish(loss, micro)
         total = torch.zeros((), device=self.layout.device)
-        for _ in range(self.grad_accum):
-            batch = next(batches)
-            loss = self.engine(batch["input_ids"].to(self.layout.device), batch["labels"].to(self.layout.device))
+        for batch in micro:
+            loss = self._micro_loss(batch)
             self.engine.backward(loss)
             self.engine.step()
             total += loss.detach().float()
-        return self._data_parallel_mean(total / self.grad_accum)
+        return self._finish(self._data_parallel_mean(total / self.grad_accum), micro)
 
     @torch.no_grad()
     def eval_loss(self, batches: Iterator[dict], micro_batches: int) -> float:
-        """Mean loss over `micro_batches` micro-batches per data-parallel rank, weights untouched."""
+        """The token-weighted loss of `micro_batches` micro-batches per data-parallel rank, weights untouched."""
+        micro = self._take(batches, micro_batches)
         if self.pipeline:
-            return self.engine.eval_batch(self._pairs(batches), num_micro_batches=micro_batches).item()
+            loss = self.engine.eval_batch(self._pipeline_batches(micro), num_micro_batches=micro_batches).item()
+            return self._finish(loss, micro)
         self.engine.eval()
         total = torch.zeros((), device=self.layout.device)
-        for _ in range(micro_batches):
-            batch = next(batches)
-            total += self.engine(batch["input_ids"].to(self.layout.device),
-                                 batch["labels"].to(self.layout.device)).float()
+        for batch in micro:
+            total += self._micro_loss(batch).float()
         self.engine.train()
-        return self._data_parallel_mean(total / micro_batches)
+        return self._finish(self._data_parallel_mean(total / micro_batches), micro)
+
+    # NOTE: how the token weighting is done. Each micro-batch's loss is its sum over target tokens times
+    # scale = micro-batches x data-parallel ranks / (target tokens of the whole batch). DeepSpeed itself
+    # divides the backward by the accumulation steps and averages gradients (and, for the pipeline, the
+    # reported loss) over data-parallel ranks, which turns every figure into Σ sums / Σ targets.
+
+    def _take(self, batches: Iterator[dict], n: int) -> list[dict]:
+        """The step's micro-batches, each with its `scale`; collective over the data-parallel group."""
+        if not self.reads_data:
+            return []
+        micro = [next(batches) for _ in range(n)]
+        units = torch.tensor(float(sum(self.objective.units(b) for b in micro)), device=self.layout.device)
+        if self.layout.data > 1:
+            dist.all_reduce(units, group=parallel_state.get_data_parallel_group())
+        self._units = int(units.item())
+        scale = torch.tensor(n * self.layout.data / max(self._units, 1), dtype=torch.float32)
+        self._sums = None
+        return [{**b, "scale": scale} for b in micro]
+
+    def _micro_loss(self, batch: dict) -> torch.Tensor:
+        on_device = {k: v.to(self.layout.device) for k, v in batch.items() if torch.is_tensor(v)}
+        logits = self.engine(*model_inputs(on_device))
+        loss_sum, metrics = self.objective(logits, on_device)
+        self._add_metrics(metrics)
+        return loss_sum * on_device["scale"]
+
+    def _pipeline_batches(self, micro: list[dict]) -> Iterator[tuple]:
+        """(inputs, targets) pairs as DeepSpeed's pipeline takes them: the first stage gets the inputs, the
+        last the objective's fields and the scale."""
+        self._fields = [k for k in self.objective.fields if micro and k in micro[0]]
+        for batch in micro:
+            inputs = model_inputs(batch)
+            yield (inputs[0] if len(inputs) == 1 else tuple(inputs)), (*(batch[k] for k in self._fields), batch["scale"])
+
+    def _pipeline_loss(self, logits: torch.Tensor, targets: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        *fields, scale = targets
+        loss_sum, metrics = self.objective(logits, dict(zip(self._fields, fields)))
+        self._add_metrics(metrics)
+        return loss_sum * scale
+
+    def _add_metrics(self, metrics: dict[str, torch.Tensor]) -> None:
+        if self.objective.metrics:
+            values = torch.stack([metrics[k].detach().float() for k in self.objective.metrics])
+            self._sums = values if self._sums is None else self._sums + values
+
+    def _finish(self, loss: float, micro: list[dict]) -> float:
+        """Sets step_metrics: the step's target count and metrics (sums over the batch / targets); collective."""
+        self.step_metrics = {"targets": self._units if self.reads_data else None}
+        if not self.objective.metrics:
+            return loss
+        sums = self._sums if self.computes_loss and self._sums is not None else \
+            torch.zeros(len(self.objective.metrics), device=self.layout.device)
+        if self.computes_loss and self.layout.data > 1:
+            dist.all_reduce(sums, group=parallel_state.get_data_parallel_group())
+        if self.pipeline:  # from the last stage to every stage: the others add zeros
+            dist.all_reduce(sums, group=parallel_state.get_pipeline_model_parallel_group())
+        if self.reads_data:
+            self.step_metrics |= {k: v / max(self._units, 1) for k, v in zip(self.objective.metrics, sums.tolist())}
+        return loss
 
     @property
     def step_applied(self) -> bool:
@@ -199,10 +245,6 @@ class Engine:
         """The global gradient norm of the last step, before clipping (None where DeepSpeed keeps none)."""
         norm = self.engine.get_global_grad_norm()
         return None if norm is None else float(norm)
-
-    def _pairs(self, batches: Iterator[dict]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for batch in batches:
-            yield batch["input_ids"].to(self.layout.device), batch["labels"].to(self.layout.device)
 
     def _data_parallel_mean(self, loss: torch.Tensor) -> float:
         if self.layout.data > 1:

@@ -18,6 +18,7 @@ from scalelm.data.files import sha256_file
 from scalelm.data.loader import loader_from_config
 from scalelm.data.tokenizer import load_tokenizer
 from scalelm.errors import ConfigError, Stopped, TrainingError
+from scalelm.model.build import build_model
 from scalelm.parallel.engine import Engine
 from scalelm.parallel.topology import destroy_distributed, env_rank, gather_objects, init_distributed
 from scalelm.train import metrics
@@ -38,7 +39,7 @@ def pretrain(cfg: Config) -> dict:
     layout = init_distributed(cfg.parallel, cfg.train.seed)
     log = None
     try:
-        engine = Engine(cfg, layout, vocab_size)
+        engine = Engine(cfg, layout, build_model(cfg, layout, vocab_size))
         loader = loader_from_config(cfg, "train", layout.dp_rank, layout.data)
         run = {"step": 0, "consumed_tokens": 0, "guard": None}
         ckpt, manifest, notes = find_checkpoint(cfg, layout)

@@ -12,6 +12,7 @@ from scalelm.parallel.gather import gather_tensor_parallel
 from scalelm.parallel.grads import sum_sequence_parallel_grads
 from scalelm.parallel.state import single_process_name
 from scalelm.parallel.topology import destroy_distributed, init_distributed
+from scalelm.train.objectives import token_losses
 
 VOCAB = 200
 LEARNABLE = 50  # tokens are drawn from the first 50 ids: a distribution the model can learn in a few steps
@@ -35,7 +36,7 @@ def forward_backward(overrides: list[str], seed: int = 0) -> dict:
             sum_sequence_parallel_grads(model, tp_group)
         tokens = torch.randint(0, LEARNABLE, (cfg.train.micro_batch_size, cfg.train.seq_len + 1),
                                generator=torch.Generator().manual_seed(seed))
-        loss = model(tokens[:, :-1], tokens[:, 1:])
+        loss = token_losses(model(tokens[:, :-1]), tokens[:, 1:]).mean()
         loss.backward()
         grads = {name: gather_tensor_parallel(p.grad, p, tp_group) for name, p in model.named_parameters()}
         return {"loss": loss.item(), "grads": grads if layout.rank == 0 else None}
@@ -43,28 +44,38 @@ def forward_backward(overrides: list[str], seed: int = 0) -> dict:
         destroy_distributed()
 
 
-def train_steps(overrides: list[str], steps: int = 3, seed: int = 0) -> dict:
+def train_steps(overrides: list[str], steps: int = 3, seed: int = 0, masked: bool = False) -> dict:
     """`steps` optimizer steps on fixed global batches; every rank reports the loss of each step, and
     the first data-parallel rank the whole gradients of the first step under single-process names.
 
     Each step's global batch is the same tokens for every layout; a data-parallel rank takes its
-    contiguous share of it in micro-batches, so every layout averages gradients over the same samples."""
+    contiguous share of it in micro-batches, so every layout averages gradients over the same samples.
+    `masked`: each sequence trains on its own share of its tokens (a loss mask, 5% to 95% of them), so
+    micro-batches and data-parallel ranks hold different numbers of target tokens."""
     from scalelm.config import validate
+    from scalelm.model.build import build_model
     from scalelm.parallel.engine import Engine
 
     cfg = tiny_config(overrides)
     layout = init_distributed(cfg.parallel, seed)
     try:
         validate(cfg, world_size=layout.world)
-        engine = Engine(cfg, layout, VOCAB)
+        engine = Engine(cfg, layout, build_model(cfg, layout, VOCAB))
         grads = _GradCapture(engine.engine.module)
         t = cfg.train
         gen = torch.Generator().manual_seed(seed)
         losses = []
         def micro_batches():
             tokens = torch.randint(0, LEARNABLE, (t.global_batch_size, t.seq_len + 1), generator=gen)
-            share = tokens.chunk(layout.data)[layout.dp_rank]
-            return iter({"input_ids": m[:, :-1], "labels": m[:, 1:]} for m in share.split(t.micro_batch_size))
+            batch = {"input_ids": tokens[:, :-1], "labels": tokens[:, 1:]}
+            if masked:
+                density = torch.linspace(0.05, 0.95, t.global_batch_size)[torch.randperm(t.global_batch_size, generator=gen)]
+                mask = torch.rand(t.global_batch_size, t.seq_len, generator=gen) < density[:, None]
+                mask[:, -1] = True  # at least one target each
+                batch["loss_mask"] = mask
+            share = {k: v.chunk(layout.data)[layout.dp_rank] for k, v in batch.items()}
+            return iter({k: v[i:i + t.micro_batch_size] for k, v in share.items()}
+                        for i in range(0, len(share["input_ids"]), t.micro_batch_size))
 
         for _ in range(steps):
             losses.append(engine.train_step(micro_batches()))
@@ -136,6 +147,7 @@ def reshard(overrides: list[str], source: str, target: str) -> None:
     from scalelm.checkpoint.save import save_checkpoint
     from scalelm.data.files import sha256_file
     from scalelm.data.loader import loader_from_config
+    from scalelm.model.build import build_model
     from scalelm.parallel.engine import Engine
     from scalelm.train.loop import resolve_vocab_size
 
@@ -143,7 +155,7 @@ def reshard(overrides: list[str], source: str, target: str) -> None:
     cfg.model.vocab_size = resolve_vocab_size(cfg)
     layout = init_distributed(cfg.parallel, cfg.train.seed)
     try:
-        engine = Engine(cfg, layout, cfg.model.vocab_size)
+        engine = Engine(cfg, layout, build_model(cfg, layout, cfg.model.vocab_size))
         loader = loader_from_config(cfg, "train", layout.dp_rank, layout.data)
         ckpt, manifest, _ = find_checkpoint(cfg, layout)
         tokenizer = sha256_file(cfg.data.tokenizer)
@@ -188,6 +200,7 @@ def peak_memory(runs: list[tuple[list[str], int]], vocab_size: int) -> list[dict
     from megatron.core import parallel_state
 
     from scalelm.config import validate
+    from scalelm.model.build import build_model
     from scalelm.parallel.engine import Engine
 
     M_MMAP_THRESHOLD = -3  # glibc's malloc.h
@@ -206,7 +219,7 @@ def peak_memory(runs: list[tuple[list[str], int]], vocab_size: int) -> list[dict
             gc.collect()
             before = _memory_status()
             _reset_peak()
-            engine = Engine(cfg, layout, vocab_size)
+            engine = Engine(cfg, layout, build_model(cfg, layout, vocab_size))
             built = _memory_status()
             _reset_peak()
             for _ in range(steps):

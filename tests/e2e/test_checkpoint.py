@@ -192,17 +192,17 @@ def test_a_save_that_cannot_write_is_one_clear_error_and_the_previous_checkpoint
 
 def poison(monkeypatch, bad_steps: set[int], micro_batches: int) -> None:
     """Make the loss NaN on the given steps (the step's first micro-batch)."""
-    import scalelm.model.gpt as gpt
+    import scalelm.train.objectives as objectives
 
-    loss_of, calls = gpt.lm_loss, [0]
+    loss_of, calls = objectives.token_losses, [0]
 
-    def lm_loss(logits, labels):
+    def token_losses(logits, labels):
         calls[0] += 1
         loss = loss_of(logits, labels)
         step, first = divmod(calls[0] - 1, micro_batches)
         return loss * float("nan") if step + 1 in bad_steps and first == 0 else loss
 
-    monkeypatch.setattr(gpt, "lm_loss", lm_loss)
+    monkeypatch.setattr(objectives, "token_losses", token_losses)
 
 
 def test_a_non_finite_loss_skips_the_step(pipeline, tmp_path, monkeypatch):

@@ -25,6 +25,7 @@ MODEL = ["model.num_layers=8", "model.hidden_size=1024", "model.num_heads=16", "
     ["train.precision=fp32"],
 ], ids=["bf16-zero1", "bf16-zero1-recompute", "bf16-zero2", "fp32-zero1"])
 def test_planned_gpu_memory_is_within_20_percent_of_the_allocators_peak(extra, monkeypatch):
+    from scalelm.model.build import build_model
     from scalelm.parallel.engine import Engine
     from scalelm.parallel.topology import destroy_distributed, init_distributed
 
@@ -41,7 +42,7 @@ def test_planned_gpu_memory_is_within_20_percent_of_the_allocators_peak(extra, m
         torch.cuda.synchronize()
         before = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
-        engine = Engine(cfg, layout, VOCAB)
+        engine = Engine(cfg, layout, build_model(cfg, layout, VOCAB))
         for _ in range(2):
             engine.train_step(batches)
         torch.cuda.synchronize()

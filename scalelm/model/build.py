@@ -1,0 +1,58 @@
+"""Build the model of a run on this rank's layout: the GPT, or its list of layers as a DeepSpeed pipeline.
+
+    parallel.pipeline == 1   GPT (model/gpt.py): the layers in order, token ids in, logits out
+    parallel.pipeline > 1    the same layers as DeepSpeed layer specs in a PipelineModule (1F1B); this rank
+                             builds its stage's share
+
+Training, evaluation, scoring and the conversion's parity check all start here; the engine
+(parallel/engine.py) then wraps the module it is given, with or without an optimizer. The module
+knows no loss: the engine attaches the objective (for the pipeline, as the last stage's `loss_fn`).
+"""
+
+from __future__ import annotations
+
+import torch
+from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
+
+from scalelm.config import Config
+from scalelm.model.gpt import GPT, Activations, Block, Embedding, FinalNorm, Head, recompute
+from scalelm.model.spec import layer_spec, transformer_config
+
+
+def build_model(cfg: Config, layout, vocab_size: int, documents: bool = False) -> torch.nn.Module:
+    """The model for `layout` (scalelm.parallel.topology.Layout), on the CPU, initialised from train.seed.
+    `documents`: the batches carry packed documents (position_ids and document_ids)."""
+    on_gpu = layout.device.type == "cuda"
+    tc = transformer_config(cfg.model, cfg.parallel, on_gpu=on_gpu, recompute=cfg.train.activation_checkpointing)
+    spec = layer_spec(on_gpu, documents)
+    full_recompute = cfg.train.activation_checkpointing == "full"
+    if layout.pipeline == 1:
+        return GPT(cfg.model, tc, spec, vocab_size, cfg.train.seed, recompute_blocks=full_recompute)
+    from scalelm.parallel.topology import deepspeed_topology
+
+    return PipelineModule(pipeline_layers(cfg, tc, spec, vocab_size), topology=deepspeed_topology(layout),
+                          partition_method="type:Block", activation_checkpoint_interval=int(full_recompute),
+                          activation_checkpoint_func=_recompute, checkpointable_layers=["Block"])
+
+
+def pipeline_layers(cfg: Config, tc, spec, vocab_size: int) -> list:
+    """The GPT as DeepSpeed layer specs; a tied embedding is one weight shared by the first and last stage."""
+    m, seed = cfg.model, cfg.train.seed
+    embed = (TiedLayerSpec("embedding", Embedding, m, tc, vocab_size, seed, tied_weight_attr="word.weight")
+             if m.tie_embeddings else LayerSpec(Embedding, m, tc, vocab_size, seed))
+    head = (TiedLayerSpec("embedding", Embedding, m, tc, vocab_size, seed, positions=False, forward_fn=_tied_logits,
+                          tied_weight_attr="word.weight")
+            if m.tie_embeddings else LayerSpec(Head, m, tc, vocab_size, seed))
+    blocks = [LayerSpec(Block, m, tc, spec, i, seed) for i in range(1, m.num_layers + 1)]
+    return [embed, *blocks, LayerSpec(FinalNorm, m, tc, seed), head]
+
+
+def _recompute(function, *x: torch.Tensor) -> Activations:
+    """DeepSpeed's pipeline hands its activations unpacked; megatron's checkpoint replays the model-parallel
+    RNG streams (DeepSpeed's own would not know them)."""
+    return recompute(lambda inputs: function(*(inputs if isinstance(inputs, tuple) else (inputs,))),
+                     x if len(x) > 1 else x[0])
+
+
+def _tied_logits(embedding: Embedding, x: Activations) -> torch.Tensor:
+    return embedding.logits(x)

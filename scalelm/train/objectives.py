@@ -1,0 +1,44 @@
+"""Objectives: what a run minimises, as a sum over its units (target tokens) that the engine normalises.
+
+    objective.units(batch)      -> n        the micro-batch's target tokens, from the batch alone
+    objective(logits, batch)    -> (loss_sum, metric_sums)
+
+The engine (parallel/engine.py) knows every micro-batch of a step before the first forward pass, so
+it divides by the units of the whole global batch, over micro-batches and data-parallel ranks:
+
+    loss = Σ_{micro-batches, ranks} loss_sum / Σ_{micro-batches, ranks} n
+
+which is token-weighted, not a mean of per-micro-batch means (those differ as soon as micro-batches
+hold different numbers of target tokens, as SFT's masked conversations do). Metric sums are divided
+by the same count. An objective reads only `fields` of a batch, which is all the last pipeline stage
+receives of it.
+"""
+
+from __future__ import annotations
+
+import torch
+from megatron.core import tensor_parallel
+
+
+def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Next-token cross entropy per token, (s, b); logits (s, b, V/tp) split over tensor ranks, labels (b, s)."""
+    return tensor_parallel.vocab_parallel_cross_entropy(logits.float(), labels.transpose(0, 1).contiguous())
+
+
+class NextToken:
+    """Cross entropy of the next token over the batch's targets: every token when the batch has no
+    `loss_mask` (pretraining), the mask's when it has one (SFT: a chat's assistant turns and their <|end|>)."""
+
+    fields = ("labels", "loss_mask")
+    metrics: tuple[str, ...] = ()
+
+    def units(self, batch: dict) -> int:
+        mask = batch.get("loss_mask")
+        return batch["labels"].numel() if mask is None else int(mask.sum())
+
+    def __call__(self, logits: torch.Tensor, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        losses = token_losses(logits, batch["labels"])  # (s, b)
+        mask = batch.get("loss_mask")
+        if mask is not None:
+            losses = losses * mask.t()
+        return losses.sum(), {}
