@@ -87,10 +87,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing model at --out")
     p.set_defaults(run=_tokenizer_train)
 
-    p = sub.add_parser("shard", help="tokenize documents into WebDataset shards",
+    p = sub.add_parser("shard", help="tokenize documents (or, with --chat, conversations) into WebDataset shards",
                        description="Tokenize on all cores into SHARDS/train-*.tar and SHARDS/val-*.tar (token arrays, "
-                                   "each document followed by EOS) and SHARDS/manifest.json.")
-    p.add_argument("inputs", nargs="+", metavar="DIR", help="prepared documents")
+                                   "each document followed by EOS) and SHARDS/manifest.json. With --chat, read JSONL "
+                                   "conversations (messages, ShareGPT, Alpaca or prompt/completion) and write them in "
+                                   "the chat template with a per-token target flag, for `scalelm finetune`.")
+    p.add_argument("inputs", nargs="+", metavar="DIR", help="prepared documents, or with --chat .jsonl[.gz|.zst] files")
+    p.add_argument("--chat", action="store_true", help="the inputs are conversations: write chat shards")
+    p.add_argument("--seq-len", type=int, default=2048, help="--chat: the longest conversation kept, in tokens "
+                                                              "(the finetuning run's train.seq_len or less; default 2048)")
+    p.add_argument("--overlong", choices=["truncate", "drop"], default="truncate",
+                   help="--chat: a longer conversation is cut after its last assistant turn that fits, or dropped")
     p.add_argument("--tokenizer", required=True, type=Path, help="SentencePiece .model")
     p.add_argument("--out", required=True, type=Path, help="output directory")
     p.add_argument("--shard-size", default="256MB", help="roll over to a new shard after about this size (default 256MB)")
@@ -240,6 +247,8 @@ def _tokenizer_train(args: argparse.Namespace) -> None:
 def _shard(args: argparse.Namespace) -> None:
     from scalelm.data.shards import parse_size, write_shards
 
+    if args.chat:
+        return _shard_chat(args)
     started = time.perf_counter()
     m = write_shards(args.inputs, args.tokenizer, args.out, shard_size=parse_size(args.shard_size),
                      val_fraction=args.val_fraction, workers=args.workers, overwrite=args.overwrite)
@@ -249,6 +258,21 @@ def _shard(args: argparse.Namespace) -> None:
           f"in {time.perf_counter() - started:.1f}s -> {args.out}/")
     if splits["val"]["tokens"] == 0 and args.val_fraction > 0:
         print(f"note: no document fell in the val split; raise --val-fraction (now {args.val_fraction})")
+
+
+def _shard_chat(args: argparse.Namespace) -> None:
+    from scalelm.data.chat_shards import write_chat_shards
+    from scalelm.data.shards import parse_size
+
+    started = time.perf_counter()
+    m = write_chat_shards(args.inputs, args.tokenizer, args.out, seq_len=args.seq_len, overlong=args.overlong,
+                          shard_size=parse_size(args.shard_size), val_fraction=args.val_fraction, workers=args.workers,
+                          overwrite=args.overwrite)
+    for split, s in m["splits"].items():
+        print(f"{split}: {s['conversations']:,} conversations, {s['tokens']:,} tokens ({s['targets']['assistant']:,} "
+              f"assistant targets) in {len(s['shards'])} shards; {s['truncated']:,} cut between turns and "
+              f"{s['dropped_overlong']:,} dropped as longer than --seq-len {args.seq_len}")
+    print(f"-> {args.out}/ in {time.perf_counter() - started:.1f}s")
 
 
 def _inspect(args: argparse.Namespace) -> None:

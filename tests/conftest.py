@@ -9,7 +9,7 @@ import pytest
 from scalelm.data.prepare import prepare
 from scalelm.data.shards import write_shards
 from scalelm.data.tokenizer import train_tokenizer
-from tests.corpus import write_corpus
+from tests.corpus import write_conversations, write_corpus
 from tests.trained import train_models
 
 
@@ -23,6 +23,18 @@ def pipeline(tmp_path_factory) -> dict[str, Path]:
     write_shards([root / "docs"], root / "tok.model", root / "shards", shard_size=64 << 10, val_fraction=0.1,
                  workers=1, progress=False)
     return {"raw": raw, "docs": root / "docs", "tokenizer": root / "tok.model", "shards": root / "shards"}
+
+
+@pytest.fixture(scope="session")
+def chat(pipeline, tmp_path_factory) -> dict[str, Path]:
+    """Conversations in every form `scalelm shard --chat` reads, and chat shards of them (the pipeline's tokenizer)."""
+    from scalelm.data.chat_shards import write_chat_shards
+
+    root = tmp_path_factory.mktemp("chat")
+    raw = write_conversations(root / "raw", n=400)
+    write_chat_shards([raw], pipeline["tokenizer"], root / "shards", seq_len=128, shard_size=64 << 10,
+                      val_fraction=0.1, workers=1, progress=False)
+    return {"raw": raw, "shards": root / "shards", "tokenizer": pipeline["tokenizer"]}
 
 
 @pytest.fixture(scope="session")

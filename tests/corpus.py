@@ -32,3 +32,38 @@ def write_corpus(folder: Path, n_docs: int, seed: int = 0, sentences: tuple[int,
         for _ in range(n_docs):
             f.write(json.dumps({"text": make_document(rng, words, rng.randint(*sentences))}) + "\n")
     return folder
+
+
+def make_sentence(rng: random.Random, words: list[str], low: int = 3, high: int = 12) -> str:
+    return " ".join(words[int(len(words) * rng.random() ** 3)] for _ in range(rng.randint(low, high))).capitalize() + "."
+
+
+def write_conversations(folder: Path, n: int, seed: int = 0, turns: tuple[int, int] = (1, 3),
+                        name: str = "chats.jsonl") -> Path:
+    """n conversations as one .jsonl file, in the four forms `scalelm shard --chat` reads (messages with
+    and without a system prompt, ShareGPT, Alpaca, prompt/completion), of 1 to 3 exchanges; returns the file."""
+    rng = random.Random(seed)
+    words = make_words(300, seed + 1)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / name
+    with open(path, "w") as f:
+        for i in range(n):
+            exchanges = [(make_sentence(rng, words), " ".join(make_sentence(rng, words) for _ in range(rng.randint(1, 4))))
+                         for _ in range(rng.randint(*turns))]
+            form = i % 5
+            if form == 0:
+                record = {"messages": [{"role": "system", "content": make_sentence(rng, words)}]
+                          + [m for q, a in exchanges for m in ({"role": "user", "content": q}, {"role": "assistant", "content": a})]}
+            elif form == 1:
+                record = {"messages": [m for q, a in exchanges
+                                       for m in ({"role": "user", "content": q}, {"role": "assistant", "content": a})]}
+            elif form == 2:
+                record = {"conversations": [m for q, a in exchanges
+                                            for m in ({"from": "human", "value": q}, {"from": "gpt", "value": a})]}
+            elif form == 3:
+                record = {"instruction": exchanges[0][0], "input": make_sentence(rng, words) if i % 2 else "",
+                          "output": exchanges[0][1]}
+            else:
+                record = {"prompt": exchanges[0][0], "completion": exchanges[0][1]}
+            f.write(json.dumps(record) + "\n")
+    return path

@@ -1,14 +1,7 @@
 """The tokenizer as the exports carry it: Hugging Face tokenizer files with the chat template, and
 the SentencePiece vocabulary GGUF embeds. Both come from the one SentencePiece model the run used.
 
-The chat template marks each turn with the tokenizer's role markers (single pieces, see
-scalelm.data.tokenizer.CHAT_TOKENS) and ends it with <|end|>:
-
-    <s><|system|>
-    You are terse.<|end|>
-    <|user|>
-    Hi!<|end|>
-    <|assistant|>
+The chat template is scalelm.data.chat's, the one chat training renders conversations with.
 """
 
 from __future__ import annotations
@@ -21,19 +14,8 @@ from pathlib import Path
 import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2
 
+from scalelm.data.chat import CHAT_TEMPLATE, END_OF_TURN
 from scalelm.data.tokenizer import CHAT_TOKENS
-
-END_OF_TURN = CHAT_TOKENS[-1]
-CHAT_TEMPLATE = (
-    "{{ bos_token }}"
-    "{% for message in messages %}"
-    "{% if message['role'] not in ['system', 'user', 'assistant'] %}"
-    "{{ raise_exception('chat roles are system, user and assistant, not ' + message['role']) }}"
-    "{% endif %}"
-    "{{ '<|' + message['role'] + '|>\n' + message['content'] + '" + END_OF_TURN + "\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
-)
 
 
 @dataclass(frozen=True)

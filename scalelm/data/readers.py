@@ -107,7 +107,7 @@ def _documents(path: Path, text_field: str) -> Iterator[tuple[str, int]]:
     elif fmt == ".txt":
         yield decode_utf8(b"".join(_chunks(path, compression)))
     else:
-        yield from _jsonl_texts(_lines(_chunks(path, compression)), path, text_field)
+        yield from _jsonl_texts(path, text_field)
 
 
 def _chunks(path: Path, compression: str, size: int = 1 << 20) -> Iterator[bytes]:
@@ -150,24 +150,40 @@ def _lines(chunks: Iterator[bytes]) -> Iterator[bytes]:
 _SURROGATES = re.compile("[\ud800-\udfff]")
 
 
-def _jsonl_texts(lines: Iterator[bytes], path: Path, text_field: str) -> Iterator[tuple[str, int]]:
-    for lineno, raw in enumerate(lines, 1):
-        if not raw.strip():
-            continue
-        line, replaced = decode_utf8(raw)
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg}): fix or remove the line") from None
-        if not isinstance(record, dict) or text_field not in record:
+def jsonl_records(path: Path) -> Iterator[tuple[int, dict, int]]:
+    """(line number, record, characters replaced) of each non-blank line of a .jsonl file, plain, .gz or .zst,
+    streamed; a line that is not a JSON object is an error naming the file and line."""
+    try:
+        for lineno, raw in enumerate(_lines(_chunks(path, split_suffix(path)[1])), 1):
+            if not raw.strip():
+                continue
+            line, replaced = decode_utf8(raw)
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg}): fix or remove the line") from None
+            if not isinstance(record, dict):
+                raise DataError(f"{path}:{lineno}: a JSON {type(record).__name__}, not an object: fix or remove the line")
+            yield lineno, record, replaced
+    except (OSError, EOFError, zstandard.ZstdError) as e:
+        raise DataError(f"{path}: cannot be read ({' '.join(str(e).split())}); is it truncated or corrupt?") from None
+
+
+def without_surrogates(text: str) -> tuple[str, int]:
+    """JSON escapes can spell lone surrogates ("\\ud800"), which no UTF-8 file can hold: U+FFFD instead, counted."""
+    return _SURROGATES.subn("\ufffd", text)
+
+
+def _jsonl_texts(path: Path, text_field: str) -> Iterator[tuple[str, int]]:
+    for lineno, record, replaced in jsonl_records(path):
+        if text_field not in record:
             raise DataError(f"{path}:{lineno}: no {text_field!r} field: name the text field with --text-field")
         text = record[text_field]
         if text is None:
             text = ""
         if not isinstance(text, str):
             raise DataError(f"{path}:{lineno}: {text_field!r} holds a {type(text).__name__}, not text: fix the record")
-        # JSON escapes can spell lone surrogates ("\ud800"), which no UTF-8 file can hold.
-        text, surrogates = _SURROGATES.subn("\ufffd", text)
+        text, surrogates = without_surrogates(text)
         yield text, replaced + surrogates
 
 

@@ -6,7 +6,9 @@
       val-000000.tar ...
 
 A sample is a chunk of whole documents, each followed by EOS, so packing at train time is a plain
-concatenation. Chunks (about a million characters of text each) rather than one sample per document
+concatenation. Chat shards (`kind: chat`, written by data/chat_shards.py) hold conversations instead:
+beside `{key}.tokens` a `{key}.flags` byte per token (what it is a target for, data/chat.py), and the
+manifest lists each shard's conversation lengths, from which the loader packs them into windows. Chunks (about a million characters of text each) rather than one sample per document
 keep per-sample tar overhead off the loader's hot path. Documents go to val by a hash of their text,
 so the split is stable whatever the order or the number of cores.
 
@@ -113,16 +115,20 @@ class ShardSetWriter:
     def documents(self) -> int:
         return sum(self.split_documents.values())
 
-    def write(self, split: str, tokens: np.ndarray, documents: int) -> None:
-        """One chunk: `documents` whole documents' tokens, each followed by EOS."""
+    def write(self, split: str, tokens: np.ndarray, documents: int, flags: np.ndarray | None = None,
+              lengths: Sequence[int] | None = None) -> None:
+        """One chunk: `documents` whole documents' tokens, each followed by EOS; or, for chat shards,
+        conversations back to back with their `flags` and `lengths`."""
         if documents:
-            self.sinks[split].write(tokens)
+            self.sinks[split].write(tokens, flags, lengths)
             self.split_documents[split] += documents
 
-    def close(self, **extra) -> dict:
-        """Finish the tars, then write manifest.json (with `extra` fields); returns the manifest."""
+    def close(self, splits: dict[str, dict] | None = None, **extra) -> dict:
+        """Finish the tars, then write manifest.json (with `extra` fields, and `splits` fields per split);
+        returns the manifest."""
         manifest = {**self.header, **extra, "splits": {
-            split: {"documents": self.split_documents[split], **sink.close()} for split, sink in self.sinks.items()}}
+            split: {"documents": self.split_documents[split], **(splits or {}).get(split, {}), **sink.close()}
+            for split, sink in self.sinks.items()}}
         tmp = self.out / f".{MANIFEST}.tmp"
         tmp.write_text(json.dumps(manifest, indent=2) + "\n")
         tmp.rename(self.out / MANIFEST)  # last: a directory without a manifest is not a shard set
@@ -138,14 +144,18 @@ class _ShardSink:
         self._writer: wds.TarWriter | None = None
         self._bytes = 0
 
-    def write(self, tokens: np.ndarray) -> None:
+    def write(self, tokens: np.ndarray, flags: np.ndarray | None = None, lengths: Sequence[int] | None = None) -> None:
         if self._writer is None or self._bytes >= self.shard_size:
             self._roll()
         entry = self.shards[-1]
-        self._writer.write({"__key__": f"{entry['chunks']:08d}", "tokens": tokens.tobytes()})
+        sample = {"__key__": f"{entry['chunks']:08d}", "tokens": tokens.tobytes()}
+        if flags is not None:
+            sample["flags"] = flags.astype(np.uint8).tobytes()
+            entry.setdefault("lengths", []).extend(int(n) for n in lengths)
+        self._writer.write(sample)
         entry["chunks"] += 1
         entry["tokens"] += int(tokens.size)
-        self._bytes += tokens.nbytes + 1024  # payload plus tar headers
+        self._bytes += tokens.nbytes + (0 if flags is None else flags.size) + 1024  # payload plus tar headers
 
     def close(self) -> dict:
         self._finish()
@@ -199,6 +209,7 @@ class Shard:
     url: str
     tokens: int
     sha256: str
+    lengths: tuple[int, ...] | None = None  # chat shards: each conversation's tokens, in stored order
 
 
 @dataclass(frozen=True)
@@ -212,6 +223,7 @@ class ShardSet:
     vocab_size: int
     tokenizer_sha256: str
     shards: tuple[Shard, ...]
+    chat: dict | None = None  # chat shards: the manifest's `chat` entry (template sha256, seq_len, targets)
 
     @property
     def tokens(self) -> int:
@@ -255,26 +267,37 @@ def read_manifest(source: str | Path, split: str, tokenizer_sha256: str | None =
                 f"data.tokenizer at the one used")
         if split not in manifest["splits"]:
             raise DataError(f"{url}: has no {split!r} split (has {', '.join(manifest['splits'])})")
-        shards = tuple(Shard(join_url(source, s["name"]), s["tokens"], s["sha256"])
+        shards = tuple(Shard(join_url(source, s["name"]), s["tokens"], s["sha256"],
+                             tuple(s["lengths"]) if "lengths" in s else None)
                        for s in manifest["splits"][split]["shards"])
+        chat = manifest.get("chat")
+        if chat is not None:
+            chat = {**chat, "targets": manifest["splits"][split]["targets"]}
         return ShardSet(source, split, np.dtype(manifest["dtype"]), manifest["eos_id"], manifest["vocab_size"],
-                        made_with, shards)
+                        made_with, shards, chat)
     except (KeyError, TypeError) as e:
         raise DataError(f"{url}: malformed manifest (missing {e}); re-create the shards with `scalelm shard`") from None
 
 
 def read_shard(shard: Shard, dtype: np.dtype) -> np.ndarray:
     """All token ids of one shard, in stored order; a corrupt or truncated shard raises DataError."""
-    tokens = np.empty(shard.tokens, dtype=dtype)
+    return read_shard_fields(shard, {"tokens": dtype})["tokens"]
+
+
+def read_shard_fields(shard: Shard, fields: dict[str, np.dtype]) -> dict[str, np.ndarray]:
+    """Per field ("tokens", and "flags" in chat shards), one value per token of the shard, in stored order."""
+    arrays = {name: np.empty(shard.tokens, dtype=dtype) for name, dtype in fields.items()}
     filled = 0
     try:
         for sample in wds.tariterators.tarfile_samples([{"url": shard.url}]):
-            chunk = np.frombuffer(sample["tokens"], dtype=dtype)
-            if filled + chunk.size > shard.tokens:
+            chunks = {name: np.frombuffer(sample[name], dtype=dtype) for name, dtype in fields.items()}
+            size = chunks["tokens"].size
+            if filled + size > shard.tokens or any(c.size != size for c in chunks.values()):
                 raise DataError(f"{shard.url}: holds more tokens than its manifest says ({shard.tokens}): it was "
                                 f"replaced after `scalelm shard` wrote the manifest; re-create the shard set")
-            tokens[filled : filled + chunk.size] = chunk
-            filled += chunk.size
+            for name, chunk in chunks.items():
+                arrays[name][filled : filled + size] = chunk
+            filled += size
     except (tarfile.TarError, OSError, KeyError, ValueError) as e:
         reason = e.args[0] if e.args and isinstance(e.args[0], str) else type(e).__name__  # webdataset appends the url
         raise DataError(f"{shard.url}: corrupt or unreadable shard ({reason}): "
@@ -282,4 +305,4 @@ def read_shard(shard: Shard, dtype: np.dtype) -> np.ndarray:
     if filled != shard.tokens:
         raise DataError(f"{shard.url}: truncated, {filled} of the {shard.tokens} tokens its manifest lists: "
                         f"re-create it with `scalelm shard`, or set data.on_bad_shard=skip")
-    return tokens
+    return arrays
