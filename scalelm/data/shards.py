@@ -6,11 +6,13 @@
       val-000000.tar ...
 
 A sample is a chunk of whole documents, each followed by EOS, so packing at train time is a plain
-concatenation. Chat shards (`kind: chat`, written by data/chat_shards.py) hold conversations instead:
-beside `{key}.tokens` a `{key}.flags` byte per token (what it is a target for, data/chat.py), and the
-manifest lists each shard's conversation lengths, from which the loader packs them into windows. Chunks (about a million characters of text each) rather than one sample per document
+concatenation. Chunks (about a million characters of text each) rather than one sample per document
 keep per-sample tar overhead off the loader's hot path. Documents go to val by a hash of their text,
 so the split is stable whatever the order or the number of cores.
+
+Chat shards (`kind: chat`, written by data/chat_shards.py) hold conversations instead: beside
+`{key}.tokens` a `{key}.flags` byte per token (what it is a target for, data/chat.py), and the
+manifest lists each shard's conversation lengths, from which the loader packs them into windows.
 
 `write_shards` tokenizes on every core; `read_manifest` and `read_shard` are the reading side the
 loader uses, over local paths or any URL WebDataset opens (http(s)://, pipe:, gs://, ...).
