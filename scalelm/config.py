@@ -123,6 +123,9 @@ class DataConfig:
     """Seed of the shard and window shuffle."""
     on_bad_shard: Literal["error", "skip"] = "error"
     """What a corrupt or truncated shard does: stop with its name, or skip it and count it."""
+    document_mask: bool = False
+    """Pretraining: attend within each document of a window only, positions restarting at each (as Llama 3
+    trained); chat shards always are."""
 
 
 @dataclass
@@ -160,6 +163,16 @@ class TrainConfig:
 
 
 @dataclass
+class FinetuneConfig:
+    """What `scalelm finetune` trains: the objective, and which tokens of a conversation are its targets."""
+
+    objective: Literal["sft"] = "sft"
+    """sft: next-token cross entropy on the target tokens of chat shards (`scalelm shard --chat`)."""
+    train_on: Literal["assistant", "all", "last"] = "assistant"
+    """Targets: every assistant turn with the <|end|> closing it, every token, or the last assistant turn only."""
+
+
+@dataclass
 class CheckpointConfig:
     """Where and how often checkpoints are written."""
 
@@ -192,6 +205,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
 

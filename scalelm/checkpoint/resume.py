@@ -150,7 +150,7 @@ def _check_fits(cfg: Config, ckpt: Path, manifest: dict, tokenizer_sha256: str |
 
 def _changed_settings(saved: dict, ours: dict) -> list[str]:
     changed = []
-    for section in ("parallel", "optim", "data", "train"):
+    for section in ("parallel", "optim", "data", "train", "finetune"):
         for key, value in ours[section].items():
             if saved.get(section, {}).get(key) != value and key != "resume":
                 changed.append(f"{section}.{key} {saved.get(section, {}).get(key)!r} -> {value!r}")

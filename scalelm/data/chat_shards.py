@@ -10,6 +10,8 @@ renders it. One longer than --seq-len is cut between turns, after the last assis
 (`--overlong truncate`, the default) or dropped (`drop`); one whose first assistant turn does not fit
 is dropped either way. Every cut and drop is counted in the manifest and in what the command prints.
 A conversation goes to val by a hash of its messages, so the split does not depend on order or cores.
+
+`check_fits` is the reading side's check that a chat shard set fits a run (template, lengths, targets).
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ from tqdm import tqdm
 from scalelm.data.chat import ASSISTANT, LAST, TEMPLATE_SHA256, ChatEncoder
 from scalelm.data.conversations import conversation_files, read_conversations
 from scalelm.data.files import sha256_file
-from scalelm.data.shards import SPLITS, ShardSetWriter, is_val, token_dtype
+from scalelm.data.packing import TRAIN_ON
+from scalelm.data.shards import SPLITS, ShardSet, ShardSetWriter, is_val, token_dtype
 from scalelm.data.tokenizer import load_tokenizer
 from scalelm.data.workers import default_workers, imap_ordered
 from scalelm.errors import DataError
@@ -68,6 +71,34 @@ def write_chat_shards(inputs: Sequence[str | Path], tokenizer: str | Path, out: 
               for split, c in counts.items()}
     chat = {"template_sha256": TEMPLATE_SHA256, "seq_len": seq_len, "overlong": overlong}
     return writer.close(splits, kind="chat", chat=chat, val_fraction=val_fraction, inputs=[str(p) for p in inputs])
+
+
+def check_fits(sets: list[ShardSet], seq_len: int, train_on: str) -> bool:
+    """Whether the sources are chat shards (all or none), each fit for this run; raises DataError if not."""
+    if train_on not in TRAIN_ON:
+        raise ValueError(f"train_on={train_on!r}: use one of {', '.join(TRAIN_ON)}")
+    kinds = {s.chat is not None for s in sets}
+    if len(kinds) > 1:
+        raise DataError("chat shards and text shards cannot be blended: train on one kind at a time")
+    for s in sets:
+        if s.chat is None:
+            continue
+        where = f"{s.source} ({s.split})"
+        if s.chat["template_sha256"] != TEMPLATE_SHA256:
+            raise DataError(f"{where} was made with another chat template than this scalelm's: re-create it with "
+                            f"`scalelm shard --chat`")
+        longest = max((n for shard in s.shards for n in shard.lengths), default=0)
+        if longest > seq_len:
+            raise DataError(f"{where} holds conversations of up to {longest} tokens, longer than train.seq_len={seq_len}: "
+                            f"re-shard with --seq-len {seq_len} or raise train.seq_len")
+        targets = s.chat["targets"]["last" if train_on == "last" else "assistant"] if train_on != "all" else s.tokens
+        if s.tokens and targets == 0:
+            raise DataError(f"{where}: no token is a target under finetune.train_on={train_on}: the masks are all "
+                            f"zeros; re-create the shards with `scalelm shard --chat`")
+        if train_on == "assistant" and targets >= s.tokens > 0:
+            raise DataError(f"{where}: every token is marked an assistant target, so the masks mean nothing: "
+                            f"re-create the shards with `scalelm shard --chat`")
+    return kinds == {True}
 
 
 def _batches(conversations):

@@ -18,6 +18,10 @@ same rate, move through epochs in lockstep: in one epoch every window is read ex
 reader. A range covers a few whole shards and at most two partial ones; a reader reads its range
 shard by shard (a *segment*), windows shuffled within the segment with (seed, epoch, shard, start).
 
+Chat shards (data/chat_shards.py) are read the same way, their windows being packed runs of whole
+conversations instead of fixed strides (data/packing.py): the batch then also carries loss_mask,
+position_ids and document_ids, as it does for text shards under `document_mask`.
+
 Several datasets are blended per window by the deficit rule: the next window comes from the
 source furthest behind its weight (argmax_i w_i * (n + 1) - count_i), which is deterministic and
 needs nothing but the counts as state.
@@ -45,8 +49,10 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from scalelm.config import Config
+from scalelm.data.chat_shards import check_fits
 from scalelm.data.files import sha256_file
-from scalelm.data.shards import ShardSet, read_manifest, read_shard
+from scalelm.data.packing import ChatWindows, TextWindows, window_count
+from scalelm.data.shards import ShardSet, read_manifest, read_shard_fields
 from scalelm.errors import DataError
 
 STATE_VERSION = 2
@@ -75,7 +81,9 @@ class Layout:
 
 class TokenLoader:
     """Iterate micro-batches `{"input_ids": (B, L) int64, "labels": (B, L) int64, "origin": [B x "SHARD@OFFSET"]}`
-    forever (origin: where each sequence starts, the shard and the token offset in it).
+    forever (origin: where each sequence starts, the shard and the token offset in it). With packed
+    documents (chat shards, or `document_mask`) also "loss_mask" (B, L) bool, "position_ids" and
+    "document_ids" (B, L) int64; `train_on` picks a chat's targets (assistant, all or last).
 
     Iterating again continues where the last iteration stopped; `state_dict()` / `load_state_dict()`
     carry that position across processes, so a resumed run sees exactly the batches it would have.
@@ -84,7 +92,7 @@ class TokenLoader:
     def __init__(self, sources: Sequence[str | Path], *, split: str, seq_len: int, micro_batch_size: int,
                  dp_rank: int = 0, dp_size: int = 1, num_workers: int = 0, seed: int = 0,
                  weights: Sequence[float] = (), shuffle: bool = True, tokenizer_sha256: str | None = None,
-                 on_bad_shard: str = "error"):
+                 on_bad_shard: str = "error", document_mask: bool = False, train_on: str = "assistant"):
         if seq_len < 1 or micro_batch_size < 1 or num_workers < 0 or not 0 <= dp_rank < dp_size:
             raise ValueError(f"bad loader shape: seq_len={seq_len}, micro_batch_size={micro_batch_size}, "
                              f"num_workers={num_workers}, dp_rank={dp_rank}, dp_size={dp_size}")
@@ -99,6 +107,9 @@ class TokenLoader:
             if other.tokenizer_sha256 != first.tokenizer_sha256:
                 raise DataError(f"{other.source} and {first.source} were made with different tokenizers: "
                                 f"blend only shard sets made with the same one")
+        self.chat = check_fits(self.sets, seq_len, train_on)
+        self.documents = self.chat or document_mask  # the batches carry position_ids and document_ids
+        self.document_mask, self.train_on = document_mask, train_on
         if weights and (len(weights) != len(self.sets) or min(weights) <= 0):
             raise DataError(f"blending weights {list(weights)} for {len(self.sets)} sources: give one positive weight each")
         weights = weights or [s.tokens for s in self.sets]
@@ -117,12 +128,14 @@ class TokenLoader:
         self._states: list[dict | None] = [None] * self.layout.workers
 
     def windows(self) -> int:
-        """The sequences of seq_len + 1 tokens the sources hold: one epoch, over all readers."""
+        """The windows the sources hold (sequences of seq_len + 1 tokens, or packed conversations): one epoch,
+        over all readers."""
         return sum(sum(_window_counts(s, self.layout.seq_len)) for s in self.sets)
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         dataset = _ReaderDataset(self.sets, self.layout, self.on_bad_shard, list(self._states),
-                                 offset=self._batches % self.layout.workers)
+                                 offset=self._batches % self.layout.workers, document_mask=self.document_mask,
+                                 train_on=self.train_on)
         if self.layout.num_workers == 0:
             batches = iter(dataset)
         else:
@@ -140,7 +153,7 @@ class TokenLoader:
             else:
                 self._states[item["worker"]] = item["state"]
                 self._batches += 1
-                yield {"input_ids": item["input_ids"], "labels": item["labels"], "origin": item["origin"]}
+                yield {k: v for k, v in item.items() if k not in ("worker", "state")}
                 continue
             # Stop the workers now: left to the garbage collector, their shutdown waits out torch's
             # join timeouts (5 s a worker). torch has no public close() for a DataLoader iterator.
@@ -219,7 +232,8 @@ def loader_from_config(cfg: Config, split: str = "train", dp_rank: int = 0, dp_s
     return TokenLoader(sources, split=split, seq_len=cfg.train.seq_len, micro_batch_size=cfg.train.micro_batch_size,
                        dp_rank=dp_rank, dp_size=dp_size, num_workers=cfg.data.num_workers if split == "train" else 0,
                        seed=cfg.data.seed, weights=cfg.data.weights if split == "train" else (),
-                       shuffle=split == "train", tokenizer_sha256=tokenizer_sha, on_bad_shard=cfg.data.on_bad_shard)
+                       shuffle=split == "train", tokenizer_sha256=tokenizer_sha, on_bad_shard=cfg.data.on_bad_shard,
+                       document_mask=cfg.data.document_mask, train_on=cfg.finetune.train_on)
 
 
 def _normalise(source: str | Path) -> str:
@@ -233,7 +247,7 @@ def _layout_dict(layout: Layout) -> dict:
 
 
 def _window_counts(shards: ShardSet, seq_len: int) -> list[int]:
-    return [max(0, (s.tokens - 1) // seq_len) for s in shards.shards]
+    return [window_count(s, seq_len) for s in shards.shards]
 
 
 # --------------------------------------------------------------------------- inside a worker
@@ -242,8 +256,10 @@ def _window_counts(shards: ShardSet, seq_len: int) -> list[int]:
 class _ReaderDataset(IterableDataset):
     """What one loader worker runs: its reader's blended window streams, batched."""
 
-    def __init__(self, sets: list[ShardSet], layout: Layout, on_bad_shard: str, states: list[dict | None], offset: int):
+    def __init__(self, sets: list[ShardSet], layout: Layout, on_bad_shard: str, states: list[dict | None], offset: int,
+                 document_mask: bool = False, train_on: str = "assistant"):
         self.sets, self.layout, self.on_bad_shard, self.states, self.offset = sets, layout, on_bad_shard, states, offset
+        self.windows = {"document_mask": document_mask, "train_on": train_on}
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
@@ -252,7 +268,7 @@ class _ReaderDataset(IterableDataset):
         reader = self.layout.dp_rank * self.layout.workers + worker
         readers = self.layout.dp_size * self.layout.workers
         state = self.states[worker] or {"streams": [None] * len(self.sets), "counts": [0] * len(self.sets)}
-        streams = [_WindowStream(s, reader, readers, self.layout, self.on_bad_shard, pos)
+        streams = [_WindowStream(s, reader, readers, self.layout, self.on_bad_shard, pos, **self.windows)
                    for s, pos in zip(self.sets, state["streams"])]
         counts = list(state["counts"])
         weights = np.asarray(self.layout.weights)
@@ -264,17 +280,18 @@ class _ReaderDataset(IterableDataset):
                 windows.append(streams[i].next_window())
                 origins.append(streams[i].origin)
                 counts[i] += 1
-            tokens = np.stack(windows).astype(np.int64)  # (B, L + 1)
-            yield {"input_ids": torch.from_numpy(tokens[:, :-1].copy()), "labels": torch.from_numpy(tokens[:, 1:].copy()),
-                   "origin": origins, "worker": worker, "state": {"streams": [s.position() for s in streams], "counts": list(counts)}}
+            batch = {key: torch.from_numpy(np.stack([w[key] for w in windows])) for key in windows[0]}  # (B, L) each
+            yield {**batch, "origin": origins, "worker": worker,
+                   "state": {"streams": [s.position() for s in streams], "counts": list(counts)}}
 
 
 class _WindowStream:
     """One reader's endless windows from one shard set; position (epoch, segment, window, bad shards)."""
 
     def __init__(self, shards: ShardSet, reader: int, readers: int, layout: Layout, on_bad_shard: str,
-                 position: dict | None):
+                 position: dict | None, document_mask: bool = False, train_on: str = "assistant"):
         self.shards, self.layout, self.on_bad_shard = shards, layout, on_bad_shard
+        self.document_mask, self.train_on = document_mask, train_on
         self.reader = reader
         self.counts = _window_counts(shards, layout.seq_len)
         self.per_reader = sum(self.counts) // readers
@@ -282,7 +299,7 @@ class _WindowStream:
         self.epoch, self.segment, self.window = position["epoch"], position["segment"], position["window"]
         self.bad_shards: list[int] = list(position["bad_shards"])
         self._segments_of: tuple[int, list] | None = None  # (epoch, segments)
-        self._loaded: tuple | None = None  # ((epoch, segment), windows view, order)
+        self._loaded: tuple | None = None  # ((epoch, segment), windows, order)
         self.origin = ""  # "SHARD@TOKEN_OFFSET" of the last window read
 
     def position(self) -> dict:
@@ -300,7 +317,7 @@ class _WindowStream:
                 return
             self.segment, self.window = self.segment + 1, self.window - (hi - lo)
 
-    def next_window(self) -> np.ndarray:
+    def next_window(self) -> dict[str, np.ndarray]:
         idle = 0  # segments and epoch ends passed without a window, to stop if every shard is bad
         while True:
             segments = self._segments(self.epoch)
@@ -309,7 +326,7 @@ class _WindowStream:
                 if self.window < len(order):
                     self.window += 1
                     index = int(order[self.window - 1])
-                    self.origin = f"{self.shards.shards[segments[self.segment][0]].url}@{index * self.layout.seq_len}"
+                    self.origin = f"{self.shards.shards[segments[self.segment][0]].url}@{windows.offset(index)}"
                     return windows[index]
                 self.segment, self.window = self.segment + 1, 0
             else:
@@ -335,30 +352,31 @@ class _WindowStream:
             self._segments_of = (epoch, segments)
         return self._segments_of[1]
 
-    def _load(self, segment: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray]:
+    def _load(self, segment: tuple[int, int, int]) -> tuple[TextWindows | ChatWindows, np.ndarray]:
         key = (self.epoch, self.segment)
         if self._loaded is None or self._loaded[0] != key:
             shard_index, lo, hi = segment
-            tokens = self._read(shard_index)
-            L = self.layout.seq_len
-            n = max(0, (tokens.size - 1) // L)
-            # (n, L + 1) overlapping view: row i is tokens[i*L : i*L + L + 1]; no copy.
-            windows = np.lib.stride_tricks.as_strided(tokens, (n, L + 1), (L * tokens.itemsize, tokens.itemsize),
-                                                      writeable=False)
-            order = np.arange(lo, hi) if n else np.arange(0)
+            fields, L = self._read(shard_index), self.layout.seq_len
+            if self.shards.chat is not None:
+                windows = ChatWindows(fields["tokens"], fields["flags"], self.shards.shards[shard_index].lengths, L,
+                                      self.train_on)
+            else:
+                windows = TextWindows(fields["tokens"], L, self.shards.eos_id if self.document_mask else None)
+            order = np.arange(lo, hi) if len(windows) else np.arange(0)
             if self.layout.shuffle:
                 order = np.random.default_rng([self.layout.seed, self.epoch, shard_index, lo]).permutation(order)
             self._loaded = (key, windows, order)
         return self._loaded[1], self._loaded[2]
 
-    def _read(self, shard_index: int) -> np.ndarray:
-        """The shard's tokens; a bad shard under on_bad_shard=skip reads as empty (warned about once)."""
+    def _read(self, shard_index: int) -> dict[str, np.ndarray]:
+        """The shard's tokens (and flags); a bad shard under on_bad_shard=skip reads as empty (warned about once)."""
+        fields = {"tokens": self.shards.dtype, **({"flags": np.dtype(np.uint8)} if self.shards.chat is not None else {})}
         if shard_index not in self.bad_shards:
             try:
-                return read_shard(self.shards.shards[shard_index], self.shards.dtype)
+                return read_shard_fields(self.shards.shards[shard_index], fields)
             except DataError as e:
                 if self.on_bad_shard != "skip":
                     raise
                 warnings.warn(f"skipping bad shard: {e}", stacklevel=2)
                 self.bad_shards.append(shard_index)
-        return np.empty(0, self.shards.dtype)
+        return {name: np.empty(0, dtype) for name, dtype in fields.items()}
