@@ -94,7 +94,7 @@ def test_batches_carry_the_packed_fields_and_resume_exactly(chat):
 
 
 def test_a_run_too_short_for_the_shards_is_refused(chat):
-    with pytest.raises(DataError, match=rf"holds conversations of up to \d+ tokens, longer than train.seq_len=64: "
+    with pytest.raises(DataError, match=r"holds conversations of up to \d+ tokens, longer than train.seq_len=64: "
                                         r"re-shard with --seq-len 64"):
         chat_loader(chat, seq_len=64)
 
