@@ -2,9 +2,10 @@
 
     scalelm prepare INPUT... --out DIR        raw text -> cleaned, deduplicated documents
     scalelm tokenizer train DIR --out T.model documents -> SentencePiece model
-    scalelm shard DIR --tokenizer T.model --out SHARDS
+    scalelm shard DIR --tokenizer T.model --out SHARDS       (--chat: JSONL conversations -> chat shards)
     scalelm inspect SHARDS                    what a shard set holds; --verify checks every shard
     scalelm pretrain --config CFG [key=value ...] [--nproc-per-node N]
+    scalelm finetune --config CFG [key=value ...] [--nproc-per-node N]   chat SFT of train.init_from on chat shards
     scalelm checkpoint consolidate CKPT --out model.safetensors   one unsharded fp32 weight file
     scalelm convert to-hf CKPT OUT_DIR        Hugging Face folder (GPT-2 or Llama layout), parity-checked
     scalelm convert from-hf HF_DIR OUT_CKPT   a Hugging Face model as a scalelm checkpoint (train.init_from)
@@ -122,6 +123,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. optim.lr=3e-4")
     p.add_argument("--nproc-per-node", type=int, default=1, help="start this many local ranks (default 1)")
     p.set_defaults(run=_pretrain)
+
+    p = sub.add_parser("finetune", help="chat SFT of a pretrained or Hugging Face model on chat shards",
+                       description="Finetune the model of train.init_from (a checkpoint of any layout, or `scalelm convert "
+                                   "from-hf` output) on chat shards (`scalelm shard --chat`): packed conversations, the "
+                                   "loss on finetune.train_on's tokens. The model and tokenizer default to the start's. "
+                                   "Launched, checkpointed and resumed like pretrain.")
+    p.add_argument("--config", required=True, help="YAML config (see configs/sft-tiny.yaml)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.init_from=CKPT")
+    p.add_argument("--nproc-per-node", type=int, default=1, help="start this many local ranks (default 1)")
+    p.set_defaults(run=_finetune)
 
     ckpt = sub.add_parser("checkpoint", help="work with checkpoints").add_subparsers(required=True, metavar="ACTION")
     p = ckpt.add_parser("consolidate", help="write a checkpoint's weights as one unsharded safetensors file",
@@ -285,15 +296,25 @@ def _inspect(args: argparse.Namespace) -> None:
 def _pretrain(args: argparse.Namespace) -> int:
     from scalelm.config import load_config
 
+    return _train(args, "pretrain", load_config)
+
+
+def _finetune(args: argparse.Namespace) -> int:
+    from scalelm.train.finetune import load_finetune_config
+
+    return _train(args, "finetune", load_finetune_config)
+
+
+def _train(args: argparse.Namespace, stage: str, load) -> int:
     quiet_engines()
-    cfg = load_config(args.config, args.overrides)  # config errors stop here, before any rank starts
+    cfg = load(args.config, args.overrides)  # config errors stop here, before any rank starts
     if args.nproc_per_node > 1:
         from scalelm.launch.torchrun import relaunch
 
-        return relaunch(args.nproc_per_node, ["pretrain", "--config", args.config, *args.overrides])
-    from scalelm.train.loop import pretrain
+        return relaunch(args.nproc_per_node, [stage, "--config", args.config, *args.overrides])
+    from scalelm.train.loop import train
 
-    last = pretrain(cfg)
+    last = train(cfg, stage)
     if last and "loss" in last:
         print(f"done: step {last['step']}, loss {last['loss']:.4f}"
               + (f", val loss {last['val_loss']:.4f}" if "val_loss" in last else "") + f" -> {cfg.log.dir}/")

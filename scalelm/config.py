@@ -214,9 +214,9 @@ class Config:
 
 
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = (), base: dict[str, Any] | None = None) -> Config:
-    """Read a YAML config (or start from `base`, a config as dicts, or the defaults), apply `key=value`
-    overrides, validate."""
-    raw: dict[str, Any] = copy.deepcopy(base) if base else {}
+    """Read a YAML config over `base` (a config as dicts; else the defaults), apply `key=value` overrides,
+    validate. The file's keys replace base's, section by section."""
+    raw: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
         if not path.is_file():
@@ -227,11 +227,19 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = (), b
             raise ConfigError(f"{path}: not valid YAML ({_one_line(e)})") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: expected a mapping of sections (model:, train:, ...) at the top")
+    raw = _merged(copy.deepcopy(base or {}), raw)
     for item in overrides:
         _apply_override(raw, item)
     cfg = from_dict(raw)
     validate(cfg)
     return cfg
+
+
+def _merged(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    """`top` over `base`: sections merge key by key, values replace."""
+    for key, value in top.items():
+        base[key] = _merged(base[key], value) if isinstance(value, dict) and isinstance(base.get(key), dict) else value
+    return base
 
 
 def from_dict(raw: dict[str, Any]) -> Config:

@@ -139,7 +139,9 @@ def _verify(ckpt: Path, layout: Layout) -> tuple[dict | None, list[str]]:
 
 def _check_fits(cfg: Config, ckpt: Path, manifest: dict, tokenizer_sha256: str | None) -> None:
     ours, theirs = to_dict(cfg)["model"], manifest["config"]["model"]
-    differ = [f"model.{k}={theirs.get(k)!r} there, {v!r} here" for k, v in ours.items() if theirs.get(k) != v]
+    # dropout and the initialisation's spread may change between runs of the same weights (finetuning)
+    differ = [f"model.{k}={theirs.get(k)!r} there, {v!r} here" for k, v in ours.items()
+              if theirs.get(k) != v and k not in ("dropout", "attention_dropout", "init_std")]
     if differ:
         raise CheckpointError(f"checkpoint {ckpt} holds another model ({'; '.join(differ)}): use its model "
                               f"settings, or set checkpoint.dir elsewhere to start over")

@@ -93,7 +93,7 @@ def chat_window(tokens: np.ndarray, flags: np.ndarray, lengths: np.ndarray, seq_
     n = int(tokens.size)
     ids = np.zeros(seq_len, np.int64)
     ids[:n] = tokens
-    document_ids, position_ids = _documents(np.append(lengths, seq_len - n), seq_len)
+    document_ids, position_ids = document_positions(np.append(lengths, seq_len - n), seq_len)
     same = np.zeros(seq_len, bool)  # the next token belongs to the same conversation
     same[: n - 1] = document_ids[1:n] == document_ids[: n - 1]
     nxt = np.zeros(seq_len, np.uint8)
@@ -114,7 +114,7 @@ def text_documents(input_ids: np.ndarray, eos_id: int) -> dict:
     return {"position_ids": position_ids, "document_ids": document_ids}
 
 
-def _documents(lengths: np.ndarray, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
+def document_positions(lengths: np.ndarray, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
     """document_ids and position_ids of documents of these lengths laid end to end (a zero length is skipped)."""
     lengths = lengths[lengths > 0]
     document_ids = np.repeat(np.arange(lengths.size), lengths)

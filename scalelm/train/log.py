@@ -21,7 +21,7 @@ from scalelm.data.files import make_dir
 
 
 class RunLog:
-    def __init__(self, cfg: Config, active: bool, total_steps: int, first_step: int = 0):
+    def __init__(self, cfg: Config, active: bool, total_steps: int, first_step: int = 0, stage: str = "pretrain"):
         self.active, self.every = active, cfg.log.every
         self.last: dict = {}
         if not active:
@@ -36,7 +36,7 @@ class RunLog:
 
             self.tensorboard = SummaryWriter(str(self.dir / "tensorboard"))
         self.lines = not sys.stderr.isatty()  # a log file gets lines, not a bar redrawn with carriage returns
-        self.bar = tqdm(total=total_steps, initial=first_step, desc="pretrain", unit="step", dynamic_ncols=True,
+        self.bar = tqdm(total=total_steps, initial=first_step, desc=stage, unit="step", dynamic_ncols=True,
                         disable=self.lines)
         self.started = time.time()
 

@@ -1,5 +1,6 @@
-"""`scalelm pretrain`: the training loop. The step is a few lines; resuming, guards, validation and
-checkpoints are calls out of it."""
+"""`scalelm pretrain` and `scalelm finetune`: the training loop. The step is a few lines; resuming, guards,
+validation and checkpoints are calls out of it. The two stages differ in their data (text or chat
+shards), their objective and where they start (train/finetune.py), not in the loop."""
 
 from __future__ import annotations
 
@@ -22,25 +23,34 @@ from scalelm.model.build import build_model
 from scalelm.parallel.engine import Engine
 from scalelm.parallel.topology import destroy_distributed, env_rank, gather_objects, init_distributed
 from scalelm.train import metrics
+from scalelm.train.finetune import check_data
 from scalelm.train.guards import LossGuard
 from scalelm.train.log import RunLog
+from scalelm.train.objectives import objective_for
 from scalelm.train.signals import StopSignals
 
 
 def pretrain(cfg: Config) -> dict:
     """Train to step `cfg.train.steps` on this rank, resuming from a checkpoint when there is one;
     returns the last metrics record on rank 0, None elsewhere. Raises Stopped after SIGTERM."""
+    return train(cfg, "pretrain")
+
+
+def train(cfg: Config, stage: str) -> dict:
+    """The run of `stage` ("pretrain" or "finetune"), as `pretrain` describes."""
     _, world, _ = env_rank()
     validate(cfg, world_size=world)  # layout errors surface before any process group starts
     if cfg.train.precision == "fp16" and not torch.cuda.is_available():
         raise ConfigError("train.precision=fp16 needs a GPU (DeepSpeed has no fp16 on the CPU): use bf16 or fp32 here")
     vocab_size = cfg.model.vocab_size = resolve_vocab_size(cfg)  # saved with checkpoints, resolved
     tokenizer_sha = sha256_file(cfg.data.tokenizer) if cfg.data.tokenizer else None
+    check_data(cfg, stage)  # the stage's kind of shards, before any process group starts
     layout = init_distributed(cfg.parallel, cfg.train.seed)
     log = None
     try:
-        engine = Engine(cfg, layout, build_model(cfg, layout, vocab_size))
         loader = loader_from_config(cfg, "train", layout.dp_rank, layout.data)
+        objective = objective_for(cfg, stage)
+        engine = Engine(cfg, layout, build_model(cfg, layout, vocab_size, loader.documents), objective)
         run = {"step": 0, "consumed_tokens": 0, "guard": None}
         ckpt, manifest, notes = find_checkpoint(cfg, layout)
         if ckpt is not None:
@@ -48,7 +58,7 @@ def pretrain(cfg: Config) -> dict:
             notes += more
         elif cfg.train.init_from:
             notes.append(init_weights(cfg, engine, tokenizer_sha))
-        log = RunLog(cfg, active=layout.rank == 0, total_steps=cfg.train.steps, first_step=run["step"])
+        log = RunLog(cfg, active=layout.rank == 0, total_steps=cfg.train.steps, first_step=run["step"], stage=stage)
         for note in notes:
             log.note(run["step"], note)
         guard = LossGuard(cfg.train.max_bad_steps, cfg.train.spike_zscore, run["guard"])
@@ -70,7 +80,8 @@ def pretrain(cfg: Config) -> dict:
                 started, lr = time.perf_counter(), engine.lr
                 loss = engine.train_step(batches.for_step())
                 seconds = time.perf_counter() - started
-                log.step(_record(step, loss, lr, engine.grad_norm, tokens_per_step / seconds, flops, peak, layout))
+                log.step(_record(step, loss, lr, engine.grad_norm, tokens_per_step / seconds, flops, peak, layout)
+                         | engine.step_metrics)
                 try:
                     note = guard.check(step, loss, engine.step_applied)
                 except TrainingError as e:

@@ -21,7 +21,10 @@ from megatron.core import tensor_parallel
 
 
 def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Next-token cross entropy per token, (s, b); logits (s, b, V/tp) split over tensor ranks, labels (b, s)."""
+    """Next-token cross entropy per token, (s, b); logits (s, b, V/tp) split over tensor ranks, labels (b, s).
+
+    NOTE: megatron's kernel works in place on fp32 logits (it saves a copy of the largest activation of
+    the step), so fp32 logits are consumed: use them for nothing after this."""
     return tensor_parallel.vocab_parallel_cross_entropy(logits.float(), labels.transpose(0, 1).contiguous())
 
 
@@ -42,3 +45,11 @@ class NextToken:
         if mask is not None:
             losses = losses * mask.t()
         return losses.sum(), {}
+
+
+OBJECTIVES = {"sft": NextToken}
+
+
+def objective_for(cfg, stage: str):
+    """The objective of a run: pretraining's next token over every token, or finetune.objective."""
+    return NextToken() if stage == "pretrain" else OBJECTIVES[cfg.finetune.objective]()

@@ -44,14 +44,15 @@ def forward_backward(overrides: list[str], seed: int = 0) -> dict:
         destroy_distributed()
 
 
-def train_steps(overrides: list[str], steps: int = 3, seed: int = 0, masked: bool = False) -> dict:
+def train_steps(overrides: list[str], steps: int = 3, seed: int = 0, masked: bool = False, packed: bool = False) -> dict:
     """`steps` optimizer steps on fixed global batches; every rank reports the loss of each step, and
     the first data-parallel rank the whole gradients of the first step under single-process names.
 
     Each step's global batch is the same tokens for every layout; a data-parallel rank takes its
     contiguous share of it in micro-batches, so every layout averages gradients over the same samples.
     `masked`: each sequence trains on its own share of its tokens (a loss mask, 5% to 95% of them), so
-    micro-batches and data-parallel ranks hold different numbers of target tokens."""
+    micro-batches and data-parallel ranks hold different numbers of target tokens. `packed`: besides, each
+    sequence is a window of packed documents (position_ids, document_ids), as SFT batches are."""
     from scalelm.config import validate
     from scalelm.model.build import build_model
     from scalelm.parallel.engine import Engine
@@ -60,7 +61,7 @@ def train_steps(overrides: list[str], steps: int = 3, seed: int = 0, masked: boo
     layout = init_distributed(cfg.parallel, seed)
     try:
         validate(cfg, world_size=layout.world)
-        engine = Engine(cfg, layout, build_model(cfg, layout, VOCAB))
+        engine = Engine(cfg, layout, build_model(cfg, layout, VOCAB, documents=packed))
         grads = _GradCapture(engine.engine.module)
         t = cfg.train
         gen = torch.Generator().manual_seed(seed)
@@ -73,6 +74,17 @@ def train_steps(overrides: list[str], steps: int = 3, seed: int = 0, masked: boo
                 mask = torch.rand(t.global_batch_size, t.seq_len, generator=gen) < density[:, None]
                 mask[:, -1] = True  # at least one target each
                 batch["loss_mask"] = mask
+            if packed:
+                from scalelm.data.packing import document_positions
+
+                for row in range(t.global_batch_size):  # 1 to 4 documents a window
+                    cuts = torch.randperm(t.seq_len - 1, generator=gen)[: int(torch.randint(0, 4, (1,), generator=gen))] + 1
+                    lengths = torch.diff(torch.cat([torch.tensor([0]), cuts.sort().values, torch.tensor([t.seq_len])]))
+                    docs, positions = document_positions(lengths.numpy(), t.seq_len)
+                    batch.setdefault("document_ids", torch.zeros(t.global_batch_size, t.seq_len, dtype=torch.int64))[row] = \
+                        torch.from_numpy(docs)
+                    batch.setdefault("position_ids", torch.zeros(t.global_batch_size, t.seq_len, dtype=torch.int64))[row] = \
+                        torch.from_numpy(positions)
             share = {k: v.chunk(layout.data)[layout.dp_rank] for k, v in batch.items()}
             return iter({k: v[i:i + t.micro_batch_size] for k, v in share.items()}
                         for i in range(0, len(share["input_ids"]), t.micro_batch_size))
@@ -248,3 +260,43 @@ def _reset_peak() -> None:
     """Restart the kernel's high-water mark of the resident set (VmHWM) from the present (Linux 4.0+)."""
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
+
+
+PACKED = (5, 7, 3)  # documents in one window of 16 tokens; the last token is padding
+
+
+def packed_vs_alone(overrides: list[str], seed: int = 0) -> dict:
+    """Each document's logits and loss in a packed window, and run alone (its own window, plain causal
+    attention, positions from 0): the largest difference of each, on every rank."""
+    from megatron.core import tensor_parallel
+
+    from scalelm.data.packing import chat_window
+    from scalelm.model.build import build_model
+    from scalelm.train.objectives import NextToken
+
+    cfg = tiny_config(overrides + ["train.seq_len=16"])
+    layout = init_distributed(cfg.parallel, seed)
+    try:
+        model = build_model(cfg, layout, VOCAB, documents=True).eval()
+        gen = torch.Generator().manual_seed(seed)
+        docs = [torch.randint(4, LEARNABLE, (n,), generator=gen) for n in PACKED]
+        tokens = torch.cat(docs).numpy()
+        flags = torch.ones(tokens.size, dtype=torch.uint8).numpy()  # every next token a target
+        window = {k: torch.from_numpy(v)[None] for k, v in
+                  chat_window(tokens, flags, torch.tensor(PACKED).numpy(), cfg.train.seq_len, "assistant").items()}
+        objective, whole = NextToken(), tensor_parallel.gather_from_tensor_model_parallel_region
+        with torch.no_grad():
+            packed = model(window["input_ids"], window["position_ids"], window["document_ids"])  # (s, 1, V/tp)
+            packed_loss = objective(packed.clone(), window)[0].item() / objective.units(window)
+            packed = whole(packed)[:, 0, :VOCAB]  # the padded vocabulary's logits are -inf
+            logit_diff, start, loss_sum, units = 0.0, 0, 0.0, 0
+            for doc in docs:
+                alone = whole(model(doc[None]))[:, 0, :VOCAB]  # (n, V)
+                logit_diff = max(logit_diff, (alone - packed[start:start + len(doc)]).abs().max().item())
+                batch = {"labels": doc[None, 1:]}
+                loss_sum += objective(model(doc[None, :-1]), batch)[0].item()
+                units += objective.units(batch)
+                start += len(doc)
+        return {"logit_diff": logit_diff, "loss_diff": abs(packed_loss - loss_sum / units), "loss": packed_loss}
+    finally:
+        destroy_distributed()

@@ -1,0 +1,47 @@
+"""`scalelm finetune`: chat SFT from a pretrained or Hugging Face model, through the same loop as pretraining.
+
+What differs from `scalelm pretrain` is decided here, before any rank starts:
+  - the data: chat shards (`scalelm shard --chat`), packed whole conversations, the loss on their
+    targets only (finetune.train_on); pretraining refuses chat shards and finetuning text shards;
+  - the start: train.init_from, a scalelm checkpoint of any layout or `scalelm convert from-hf`'s output;
+    its model and tokenizer are the run's unless the config says otherwise, and a config whose model
+    does not match the weights is refused when they load;
+  - the objective: finetune.objective (train/objectives.py).
+Everything else (layouts, launchers, checkpoints, resume, resharding, logs) is pretraining's.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+from scalelm.checkpoint import store
+from scalelm.config import Config, load_config
+from scalelm.data.shards import read_manifest
+from scalelm.errors import ConfigError, DataError
+
+
+def load_finetune_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Config:
+    """The config at `path` with `overrides`, its model and tokenizer defaulting to train.init_from's."""
+    cfg = load_config(path, overrides)
+    if not cfg.train.init_from:
+        raise ConfigError("scalelm finetune starts from a model: set train.init_from to a checkpoint (any layout) "
+                          "or to the output of `scalelm convert from-hf`")
+    ckpt = store.resolve(Path(cfg.train.init_from))
+    saved = store.read_manifest(ckpt)["config"]
+    base = {"model": saved["model"]}
+    if saved.get("data", {}).get("tokenizer"):
+        base["data"] = {"tokenizer": saved["data"]["tokenizer"]}
+    return load_config(path, overrides, base=base)
+
+
+def check_data(cfg: Config, stage: str) -> None:
+    """Pretraining reads text shards, finetuning chat shards; anything else is a DataError naming the source."""
+    for source in cfg.data.train:
+        chat = read_manifest(source, "train").chat is not None
+        if stage == "pretrain" and chat:
+            raise DataError(f"{source} holds chat shards (`scalelm shard --chat`): finetune on them with "
+                            f"`scalelm finetune`")
+        if stage == "finetune" and not chat:
+            raise DataError(f"{source} holds text shards: `scalelm finetune` trains on conversations (write them with "
+                            f"`scalelm shard --chat`); to continue pretraining use `scalelm pretrain` with train.init_from")

@@ -1,0 +1,19 @@
+"""Packing without contamination: each document of a packed window gets the logits and loss it gets
+alone (fp32), for the GPT-3 and the Llama architecture (learned positions and RoPE), in one process
+and over two tensor-parallel ranks."""
+
+import pytest
+
+from tests.distributed.ranks import run_ranks
+from tests.distributed.workloads import packed_vs_alone
+
+LLAMA = ["model.position_embedding=rope", "model.normalization=rmsnorm", "model.activation=swiglu",
+         "model.num_kv_heads=2", "model.tie_embeddings=false", "model.bias=false"]
+
+
+@pytest.mark.parametrize("arch", [[], LLAMA], ids=["gpt3", "llama"])
+@pytest.mark.parametrize("world, layout", [(1, []), (2, ["parallel.tensor=2"])], ids=["single", "tp2"])
+def test_packed_documents_equal_each_alone(arch, world, layout):
+    for rank, result in enumerate(run_ranks(world, packed_vs_alone, arch + layout)):
+        assert result["logit_diff"] <= 1e-5, f"rank {rank}"
+        assert result["loss_diff"] <= 1e-5 and result["loss"] > 1, f"rank {rank}"

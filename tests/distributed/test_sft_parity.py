@@ -1,0 +1,41 @@
+"""SFT's batches (packed documents, masked targets) train alike in every layout: the loss at each step,
+the validation loss and the first step's gradients equal one process (fp32, CPU, gloo ranks)."""
+
+import pytest
+import torch
+
+from tests.distributed.ranks import run_ranks
+from tests.distributed.workloads import train_steps
+
+BATCH = ["train.global_batch_size=8", "train.micro_batch_size=2", "optim.warmup_steps=1", "optim.lr=1e-2"]
+LAYOUTS = {
+    "tp2": (2, ["parallel.tensor=2"]),
+    "tp2-sp": (2, ["parallel.tensor=2", "parallel.sequence_parallel=true"]),
+    "pp2": (2, ["parallel.pipeline=2"]),
+    "dp2-zero1": (2, ["parallel.zero_stage=1"]),
+    "dp2-zero3": (2, ["parallel.zero_stage=3"]),
+    "tp2xpp2": (4, ["parallel.tensor=2", "parallel.pipeline=2"]),
+    "pp2-recompute-full": (2, ["parallel.pipeline=2", "train.activation_checkpointing=full"]),
+}
+LLAMA = ["model.position_embedding=rope", "model.normalization=rmsnorm", "model.activation=swiglu",
+         "model.num_kv_heads=2", "model.tie_embeddings=false", "model.bias=false"]
+
+
+@pytest.fixture(scope="module")
+def single():
+    (result,) = run_ranks(1, train_steps, BATCH + LLAMA, 3, 0, True, True)
+    return result
+
+
+@pytest.mark.parametrize("name", LAYOUTS)
+def test_packed_masked_training_matches_single_process(single, name):
+    world, layout = LAYOUTS[name]
+    results = run_ranks(world, train_steps, BATCH + LLAMA + layout, 3, 0, True, True)
+    assert single["losses"][-1] < single["losses"][0]
+    for rank, result in enumerate(results):
+        assert result["losses"] == pytest.approx(single["losses"], abs=1e-5), f"rank {rank}"
+        assert result["val"] == pytest.approx(single["val"], abs=1e-5), f"rank {rank}: validation loss"
+    if "zero3" not in name:
+        grads = results[0]["grads"]
+        for key, grad in single["grads"].items():
+            torch.testing.assert_close(grads[key], grad, atol=1e-6, rtol=1e-4, msg=key)
