@@ -2,6 +2,9 @@
 
     perplexity = exp(mean over every target token of -log p(token | the tokens before it))
 
+The target tokens are every token of text shards, and of chat shards those of finetune.train_on
+(default: the assistant turns and their <|end|>), each conversation seen on its own.
+
 The windows are those the loader cuts (seq_len + 1 tokens, stride seq_len), read unshuffled by one
 reader, so every layout and every engine sees the same tokens: a scalelm checkpoint is evaluated
 in-framework with the parallel layout of the launch (micro-batch k goes to data-parallel rank
@@ -29,14 +32,16 @@ class Perplexity:
     windows: int
     seq_len: int
     engine: str
+    targets: int | None = None  # the target tokens the loss is the mean over (None: every token of the windows)
 
     @property
     def perplexity(self) -> float:
         return math.exp(min(self.loss, 50.0))
 
     def line(self, split: str) -> str:
+        tokens = f"{self.windows * self.seq_len:,} tokens" if self.targets is None else f"{self.targets:,} target tokens"
         return (f"perplexity {self.perplexity:.4f} (loss {self.loss:.6f}) over {self.windows} {split} windows of "
-                f"{self.seq_len} tokens ({self.windows * self.seq_len:,} tokens; {self.engine})")
+                f"{self.seq_len} tokens ({tokens}; {self.engine})")
 
 
 def windows_loader(sources: Sequence[str], split: str, seq_len: int, batch: int, tokenizer_sha256: str | None) -> TokenLoader:
@@ -73,11 +78,28 @@ def evaluate_hf(folder: Path, sources: Sequence[str], split: str, seq_len: int |
     tokenizer = folder / "tokenizer.model"
     loader = windows_loader(sources, split, seq_len, batch, sha256_file(tokenizer) if tokenizer.is_file() else None)
     n = window_count(loader, windows, batch)
-    total = 0.0
+    total, targets = 0.0, 0
     for b in islice(iter(loader), n // batch):
-        logits = model(input_ids=b["input_ids"]).logits.float()  # (B, L, V)
-        total += torch.nn.functional.cross_entropy(logits.flatten(0, 1), b["labels"].flatten(), reduction="sum").item()
-    return Perplexity(total / (n * seq_len), n, seq_len, f"transformers {type(model).__name__}, fp32")
+        for input_ids, labels, mask in _documents(b):  # each conversation of a packed window on its own
+            logits = model(input_ids=input_ids).logits.float()  # (B, L, V)
+            losses = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none")
+            total += (losses * mask.flatten()).sum().item()
+            targets += int(mask.sum())
+    return Perplexity(total / targets, n, seq_len, f"transformers {type(model).__name__}, fp32",
+                      targets if loader.documents else None)
+
+
+def _documents(batch: dict):
+    """(input_ids, labels, loss_mask) per forward pass: the batch itself, or each document of its packed windows."""
+    if "document_ids" not in batch:
+        yield batch["input_ids"], batch["labels"], torch.ones_like(batch["labels"], dtype=torch.bool)
+        return
+    for row in range(batch["input_ids"].shape[0]):
+        docs = batch["document_ids"][row]
+        for doc in torch.unique(docs):
+            keep = docs == doc
+            yield (batch["input_ids"][row][keep][None], batch["labels"][row][keep][None],
+                   batch["loss_mask"][row][keep][None])
 
 
 def evaluate_checkpoint(path: Path, sources: Sequence[str], split: str, windows: int | None,
@@ -105,11 +127,12 @@ def evaluate_checkpoint(path: Path, sources: Sequence[str], split: str, windows:
     n = window_count(loader, windows, t.micro_batch_size * dp)
     layout = init_distributed(cfg.parallel, t.seed)
     try:
-        engine = Engine(cfg, layout, build_model(cfg, layout, cfg.model.vocab_size), train=False)
+        engine = Engine(cfg, layout, build_model(cfg, layout, cfg.model.vocab_size, loader.documents), train=False)
         init_weights(cfg, engine, manifest.get("tokenizer_sha256"))
         mine = (b for k, b in enumerate(islice(iter(loader), n // t.micro_batch_size)) if k % dp == layout.dp_rank)
         loss = engine.eval_loss(mine, n // (t.micro_batch_size * dp))
         engine_name = f"scalelm tensor {layout.tensor} x pipeline {layout.pipeline} x data {layout.data}, {t.precision}"
-        return Perplexity(loss, n, t.seq_len, engine_name) if layout.rank == 0 else None
+        targets = engine.step_metrics["targets"] if loader.documents else None
+        return Perplexity(loss, n, t.seq_len, engine_name, targets) if layout.rank == 0 else None
     finally:
         destroy_distributed()

@@ -137,16 +137,18 @@ class _GradCapture:
         return whole
 
 
-def pretrain_run(overrides: list[str]) -> list[float]:
-    """`scalelm pretrain` with these overrides; every step's loss in log.dir's metrics.jsonl after it."""
+def pretrain_run(overrides: list[str], stage: str = "pretrain") -> list[float]:
+    """`scalelm pretrain` (or `finetune`) with these overrides; every step's loss in log.dir's metrics.jsonl after it."""
     import json
     from pathlib import Path
 
-    from scalelm.train.loop import pretrain
+    from scalelm.train.finetune import load_finetune_config
+    from scalelm.train.loop import train
 
     config = [o.removeprefix("--config=") for o in overrides if o.startswith("--config=")]
-    cfg = load_config(config[0] if config else None, [o for o in overrides if not o.startswith("--config=")])
-    pretrain(cfg)
+    load = load_config if stage == "pretrain" else load_finetune_config
+    cfg = load(config[0] if config else None, [o for o in overrides if not o.startswith("--config=")])
+    train(cfg, stage)
     records = (Path(cfg.log.dir) / "metrics.jsonl").read_text().splitlines()
     return [json.loads(line)["loss"] for line in records if '"loss"' in line]
 

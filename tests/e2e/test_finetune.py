@@ -1,0 +1,104 @@
+"""`scalelm finetune` end to end: chat SFT of a pretrained checkpoint on chat shards, on one process and
+two ranks, resumed bit for bit, evaluated on assistant tokens in-framework and in transformers alike,
+and refusing what does not fit."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from scalelm.checkpoint import store
+from scalelm.config import load_config
+from scalelm.data.chat_shards import write_chat_shards
+from scalelm.errors import CheckpointError, ConfigError, DataError
+from scalelm.train.finetune import load_finetune_config
+from scalelm.train.loop import pretrain, train
+from tests.corpus import write_conversations
+from tests.distributed.ranks import run_ranks
+from tests.distributed.workloads import pretrain_run
+
+MODEL = ["model.num_layers=2", "model.hidden_size=64", "model.num_heads=4"]
+RUN = ["train.seq_len=128", "train.micro_batch_size=2", "train.global_batch_size=4", "train.precision=fp32",
+       "data.num_workers=0", "optim.warmup_steps=1", "optim.lr=3e-3", "log.every=1", "log.tensorboard=false"]
+
+
+@pytest.fixture(scope="module")
+def start(pipeline, tmp_path_factory):
+    """A pretrained tiny model (4 steps) whose context fits the chat shards' conversations."""
+    root = tmp_path_factory.mktemp("sft-start")
+    pretrain(load_config(None, [f"data.train={pipeline['shards']}", f"data.tokenizer={pipeline['tokenizer']}",
+                                f"log.dir={root}", "train.steps=4", "train.eval_every=0", *MODEL, *RUN]))
+    return root / "checkpoints"
+
+
+def sft(chat, start, run, *extra: str) -> list[str]:
+    return [f"data.train={chat['shards']}", f"train.init_from={start}", f"log.dir={run}", "train.eval_every=3",
+            "train.eval_iters=2", *RUN, *extra]
+
+
+def records(run) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_finetune_trains_on_targets_and_validates_on_them(chat, start, tmp_path):
+    cfg = load_finetune_config(None, sft(chat, start, tmp_path / "run", "train.steps=6"))
+    assert cfg.model.num_layers == 2 and cfg.data.tokenizer  # the model and tokenizer come from the start
+    last = train(cfg, "finetune")
+    steps = [r for r in records(tmp_path / "run") if "loss" in r]
+    assert len(steps) == 6 and steps[-1]["loss"] < steps[0]["loss"]
+    assert all(0 < r["targets"] < 4 * 128 for r in steps)  # the loss is over target tokens, not the windows
+    assert last["val_loss"] > 0 and "started from the weights of" in (tmp_path / "run" / "events.log").read_text()
+
+
+@pytest.mark.parametrize("world, layout", [(1, []), (2, ["parallel.zero_stage=1"])], ids=["single", "dp2"])
+def test_finetune_resumes_bit_exact(chat, start, tmp_path, world, layout):
+    common = sft(chat, start, tmp_path / "x", *layout, "model.dropout=0.1", "train.eval_every=0", "optim.decay_steps=6")
+    straight = [o.replace(str(tmp_path / "x"), str(tmp_path / "straight")) for o in common] + ["train.steps=6"]
+    first = [o.replace(str(tmp_path / "x"), str(tmp_path / "resumed")) for o in common] + ["train.steps=3"]
+    second = first[:-1] + ["train.steps=6"]
+    losses = [run_ranks(world, pretrain_run, leg, "finetune")[0] for leg in (straight, first, second)]
+    assert len(losses[1]) == 3 and losses[2] == losses[0]  # every bit of every step's loss
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "scalelm", *args], capture_output=True, text=True, timeout=600)
+
+
+def test_two_ranks_and_eval_on_assistant_tokens_agree_with_transformers(chat, start, tmp_path):
+    run = tmp_path / "run"
+    done = run_cli("finetune", "--config", "configs/sft-tiny.yaml", "--nproc-per-node", "2",
+                   *sft(chat, start, run, "train.steps=4", "train.eval_every=0"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("done: step 4") == 1
+    ours = run_cli("eval", str(run / "checkpoints"), "--data", str(chat["shards"]), "--windows", "8")
+    assert ours.returncode == 0, ours.stderr[-3000:]
+    assert run_cli("convert", "to-hf", str(run / "checkpoints"), str(tmp_path / "hf")).returncode == 0
+    theirs = run_cli("eval", str(tmp_path / "hf"), "--data", str(chat["shards"]), "--windows", "8", "--seq-len", "128")
+    assert theirs.returncode == 0, theirs.stderr[-3000:]
+    loss = [float(out.stdout.split("(loss ")[1].split(")")[0]) for out in (ours, theirs)]
+    assert "target tokens" in ours.stdout and ours.stdout.split("windows of")[1].split(";")[0] == \
+        theirs.stdout.split("windows of")[1].split(";")[0]  # the same target tokens
+    assert abs(loss[0] - loss[1]) < 1e-3  # packed in scalelm, one conversation at a time in transformers
+
+
+def test_what_does_not_fit_is_refused(chat, pipeline, start, tmp_path):
+    with pytest.raises(ConfigError, match="scalelm finetune starts from a model: set train.init_from"):
+        load_finetune_config(None, [f"data.train={chat['shards']}"])
+    with pytest.raises(DataError, match="holds text shards: `scalelm finetune` trains on conversations"):
+        train(load_finetune_config(None, sft(chat, start, tmp_path / "a", f"data.train={pipeline['shards']}")), "finetune")
+    with pytest.raises(DataError, match="holds chat shards .*: finetune on them with `scalelm finetune`"):
+        pretrain(load_config(None, [f"data.train={chat['shards']}", f"data.tokenizer={pipeline['tokenizer']}",
+                                    f"log.dir={tmp_path / 'b'}", *MODEL, *RUN]))
+    with pytest.raises(CheckpointError, match=r"holds another model \(model.num_layers=2 there, 3 here\)"):
+        train(load_finetune_config(None, sft(chat, start, tmp_path / "c", "model.num_layers=3", "train.steps=1")),
+              "finetune")
+    other = tmp_path / "other-tokenizer"
+    from scalelm.data.tokenizer import train_tokenizer
+
+    train_tokenizer([pipeline["docs"]], other / "tok.model", vocab_size=420, workers=1)
+    write_chat_shards([write_conversations(tmp_path / "raw", n=20)], other / "tok.model", other / "shards",
+                      seq_len=128, workers=1, progress=False)
+    with pytest.raises(DataError, match="was made with another tokenizer"):
+        train(load_finetune_config(None, sft(chat, start, tmp_path / "d", f"data.train={other / 'shards'}")), "finetune")
+    assert not store.committed(tmp_path / "c" / "checkpoints")
