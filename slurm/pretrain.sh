@@ -1,11 +1,13 @@
 #!/bin/bash
-# Pretrain on a SLURM cluster: N nodes x G GPUs, one task per GPU, every task one scalelm rank.
+# Pretrain (or finetune) on a SLURM cluster: N nodes x G GPUs, one task per GPU, every task one scalelm rank.
 #
 #   sbatch [sbatch options] slurm/pretrain.sh --config CFG [key=value ...]
 #   sbatch --nodes=16 --job-name=gpt3-6.7b slurm/pretrain.sh --config configs/gpt3-6.7b.yaml parallel.tensor=8
+#   sbatch --nodes=2 slurm/pretrain.sh finetune --config configs/sft-gpt3-1.3b.yaml train.init_from=...
 #
 # Options given to sbatch override the #SBATCH lines below. Everything after the script's name goes to
-# `scalelm pretrain` unchanged. slurm/README.md explains each setting, the logs and preemption.
+# `scalelm pretrain` unchanged, or to `scalelm finetune` when the first word is `finetune`.
+# slurm/README.md explains each setting, the logs and preemption.
 #
 # ---- what to set ---------------------------------------------------------------------------------
 #SBATCH --job-name=scalelm
@@ -28,8 +30,13 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}
 # ---------------------------------------------------------------------------------------------------
 
 set -uo pipefail
+stage=pretrain
+if [ "${1:-}" = pretrain ] || [ "${1:-}" = finetune ]; then
+  stage=$1
+  shift
+fi
 if [ $# -eq 0 ]; then
-  echo "usage: sbatch [sbatch options] slurm/pretrain.sh --config CFG [key=value ...]" >&2
+  echo "usage: sbatch [sbatch options] slurm/pretrain.sh [finetune] --config CFG [key=value ...]" >&2
   exit 2
 fi
 
@@ -56,7 +63,7 @@ requeue() {
 
 # One task per GPU: each task is one rank (SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID) and gets
 # SLURM's signals directly, with no launcher in between.
-srun --kill-on-bad-exit=1 "$PYTHON" -m scalelm pretrain "$@" &
+srun --kill-on-bad-exit=1 "$PYTHON" -m scalelm "$stage" "$@" &
 srun_pid=$!
 trap requeue USR1
 wait "$srun_pid"  # returns early when USR1 arrives; the trap then waits for the ranks itself

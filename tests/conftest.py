@@ -38,6 +38,19 @@ def chat(pipeline, tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="session")
+def sft_start(pipeline, tmp_path_factory) -> Path:
+    """The checkpoint.dir of a tiny model pretrained for 4 steps, whose context fits the chat shards' conversations."""
+    from scalelm.config import load_config
+    from scalelm.train.loop import pretrain
+    from tests.launched import SFT_MODEL, SFT_RUN
+
+    root = tmp_path_factory.mktemp("sft-start")
+    pretrain(load_config(None, [f"data.train={pipeline['shards']}", f"data.tokenizer={pipeline['tokenizer']}",
+                                f"log.dir={root}", "train.steps=4", "train.eval_every=0", *SFT_MODEL, *SFT_RUN]))
+    return root / "checkpoints"
+
+
+@pytest.fixture(scope="session")
 def trained(pipeline, tmp_path_factory) -> dict[str, Path]:
     """The models of tests/trained.py: {"gpt": checkpoint.dir, "llama": checkpoint.dir}."""
     return train_models(pipeline, tmp_path_factory.mktemp("trained"))

@@ -1,13 +1,13 @@
-"""Pretrain on a Ray cluster: every Ray Train worker is one scalelm rank.
+"""Pretrain (or finetune) on a Ray cluster: every Ray Train worker is one scalelm rank.
 
     ray job submit --address http://HEAD:8265 -- \\
-        python -m scalelm.launch.ray --config CFG --workers N [--gpus-per-worker G] [key=value ...]
+        python -m scalelm.launch.ray [finetune] --config CFG --workers N [--gpus-per-worker G] [key=value ...]
 
 The config is read and checked here, in the job's driver, and handed to the workers as data, so only
 the paths inside it (shards, tokenizer, checkpoint and log directories) must be reachable from every
 node: give them as absolute paths on shared storage. Ray Train's TorchTrainer starts the workers and
-their process group (NCCL on GPUs, gloo on CPUs); each worker runs the same `pretrain` as torchrun
-and SLURM ranks. When a worker dies, Ray restarts the whole group (up to --max-failures times) and
+their process group (NCCL on GPUs, gloo on CPUs); each worker runs the same `pretrain` (or, after the
+word `finetune`, `finetune`) as torchrun and SLURM ranks. When a worker dies, Ray restarts the whole group (up to --max-failures times) and
 the new workers resume from the newest checkpoint in checkpoint.dir (train.resume=auto).
 """
 
@@ -24,7 +24,8 @@ from scalelm.train.log import read_records
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m scalelm.launch.ray", description="Pretrain on Ray Train workers.")
+    p = argparse.ArgumentParser(prog="python -m scalelm.launch.ray [finetune]",
+                                description="Pretrain, or after the word finetune finetune, on Ray Train workers.")
     p.add_argument("--config", required=True, help="YAML config (read by this driver; the workers get it as data)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.steps=100")
     p.add_argument("--workers", type=int, required=True, help="ranks in all: tensor x pipeline x data parallel")
@@ -42,6 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    stage = argv.pop(0) if argv[:1] in (["pretrain"], ["finetune"]) else "pretrain"
     args, extra = parser.parse_known_args(argv)
     if any("=" not in e or e.startswith("-") for e in extra):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
@@ -49,9 +52,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.workers < 1 or args.max_failures < 0:
         parser.error("--workers must be 1 or more and --max-failures 0 or more")
     try:
-        cfg = load_config(args.config, args.overrides)
+        if stage == "finetune":
+            from scalelm.train.finetune import load_finetune_config
+
+            cfg = load_finetune_config(args.config, args.overrides)
+        else:
+            cfg = load_config(args.config, args.overrides)
         check_paths(cfg)
-        run(cfg, args)
+        run(cfg, args, stage)
     except ScalelmError as e:
         print(f"scalelm: error: {e}", file=sys.stderr)
         return 2
@@ -60,7 +68,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def run(cfg: Config, args: argparse.Namespace) -> None:
+def run(cfg: Config, args: argparse.Namespace, stage: str = "pretrain") -> None:
     """Train on `args.workers` Ray Train workers; TrainingError when Ray gives up on them."""
     import ray
     from ray.train import FailureConfig, RunConfig, ScalingConfig
@@ -75,7 +83,7 @@ def run(cfg: Config, args: argparse.Namespace) -> None:
         gpus = 1 if ray.cluster_resources().get("GPU", 0) > 0 else 0
     trainer = TorchTrainer(
         train_worker,
-        train_loop_config={"config": to_dict(cfg)},
+        train_loop_config={"config": to_dict(cfg), "stage": stage},
         scaling_config=ScalingConfig(num_workers=args.workers, use_gpu=gpus > 0,
                                      resources_per_worker={"CPU": args.cpus_per_worker, **({"GPU": gpus} if gpus else {})},
                                      placement_strategy=args.placement.upper()),
@@ -95,9 +103,9 @@ def train_worker(loop_config: dict) -> None:
     from scalelm.cli import quiet_engines
 
     quiet_engines()
-    from scalelm.train.loop import pretrain
+    from scalelm.train.loop import train
 
-    pretrain(from_dict(loop_config["config"]))
+    train(from_dict(loop_config["config"]), loop_config.get("stage", "pretrain"))
 
 
 def check_paths(cfg: Config) -> None:

@@ -3,6 +3,7 @@ two ranks, resumed bit for bit, evaluated on assistant tokens in-framework and i
 and refusing what does not fit."""
 
 import json
+import random
 import subprocess
 import sys
 
@@ -17,19 +18,13 @@ from scalelm.train.loop import pretrain, train
 from tests.corpus import write_conversations
 from tests.distributed.ranks import run_ranks
 from tests.distributed.workloads import pretrain_run
-
-MODEL = ["model.num_layers=2", "model.hidden_size=64", "model.num_heads=4"]
-RUN = ["train.seq_len=128", "train.micro_batch_size=2", "train.global_batch_size=4", "train.precision=fp32",
-       "data.num_workers=0", "optim.warmup_steps=1", "optim.lr=3e-3", "log.every=1", "log.tensorboard=false"]
+from tests.launched import SFT_MODEL as MODEL
+from tests.launched import SFT_RUN as RUN
 
 
 @pytest.fixture(scope="module")
-def start(pipeline, tmp_path_factory):
-    """A pretrained tiny model (4 steps) whose context fits the chat shards' conversations."""
-    root = tmp_path_factory.mktemp("sft-start")
-    pretrain(load_config(None, [f"data.train={pipeline['shards']}", f"data.tokenizer={pipeline['tokenizer']}",
-                                f"log.dir={root}", "train.steps=4", "train.eval_every=0", *MODEL, *RUN]))
-    return root / "checkpoints"
+def start(sft_start):
+    return sft_start
 
 
 def sft(chat, start, run, *extra: str) -> list[str]:
@@ -102,3 +97,22 @@ def test_what_does_not_fit_is_refused(chat, pipeline, start, tmp_path):
     with pytest.raises(DataError, match="was made with another tokenizer"):
         train(load_finetune_config(None, sft(chat, start, tmp_path / "d", f"data.train={other / 'shards'}")), "finetune")
     assert not store.committed(tmp_path / "c" / "checkpoints")
+
+
+def test_a_finetuned_model_answers_inside_the_template_and_stops_at_end_of_turn(pipeline, start, tmp_path):
+    from scalelm.infer.generate import Sampling, generate
+    from tests.corpus import make_sentence, make_words
+
+    rng, words = random.Random(0), make_words(100)
+    raw = tmp_path / "raw" / "yes.jsonl"
+    raw.parent.mkdir()
+    raw.write_text("".join(json.dumps({"messages": [{"role": "user", "content": make_sentence(rng, words)},
+                                                    {"role": "assistant", "content": "Yes."}]}) + "\n" for _ in range(200)))
+    write_chat_shards([raw], pipeline["tokenizer"], tmp_path / "shards", seq_len=128, workers=1, progress=False)
+    run = tmp_path / "run"
+    train(load_finetune_config(None, [f"data.train={tmp_path / 'shards'}", f"train.init_from={start}", f"log.dir={run}",
+                                      "train.steps=50", "train.eval_every=0", *RUN, "optim.lr=1e-2",
+                                      "train.global_batch_size=8"]), "finetune")
+    answer = generate(run / "checkpoints", "Kalo mi ren?", Sampling(max_new_tokens=24, temperature=0), chat=True,
+                      stream=False)
+    assert answer == "Yes."  # the reply, then <|end|>: generation stopped there, with 20 tokens still allowed

@@ -1,5 +1,6 @@
 """`scalelm pretrain` end to end on shards the tests make: one process, two ranks, bf16, bad layouts."""
 
+import itertools
 import json
 import os
 import subprocess
@@ -80,3 +81,20 @@ def test_fp16_on_a_cpu_is_a_clear_error(pipeline, tmp_path):
     cfg = load_config(None, overrides(pipeline, tmp_path, "train.precision=fp16"))
     with pytest.raises(ConfigError, match="train.precision=fp16 needs a GPU"):
         pretrain(cfg)
+
+
+def test_document_mask_keeps_the_documents_of_a_window_apart(pipeline, tmp_path):
+    from scalelm.data.loader import loader_from_config
+
+    cfg = load_config(None, overrides(pipeline, tmp_path, "train.steps=4", "train.eval_every=0", "optim.warmup_steps=1",
+                                      "log.every=1", "data.document_mask=true", "train.precision=fp32", "train.seq_len=128"))
+    batches = itertools.islice(loader_from_config(cfg), 8)
+    assert any(b["document_ids"].max() > 0 for b in batches)  # some windows hold several documents
+    pretrain(cfg)
+    masked = [r["loss"] for r in records(tmp_path)]
+    cfg = load_config(None, overrides(pipeline, tmp_path, "train.steps=4", "train.eval_every=0", "optim.warmup_steps=1",
+                                      "log.every=1", "train.resume=none", f"checkpoint.dir={tmp_path / 'plain'}",
+                                      "train.precision=fp32", "train.seq_len=128"))
+    pretrain(cfg)
+    plain = [r["loss"] for r in records(tmp_path)]
+    assert masked[-1] < masked[0] and masked != plain  # it trains, and attends otherwise than across documents

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from scalelm.parallel.topology import free_port
-from tests.launched import TINY, steps_logged
+from tests.launched import SFT_RUN, TINY, steps_logged
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("ray")]
 
@@ -96,3 +96,15 @@ def test_ray_job_trains_and_resumes_after_a_worker_is_killed(ray_head, pipeline,
     assert 10 <= resumed_at < steps  # the new workers went on from the checkpoint, not from scratch
     assert f"saved {run / 'checkpoints' / f'step-{steps:08d}'} (end of run" in events
 
+
+
+def test_ray_job_finetunes_when_asked(ray_head, chat, sft_start, tmp_path):
+    run = tmp_path / "run"
+    done = subprocess.run(
+        [RAY, "job", "submit", "--", sys.executable, "-m", "scalelm.launch.ray", "finetune", "--config",
+         str(REPO / "configs/sft-tiny.yaml"), "--workers", "2", f"data.train={chat['shards']}",
+         f"train.init_from={sft_start}", f"log.dir={run}", *SFT_RUN, "train.steps=3", "train.eval_every=0"],
+        env=ray_head, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    assert "done: step 3" in done.stdout and steps_logged(run) == [1, 2, 3]
+    assert "started from the weights of" in (run / "events.log").read_text()

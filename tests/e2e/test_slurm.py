@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.launched import TINY, steps_logged
+from tests.launched import SFT_RUN, TINY, steps_logged
 from tests.local_slurm import LocalSlurm, SlurmError
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("slurm")]
@@ -72,3 +72,15 @@ def test_usr1_checkpoints_requeues_and_finishes_from_the_checkpoint(slurm, pipel
     assert logged == list(range(1, steps + 1))  # every step once: none lost, none repeated
     checkpoints = sorted(p.name for p in (tmp_path / "checkpoints").glob("step-*"))
     assert checkpoints == [f"step-{stopped:08d}", f"step-{steps:08d}"]
+
+
+def test_sbatch_finetunes_when_asked(slurm, chat, sft_start, tmp_path):
+    job_id = slurm.sbatch([*CPU_JOB, "--job-name=sft", f"--output={tmp_path}/%x-%j.out", str(REPO / "slurm/pretrain.sh"),
+                           "finetune", "--config", str(REPO / "configs/sft-tiny.yaml"), f"data.train={chat['shards']}",
+                           f"train.init_from={sft_start}", f"log.dir={tmp_path}", *SFT_RUN, "train.steps=3",
+                           "train.eval_every=0"], cwd=tmp_path)
+    job = slurm.wait(job_id, timeout_s=300)
+    log = (tmp_path / f"sft-{job_id}.out").read_text()
+    assert job["JobState"] == "COMPLETED" and job["ExitCode"] == "0:0", log[-3000:]
+    assert "done: step 3" in log and "started from the weights of" in log
+    assert json.loads((tmp_path / "checkpoints" / "step-00000003" / "manifest.json").read_text())["layout"]["world"] == 2
