@@ -33,6 +33,7 @@ class Perplexity:
     seq_len: int
     engine: str
     targets: int | None = None  # the target tokens the loss is the mean over (None: every token of the windows)
+    accuracy: float | None = None  # the share of targets whose most likely next token is the right one
 
     @property
     def perplexity(self) -> float:
@@ -40,7 +41,8 @@ class Perplexity:
 
     def line(self, split: str) -> str:
         tokens = f"{self.windows * self.seq_len:,} tokens" if self.targets is None else f"{self.targets:,} target tokens"
-        return (f"perplexity {self.perplexity:.4f} (loss {self.loss:.6f}) over {self.windows} {split} windows of "
+        accuracy = f", next-token accuracy {100 * self.accuracy:.2f}%" if self.accuracy is not None else ""
+        return (f"perplexity {self.perplexity:.4f} (loss {self.loss:.6f}{accuracy}) over {self.windows} {split} windows of "
                 f"{self.seq_len} tokens ({tokens}; {self.engine})")
 
 
@@ -78,15 +80,16 @@ def evaluate_hf(folder: Path, sources: Sequence[str], split: str, seq_len: int |
     tokenizer = folder / "tokenizer.model"
     loader = windows_loader(sources, split, seq_len, batch, sha256_file(tokenizer) if tokenizer.is_file() else None)
     n = window_count(loader, windows, batch)
-    total, targets = 0.0, 0
+    total, targets, hits = 0.0, 0, 0
     for b in islice(iter(loader), n // batch):
         for input_ids, labels, mask in _documents(b):  # each conversation of a packed window on its own
             logits = model(input_ids=input_ids).logits.float()  # (B, L, V)
             losses = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none")
             total += (losses * mask.flatten()).sum().item()
             targets += int(mask.sum())
+            hits += int(((logits.argmax(-1) == labels) & mask).sum())
     return Perplexity(total / targets, n, seq_len, f"transformers {type(model).__name__}, fp32",
-                      targets if loader.documents else None)
+                      targets if loader.documents else None, hits / targets)
 
 
 def _documents(batch: dict):
@@ -133,6 +136,7 @@ def evaluate_checkpoint(path: Path, sources: Sequence[str], split: str, windows:
         loss = engine.eval_loss(mine, n // (t.micro_batch_size * dp))
         engine_name = f"scalelm tensor {layout.tensor} x pipeline {layout.pipeline} x data {layout.data}, {t.precision}"
         targets = engine.step_metrics["targets"] if loader.documents else None
-        return Perplexity(loss, n, t.seq_len, engine_name, targets) if layout.rank == 0 else None
+        accuracy = engine.step_metrics["accuracy"]
+        return Perplexity(loss, n, t.seq_len, engine_name, targets, accuracy) if layout.rank == 0 else None
     finally:
         destroy_distributed()

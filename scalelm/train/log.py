@@ -54,11 +54,12 @@ class RunLog:
             if self.lines:
                 self._say(f"step {record['step']}/{self.bar.total}: {summary}")
 
-    def eval(self, step: int, val_loss: float, perplexity: float) -> None:
-        record = {"step": step, "val_loss": val_loss, "val_perplexity": perplexity}
+    def eval(self, step: int, val_loss: float, perplexity: float, accuracy: float | None = None) -> None:
+        record = {"step": step, "val_loss": val_loss, "val_perplexity": perplexity, "val_accuracy": accuracy}
         self.last = {**self.last, **record}
         if self.active:
-            self._say(f"step {step}: val loss {val_loss:.4f}, perplexity {perplexity:.2f}")
+            self._say(f"step {step}: val loss {val_loss:.4f}, perplexity {perplexity:.2f}"
+                      + (f", next-token accuracy {100 * accuracy:.1f}%" if accuracy is not None else ""))
             self._write(record)
 
     def note(self, step: int, message: str) -> None:

@@ -90,7 +90,7 @@ def train(cfg: Config, stage: str) -> dict:
                 if note:
                     log.note(step, note + batches.where())
                 if validation and (step % cfg.train.eval_every == 0 or step == cfg.train.steps):
-                    log.eval(step, *validation.run(engine))
+                    log.eval(step, *validation.run(engine), accuracy=engine.step_metrics.get("accuracy"))
                 signalled, stop = signals.poll()
                 why = _save_reason(cfg, step, signalled, stop)
                 if why:  # after a skipped step too: the guard checked the weights were left as they were

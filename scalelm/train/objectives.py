@@ -17,7 +17,8 @@ receives of it.
 from __future__ import annotations
 
 import torch
-from megatron.core import tensor_parallel
+import torch.distributed as dist
+from megatron.core import parallel_state, tensor_parallel
 
 
 def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -28,23 +29,40 @@ def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return tensor_parallel.vocab_parallel_cross_entropy(logits.float(), labels.transpose(0, 1).contiguous())
 
 
+@torch.no_grad()
+def token_hits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """(s, b) bool: whether the most likely token is the label; logits (s, b, V/tp) split over tensor ranks."""
+    best, index = logits.max(dim=-1)  # (s, b): this rank's slice of the vocabulary
+    index = index + parallel_state.get_tensor_model_parallel_rank() * logits.shape[-1]
+    if parallel_state.get_tensor_model_parallel_world_size() == 1:
+        return index == labels.t()
+    group = parallel_state.get_tensor_model_parallel_group()
+    overall = best.clone()
+    dist.all_reduce(overall, op=dist.ReduceOp.MAX, group=group)
+    hits = ((best == overall) & (index == labels.t())).to(torch.int32)  # on the rank whose slice holds the best
+    dist.all_reduce(hits, group=group)
+    return hits > 0
+
+
 class NextToken:
     """Cross entropy of the next token over the batch's targets: every token when the batch has no
-    `loss_mask` (pretraining), the mask's when it has one (SFT: a chat's assistant turns and their <|end|>)."""
+    `loss_mask` (pretraining), the mask's when it has one (SFT: a chat's assistant turns and their <|end|>).
+    Metric: accuracy, the share of targets whose most likely next token is the right one."""
 
     fields = ("labels", "loss_mask")
-    metrics: tuple[str, ...] = ()
+    metrics = ("accuracy",)
 
     def units(self, batch: dict) -> int:
         mask = batch.get("loss_mask")
         return batch["labels"].numel() if mask is None else int(mask.sum())
 
     def __call__(self, logits: torch.Tensor, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        hits = token_hits(logits, batch["labels"])  # first: the loss consumes the logits
         losses = token_losses(logits, batch["labels"])  # (s, b)
         mask = batch.get("loss_mask")
         if mask is not None:
-            losses = losses * mask.t()
-        return losses.sum(), {}
+            losses, hits = losses * mask.t(), hits & mask.t()
+        return losses.sum(), {"accuracy": hits.sum()}
 
 
 OBJECTIVES = {"sft": NextToken}

@@ -35,6 +35,9 @@ def test_packed_masked_training_matches_single_process(single, name):
     for rank, result in enumerate(results):
         assert result["losses"] == pytest.approx(single["losses"], abs=1e-5), f"rank {rank}"
         assert result["val"] == pytest.approx(single["val"], abs=1e-5), f"rank {rank}: validation loss"
+        if result["metrics"]["targets"] is not None:  # ranks that read the batch (not a middle pipeline stage)
+            assert result["metrics"] == pytest.approx(single["metrics"], abs=1e-6), f"rank {rank}: validation metrics"
+    assert 0 < single["metrics"]["accuracy"] < 1 and single["metrics"]["targets"] > 0
     if "zero3" not in name:
         grads = results[0]["grads"]
         for key, grad in single["grads"].items():

@@ -94,7 +94,8 @@ def train_steps(overrides: list[str], steps: int = 3, seed: int = 0, masked: boo
             grads.freeze()
         val = engine.eval_loss(micro_batches(), engine.grad_accum)
         whole = grads.whole(layout)  # collective: every rank takes part
-        return {"losses": losses, "val": val, "lr": engine.lr, "grads": whole if layout.rank == 0 else None}
+        return {"losses": losses, "val": val, "lr": engine.lr, "grads": whole if layout.rank == 0 else None,
+                "metrics": engine.step_metrics}
     finally:
         destroy_distributed()
 

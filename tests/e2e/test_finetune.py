@@ -71,10 +71,12 @@ def test_two_ranks_and_eval_on_assistant_tokens_agree_with_transformers(chat, st
     assert run_cli("convert", "to-hf", str(run / "checkpoints"), str(tmp_path / "hf")).returncode == 0
     theirs = run_cli("eval", str(tmp_path / "hf"), "--data", str(chat["shards"]), "--windows", "8", "--seq-len", "128")
     assert theirs.returncode == 0, theirs.stderr[-3000:]
-    loss = [float(out.stdout.split("(loss ")[1].split(")")[0]) for out in (ours, theirs)]
+    loss = [float(out.stdout.split("(loss ")[1].split(",")[0].split(")")[0]) for out in (ours, theirs)]
     assert "target tokens" in ours.stdout and ours.stdout.split("windows of")[1].split(";")[0] == \
         theirs.stdout.split("windows of")[1].split(";")[0]  # the same target tokens
     assert abs(loss[0] - loss[1]) < 1e-3  # packed in scalelm, one conversation at a time in transformers
+    accuracy = [float(out.stdout.split("next-token accuracy ")[1].split("%")[0]) for out in (ours, theirs)]
+    assert 0 < accuracy[0] < 100 and abs(accuracy[0] - accuracy[1]) <= 0.5
 
 
 def test_what_does_not_fit_is_refused(chat, pipeline, start, tmp_path):
