@@ -144,6 +144,9 @@ class TrainConfig:
     """Training precision; bf16 and fp16 keep fp32 master weights, fp16 adds dynamic loss scaling."""
     activation_checkpointing: Literal["none", "selective", "full"] = "none"
     """Recompute activations in backward: none, selective (attention core) or full (whole layers)."""
+    packed_attention: Literal["sdpa", "flex"] = "sdpa"
+    """Attention kernel for packed documents: sdpa with a boolean block mask (any device, attention dropout), or
+    flex attention's block mask (compiled on a GPU, skips masked blocks; no attention dropout)."""
     eval_every: int = 100
     """Steps between validation passes; 0 disables validation."""
     eval_iters: int = 10
@@ -449,6 +452,9 @@ def validate(cfg: Config, world_size: int | None = None) -> Config:
         raise ConfigError(
             f"parallel.pipeline={p.pipeline} does not divide model.num_layers={m.num_layers}: "
             f"use one of {_divisors(m.num_layers)}")
+    if t.packed_attention == "flex" and m.attention_dropout > 0:
+        raise ConfigError(f"train.packed_attention=flex has no attention dropout, and model.attention_dropout="
+                          f"{m.attention_dropout}: set it to 0, or use train.packed_attention=sdpa")
     if p.sequence_parallel and p.tensor == 1:
         raise ConfigError("parallel.sequence_parallel=true needs parallel.tensor > 1: set tensor=2 or more, or turn it off")
     if p.sequence_parallel and t.seq_len % p.tensor:

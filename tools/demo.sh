@@ -5,7 +5,7 @@
 set -euo pipefail
 run=${1:-runs/demo}
 scalelm prepare --demo --out "$run/docs" --overwrite
-scalelm tokenizer train "$run/docs" --vocab-size 8000 --out "$run/tokenizer.model" --overwrite
+scalelm tokenizer train "$run/docs" --vocab-size 2000 --out "$run/tokenizer.model" --overwrite
 scalelm shard "$run/docs" --tokenizer "$run/tokenizer.model" --out "$run/shards" --shard-size 1MB --val-fraction 0.05 --overwrite
 scalelm inspect "$run/shards" --verify --tokenizer "$run/tokenizer.model" | grep -v '^  ok '
 # A tiny GPT on those shards, as two local ranks (data parallel, ZeRO-1) over gloo; checkpoints in

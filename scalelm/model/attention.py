@@ -7,25 +7,47 @@ DotProductAttention, so it drops into `SelfAttentionSubmodules.core_attention`.
 
 Without a mask, attention is causal over the whole window (SDPA's `is_causal`, which keeps the flash
 kernels). With packed documents the block builds `document_mask(document_ids)`, causal within each
-document and closed between them, and it is used as given. megatron's `PackedSeqParams` (the THD
+document and closed between them, and it is used as given: a boolean mask for SDPA (any device;
+the memory-efficient kernel on a GPU), or with `train.packed_attention=flex` flex attention's block
+mask, whose kernel skips the blocks no query of a document may see (compiled on a GPU; eager, and
+slow, on the CPU, where it is tested against the plain path). megatron's `PackedSeqParams` (the THD
 format of Transformer Engine) is refused rather than ignored.
 """
 
 from __future__ import annotations
 
+from functools import cache
+
 import torch
 import torch.nn.functional as F
 from megatron.core import tensor_parallel
 from megatron.core.transformer.module import MegatronModule
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
+
+KERNELS = ("sdpa", "flex")
 
 
-def document_mask(document_ids: torch.Tensor) -> torch.Tensor:
-    """document_ids (b, s) -> (b, 1, s, s) bool, True where query i may NOT attend to key j (megatron's convention):
-    j > i, or j in another document than i. Every query keeps at least itself, so no row is all masked."""
+def document_mask(document_ids: torch.Tensor, kernel: str = "sdpa") -> torch.Tensor | BlockMask:
+    """document_ids (b, s) -> where query i may NOT attend to key j (megatron's convention): j > i, or j in another
+    document than i. Every query keeps at least itself, so no row is all masked.
+
+    sdpa: a (b, 1, s, s) bool tensor, True = masked; flex: flex attention's BlockMask of the same pattern."""
+    if kernel == "flex":
+        def allowed(b, h, q, kv):
+            return (document_ids[b, q] == document_ids[b, kv]) & (q >= kv)
+
+        b, s = document_ids.shape
+        return create_block_mask(allowed, b, None, s, s, device=document_ids.device)
     same = document_ids[:, None, :, None] == document_ids[:, None, None, :]  # (b, 1, s, s)
     s = document_ids.shape[1]
     causal = torch.ones(s, s, dtype=torch.bool, device=document_ids.device).tril()
     return ~(same & causal)
+
+
+@cache
+def _flex(on_gpu: bool):
+    """flex attention, compiled into a fused kernel on a GPU (once per process); eager on the CPU."""
+    return torch.compile(flex_attention, dynamic=False) if on_gpu else flex_attention
 
 
 class SDPAttention(MegatronModule):
@@ -47,6 +69,14 @@ class SDPAttention(MegatronModule):
                              "not megatron's PackedSeqParams or an attention bias")
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # (s, b, n, d) -> (b, n, s, d)
         dropout = self.dropout if self.training else 0.0
+        if isinstance(attention_mask, BlockMask):
+            if dropout:
+                raise ValueError("flex attention has no attention dropout: use train.packed_attention=sdpa with "
+                                 "model.attention_dropout > 0")
+            out = _flex(q.is_cuda)(q, k, v, block_mask=attention_mask, scale=self.softmax_scale,
+                                   enable_gqa=q.shape[1] != k.shape[1])
+            b, n, s, d = out.shape
+            return out.permute(2, 0, 1, 3).reshape(s, b, n * d)
         allowed = None if attention_mask is None else ~attention_mask
         # NOTE: heads are split over tensor-parallel ranks, so their dropout masks must differ: the
         # model-parallel RNG stream gives each rank its own.

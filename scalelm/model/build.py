@@ -27,7 +27,8 @@ def build_model(cfg: Config, layout, vocab_size: int, documents: bool = False) -
     spec = layer_spec(on_gpu, documents)
     full_recompute = cfg.train.activation_checkpointing == "full"
     if layout.pipeline == 1:
-        return GPT(cfg.model, tc, spec, vocab_size, cfg.train.seed, recompute_blocks=full_recompute)
+        return GPT(cfg.model, tc, spec, vocab_size, cfg.train.seed, recompute_blocks=full_recompute,
+                   packed_attention=cfg.train.packed_attention)
     from scalelm.parallel.topology import deepspeed_topology
 
     return PipelineModule(pipeline_layers(cfg, tc, spec, vocab_size), topology=deepspeed_topology(layout),
@@ -43,7 +44,7 @@ def pipeline_layers(cfg: Config, tc, spec, vocab_size: int) -> list:
     head = (TiedLayerSpec("embedding", Embedding, m, tc, vocab_size, seed, positions=False, forward_fn=_tied_logits,
                           tied_weight_attr="word.weight")
             if m.tie_embeddings else LayerSpec(Head, m, tc, vocab_size, seed))
-    blocks = [LayerSpec(Block, m, tc, spec, i, seed) for i in range(1, m.num_layers + 1)]
+    blocks = [LayerSpec(Block, m, tc, spec, i, seed, cfg.train.packed_attention) for i in range(1, m.num_layers + 1)]
     return [embed, *blocks, LayerSpec(FinalNorm, m, tc, seed), head]
 
 

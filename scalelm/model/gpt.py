@@ -115,8 +115,10 @@ class Embedding(nn.Module):
 class Block(nn.Module):
     """One megatron-core TransformerLayer (pre-norm attention + MLP, residuals), hidden -> hidden."""
 
-    def __init__(self, model: ModelConfig, tc: TransformerConfig, spec: ModuleSpec, layer_number: int, seed: int):
+    def __init__(self, model: ModelConfig, tc: TransformerConfig, spec: ModuleSpec, layer_number: int, seed: int,
+                 packed_attention: str = "sdpa"):
         super().__init__()
+        self.packed_attention = packed_attention  # the kernel for packed documents (model/attention.py)
         with layer_seed(seed, layer_number):
             self.layer = build_module(spec, config=tc, layer_number=layer_number)
         self.rope = None
@@ -135,7 +137,7 @@ class Block(nn.Module):
             position_ids, document_ids = documents
             if rotary is not None:
                 rotary = rotary[:, 0][position_ids.t()]  # (s, b, 1, d): each token's own position
-            mask = document_mask(document_ids)
+            mask = document_mask(document_ids, self.packed_attention)
         if self.sequence_factor > 1:
             # each rank holds its own part of the sequence, so its dropout masks must be its own
             with tensor_parallel.get_cuda_rng_tracker().fork():
@@ -192,11 +194,12 @@ class GPT(nn.Module):
     """The layers in order, for runs without pipeline parallelism: token ids in, logits out."""
 
     def __init__(self, model: ModelConfig, tc: TransformerConfig, spec: ModuleSpec, vocab_size: int, seed: int,
-                 recompute_blocks: bool = False):
+                 recompute_blocks: bool = False, packed_attention: str = "sdpa"):
         super().__init__()
         self.recompute_blocks = recompute_blocks  # full activation checkpointing: keep only block inputs
         self.embedding = Embedding(model, tc, vocab_size, seed)
-        self.blocks = nn.ModuleList(Block(model, tc, spec, i, seed) for i in range(1, model.num_layers + 1))
+        self.blocks = nn.ModuleList(Block(model, tc, spec, i, seed, packed_attention)
+                                    for i in range(1, model.num_layers + 1))
         self.norm = FinalNorm(model, tc, seed)
         self.head = None if model.tie_embeddings else Head(model, tc, vocab_size, seed)
 

@@ -12,7 +12,8 @@ LLAMA = ["model.position_embedding=rope", "model.normalization=rmsnorm", "model.
 
 
 @pytest.mark.parametrize("arch", [[], LLAMA], ids=["gpt3", "llama"])
-@pytest.mark.parametrize("world, layout", [(1, []), (2, ["parallel.tensor=2"])], ids=["single", "tp2"])
+@pytest.mark.parametrize("world, layout", [(1, []), (2, ["parallel.tensor=2"]), (1, ["train.packed_attention=flex"])],
+                         ids=["single", "tp2", "flex"])
 def test_packed_documents_equal_each_alone(arch, world, layout):
     for rank, result in enumerate(run_ranks(world, packed_vs_alone, arch + layout)):
         assert result["logit_diff"] <= 1e-5, f"rank {rank}"

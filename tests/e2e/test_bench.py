@@ -41,3 +41,9 @@ def test_convert_benchmark_prints_figures(tmp_path):
     out = run(BENCH / "convert_throughput.py", "--dir", tmp_path, "--new-tokens", "4", "model.num_layers=2",
               "model.hidden_size=64", "model.num_heads=4", "train.seq_len=32")
     assert "to-hf:" in out and "from-hf:" in out and "to-gguf q8_0" in out and "max |Δlogit|" in out and "tokens/s" in out
+
+
+def test_packing_benchmark_prints_figures():
+    out = run(BENCH / "packing_throughput.py", "--steps", "3", "--conversations", "2000", "model.num_layers=2",
+              "model.hidden_size=64", "model.num_heads=4", "train.seq_len=512")
+    assert "packed" in out and "padded to longest" in out and "target tokens/s" in out and "ratio" in out
