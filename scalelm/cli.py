@@ -25,11 +25,11 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 from typing import Sequence
 
-from scalelm.errors import ConfigError, ScalelmError, Stopped
+from scalelm import commands
+from scalelm.errors import ScalelmError, Stopped
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -74,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text-field", default="text", help="field/column holding the text in .jsonl/.parquet")
     p.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
     p.add_argument("--overwrite", action="store_true", help="replace documents already in --out")
-    p.set_defaults(run=_prepare)
+    p.set_defaults(run=commands.prepare)
 
     tok = sub.add_parser("tokenizer", help="train a SentencePiece tokenizer").add_subparsers(required=True, metavar="ACTION")
     p = tok.add_parser("train", help="train a SentencePiece model on prepared documents",
@@ -88,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-sentences", type=int, default=2_000_000, help="lines sampled for training (default 2M)")
     p.add_argument("--workers", type=int, default=None, help="threads (default: all cores)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing model at --out")
-    p.set_defaults(run=_tokenizer_train)
+    p.set_defaults(run=commands.tokenizer_train)
 
     p = sub.add_parser("shard", help="tokenize documents (or, with --chat, conversations) into WebDataset shards",
                        description="Tokenize on all cores into SHARDS/train-*.tar and SHARDS/val-*.tar (token arrays, "
@@ -107,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-fraction", type=float, default=0.01, help="share of documents held out for validation")
     p.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
     p.add_argument("--overwrite", action="store_true", help="replace shards already in --out")
-    p.set_defaults(run=_shard)
+    p.set_defaults(run=commands.shard)
 
     p = sub.add_parser("inspect", help="summarise a shard set; --verify checks every shard",
                        description="Print what SHARDS/manifest.json lists; with --verify, read every shard and check "
@@ -115,26 +115,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("shards", metavar="SHARDS", help="shard directory or URL")
     p.add_argument("--verify", action="store_true", help="read every shard and check it against the manifest")
     p.add_argument("--tokenizer", type=Path, default=None, help="decode a sample with this model")
-    p.set_defaults(run=_inspect)
+    p.set_defaults(run=commands.inspect)
 
     p = sub.add_parser("pretrain", help="train a GPT from a config",
                        description="Train on this process, as one rank under torchrun/srun/Ray (RANK, WORLD_SIZE, "
                                    "LOCAL_RANK, MASTER_ADDR, MASTER_PORT), or as N local ranks with --nproc-per-node. "
                                    "gloo on CPU, NCCL on GPU.")
-    p.add_argument("--config", required=True, help="YAML config (see configs/)")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. optim.lr=3e-4")
-    p.add_argument("--nproc-per-node", type=int, default=1, help="start this many local ranks (default 1)")
-    p.set_defaults(run=_pretrain)
+    _run_flags(p, "configs/", "optim.lr=3e-4", commands.pretrain)
 
     p = sub.add_parser("finetune", help="chat SFT of a pretrained or Hugging Face model on chat shards",
                        description="Finetune the model of train.init_from (a checkpoint of any layout, or `scalelm convert "
                                    "from-hf` output) on chat shards (`scalelm shard --chat`): packed conversations, the "
                                    "loss on finetune.train_on's tokens. The model and tokenizer default to the start's. "
                                    "Launched, checkpointed and resumed like pretrain.")
-    p.add_argument("--config", required=True, help="YAML config (see configs/sft-tiny.yaml)")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.init_from=CKPT")
-    p.add_argument("--nproc-per-node", type=int, default=1, help="start this many local ranks (default 1)")
-    p.set_defaults(run=_finetune)
+    _run_flags(p, "configs/sft-tiny.yaml", "train.init_from=CKPT", commands.finetune)
 
     ckpt = sub.add_parser("checkpoint", help="work with checkpoints").add_subparsers(required=True, metavar="ACTION")
     p = ckpt.add_parser("consolidate", help="write a checkpoint's weights as one unsharded safetensors file",
@@ -143,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", type=Path, metavar="CKPT", help="a step-* directory, or a checkpoint.dir (its latest)")
     p.add_argument("--out", required=True, type=Path, help="the .safetensors file to write")
     p.add_argument("--no-verify", action="store_true", help="skip checking the files' SHA-256 first")
-    p.set_defaults(run=_consolidate)
+    p.set_defaults(run=commands.consolidate)
 
     conv = sub.add_parser("convert", help="convert to and from Hugging Face, and to GGUF").add_subparsers(
         required=True, metavar="ACTION")
@@ -154,14 +148,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", type=Path, metavar="CKPT", help="a step-* directory, a checkpoint.dir, or a consolidated file")
     p.add_argument("out", type=Path, metavar="OUT_DIR", help="the folder to write")
     _conversion_flags(p)
-    p.set_defaults(run=_to_hf)
+    p.set_defaults(run=commands.to_hf)
     p = conv.add_parser("from-hf", help="write a scalelm checkpoint of a Hugging Face GPT-2 or Llama model",
                         description="Convert a Hugging Face folder (safetensors) into a weights-only scalelm checkpoint "
                                     "with a config.yaml; continue training it with train.init_from in any layout.")
     p.add_argument("hf_dir", type=Path, metavar="HF_DIR", help="a folder with config.json and model.safetensors")
     p.add_argument("out", type=Path, metavar="OUT_CKPT", help="the checkpoint directory to write (new or empty)")
     p.add_argument("--no-verify", action="store_true", help="skip the parity check of the logits")
-    p.set_defaults(run=_from_hf)
+    p.set_defaults(run=commands.from_hf)
     p = conv.add_parser("to-gguf", help="write a GGUF file (tokenizer inside) for llama.cpp",
                         description="Convert a checkpoint into one GGUF file, then read it back and check its logits "
                                     "against scalelm's forward.")
@@ -169,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", type=Path, metavar="OUT.gguf", help="the file to write")
     p.add_argument("--dtype", default="f16", help="f32, f16 (default) or q8_0")
     _conversion_flags(p)
-    p.set_defaults(run=_to_gguf)
+    p.set_defaults(run=commands.to_gguf)
 
     p = sub.add_parser("generate", help="sample text from a checkpoint or a Hugging Face export",
                        description="Generate with transformers from MODEL (a Hugging Face folder, or a scalelm checkpoint, "
@@ -183,7 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="the same seed gives the same text (default 0)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template as the user's turn")
     p.add_argument("--system", default=None, help="with --chat: a system message before it")
-    p.set_defaults(run=_generate)
+    p.set_defaults(run=commands.generate)
 
     p = sub.add_parser("eval", help="perplexity of a checkpoint or a Hugging Face export on token shards",
                        description="Perplexity on the first N windows of a shard split, in order: a scalelm checkpoint "
@@ -200,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nproc-per-node", type=int, default=1, help="a checkpoint: start this many local ranks")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="a checkpoint: layout and precision, e.g. "
                                                                      "parallel.tensor=2 train.precision=fp32")
-    p.set_defaults(run=_eval)
+    p.set_defaults(run=commands.evaluate)
 
     p = sub.add_parser("plan", help="preflight: will a config fit a cluster, memory per GPU, speed",
                        description="Check a config against a cluster without starting anything: the layout's arithmetic, "
@@ -214,277 +208,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vocab-size", type=int, default=50257, help="when neither model.vocab_size nor data.tokenizer says "
                                                                   "(default 50257, GPT-2's)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. parallel.tensor=8")
-    p.set_defaults(run=_plan)
+    p.set_defaults(run=commands.plan)
 
     p = sub.add_parser("plot", help="draw loss and throughput curves of a run",
                        description="Read RUN_DIR/metrics.jsonl and draw training/validation loss and tokens/s.")
     p.add_argument("run_dir", metavar="RUN_DIR", help="a run's log.dir")
     p.add_argument("--out", required=True, help="image to write (.png, .svg or .pdf)")
-    p.set_defaults(run=_plot)
+    p.set_defaults(run=commands.plot)
 
     p = sub.add_parser("config", help="print the resolved, validated config",
                        description="Load CFG (or the defaults), apply key=value overrides, validate, print as YAML.")
     p.add_argument("config", nargs="?", default=None, help="YAML config (see configs/)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. optim.lr=3e-4")
-    p.set_defaults(run=_config)
+    p.set_defaults(run=commands.config)
     return parser
 
 
-def _prepare(args: argparse.Namespace) -> None:
-    from scalelm.data.prepare import prepare
-
-    if args.demo_chat:
-        from scalelm.data.demo import demo_conversations, fetch_demo_corpus
-
-        counts = demo_conversations(fetch_demo_corpus(), args.out)
-        print(f"{counts['conversations']:,} conversations from {counts['speeches']:,} speeches in {counts['plays']} plays "
-              f"-> {args.out / 'conversations.jsonl'}")
-        return
-    if args.demo == bool(args.inputs):
-        raise ScalelmError("give INPUT files or directories, or --demo for the demo corpus (not both)")
-    inputs = args.inputs
-    if args.demo:
-        from scalelm.data.demo import fetch_demo_corpus
-
-        inputs = [fetch_demo_corpus()]
-    report = prepare(inputs, args.out, min_chars=args.min_chars, dedup=args.dedup, near_threshold=args.near_threshold,
-                     text_field=args.text_field, workers=args.workers, overwrite=args.overwrite)
-    docs, dropped = report["documents"], report["documents"]["dropped"]
-    print(f"kept {docs['kept']} of {docs['read']} documents ({dropped['too_short']} too short, "
-          f"{dropped['exact_duplicate']} exact and {dropped['near_duplicate']} near duplicates; "
-          f"{report['non_utf8']['documents']} with non-UTF-8 bytes replaced) -> {args.out}/ (report.json)")
-
-
-def _tokenizer_train(args: argparse.Namespace) -> None:
-    from scalelm.data.tokenizer import meta_path, train_tokenizer
-
-    meta = train_tokenizer(args.inputs, args.out, args.vocab_size, model_type=args.model_type, seed=args.seed,
-                           max_sentences=args.max_sentences, workers=args.workers, overwrite=args.overwrite)
-    print(f"{meta['model_type']} tokenizer, {meta['vocab_size']} pieces, from {meta['lines_read']:,} lines of text "
-          f"-> {args.out} (sha256 {meta['sha256'][:12]}…; details in {meta_path(args.out)})")
-
-
-def _shard(args: argparse.Namespace) -> None:
-    from scalelm.data.shards import parse_size, write_shards
-
-    if args.chat:
-        return _shard_chat(args)
-    started = time.perf_counter()
-    m = write_shards(args.inputs, args.tokenizer, args.out, shard_size=parse_size(args.shard_size),
-                     val_fraction=args.val_fraction, workers=args.workers, overwrite=args.overwrite)
-    splits = m["splits"]
-    print(f"{splits['train']['tokens']:,} train tokens in {len(splits['train']['shards'])} shards, "
-          f"{splits['val']['tokens']:,} val tokens in {len(splits['val']['shards'])} ({m['dtype']}) "
-          f"in {time.perf_counter() - started:.1f}s -> {args.out}/")
-    if splits["val"]["tokens"] == 0 and args.val_fraction > 0:
-        print(f"note: no document fell in the val split; raise --val-fraction (now {args.val_fraction})")
-
-
-def _shard_chat(args: argparse.Namespace) -> None:
-    from scalelm.data.chat_shards import write_chat_shards
-    from scalelm.data.shards import parse_size
-
-    started = time.perf_counter()
-    m = write_chat_shards(args.inputs, args.tokenizer, args.out, seq_len=args.seq_len, overlong=args.overlong,
-                          shard_size=parse_size(args.shard_size), val_fraction=args.val_fraction, workers=args.workers,
-                          overwrite=args.overwrite)
-    for split, s in m["splits"].items():
-        print(f"{split}: {s['conversations']:,} conversations, {s['tokens']:,} tokens ({s['targets']['assistant']:,} "
-              f"assistant targets) in {len(s['shards'])} shards; {s['truncated']:,} cut between turns and "
-              f"{s['dropped_overlong']:,} dropped as longer than --seq-len {args.seq_len}")
-    print(f"-> {args.out}/ in {time.perf_counter() - started:.1f}s")
-
-
-def _inspect(args: argparse.Namespace) -> None:
-    from scalelm.data.inspect import inspect_shards
-
-    for line in inspect_shards(args.shards, verify=args.verify, tokenizer=args.tokenizer):
-        print(line)
-
-
-def _pretrain(args: argparse.Namespace) -> int:
-    from scalelm.config import load_config
-
-    return _train(args, "pretrain", load_config)
-
-
-def _finetune(args: argparse.Namespace) -> int:
-    from scalelm.train.finetune import load_finetune_config
-
-    return _train(args, "finetune", load_finetune_config)
-
-
-def _train(args: argparse.Namespace, stage: str, load) -> int:
-    quiet_engines()
-    cfg = load(args.config, args.overrides)  # config errors stop here, before any rank starts
-    if args.nproc_per_node > 1:
-        from scalelm.launch.torchrun import relaunch
-
-        return relaunch(args.nproc_per_node, [stage, "--config", args.config, *args.overrides])
-    from scalelm.train.loop import train
-
-    last = train(cfg, stage)
-    if last and "loss" in last:
-        print(f"done: step {last['step']}, loss {last['loss']:.4f}"
-              + (f", val loss {last['val_loss']:.4f}" if "val_loss" in last else "") + f" -> {cfg.log.dir}/")
-    elif last:
-        print(f"nothing to do: the newest checkpoint is at step {last['step']}, train.steps={cfg.train.steps}")
-    return 0
-
-
-def _consolidate(args: argparse.Namespace) -> None:
-    from scalelm.checkpoint.consolidate import consolidate
-
-    done = consolidate(args.checkpoint, args.out, verify=not args.no_verify)
-    print(f"{done['tensors']} tensors, {done['parameters']:,} parameters from {done['checkpoint']} (step {done['step']}) "
-          f"-> {args.out} ({done['bytes'] / 1e6:.1f} MB)")
+def _run_flags(p: argparse.ArgumentParser, configs: str, example: str, run) -> None:
+    """The flags of a training command (pretrain, finetune)."""
+    p.add_argument("--config", required=True, help=f"YAML config (see {configs})")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help=f"dotted overrides, e.g. {example}")
+    p.add_argument("--nproc-per-node", type=int, default=1, help="start this many local ranks (default 1)")
+    p.set_defaults(run=run)
 
 
 def _conversion_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokenizer", type=Path, default=None, help="the SentencePiece model (default: the one the checkpoint names)")
     p.add_argument("--no-verify", action="store_true", help="skip the parity check of the logits")
-
-
-def quiet_engines(hf: bool = False) -> None:
-    """The engines' notices about kernels that are not installed, and transformers' progress bars, say nothing
-    a user can act on here."""
-    import os
-    import warnings
-
-    import torch
-
-    warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine|transformer_engine).*")
-    warnings.filterwarnings("ignore", category=DeprecationWarning, module="megatron")
-    warnings.filterwarnings("ignore", message=".*cuda_graph_scope.*")
-    warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
-    os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # every model here is a local folder
-    if hf:
-        import transformers
-
-        transformers.logging.set_verbosity_error()
-        transformers.logging.disable_progress_bar()
-
-
-def _print_report(report: dict, out: Path) -> None:
-    from scalelm.convert.parity import describe
-
-    print(f"{report['source']} -> {out}" + (f" ({report['layout']} layout)" if "layout" in report else ""))
-    if "config" in report:
-        print(f"continue training it with: scalelm pretrain --config {report['config']} data.train=SHARDS")
-    if not report.get("tokenizer", True):
-        print("no tokenizer went with it: pass --tokenizer PATH to include one")
-    print(describe(report["parity"]) if "parity" in report else "parity: not checked (--no-verify)")
-
-
-def _to_hf(args: argparse.Namespace) -> None:
-    quiet_engines(hf=True)
-    from scalelm.convert.hf import to_hf
-
-    _print_report(to_hf(args.checkpoint, args.out, args.tokenizer, verify=not args.no_verify), args.out)
-
-
-def _from_hf(args: argparse.Namespace) -> None:
-    quiet_engines(hf=True)
-    from scalelm.convert.hf import from_hf
-
-    _print_report(from_hf(args.hf_dir, args.out, verify=not args.no_verify), args.out)
-
-
-def _to_gguf(args: argparse.Namespace) -> None:
-    quiet_engines(hf=True)
-    from scalelm.convert.gguf import to_gguf
-
-    report = to_gguf(args.checkpoint, args.out, args.dtype, args.tokenizer, verify=not args.no_verify)
-    report["source"] += f" ({report['architecture']}, {report['dtype']}, {report['bytes'] / 1e6:.1f} MB)"
-    _print_report(report, args.out)
-
-
-def _generate(args: argparse.Namespace) -> None:
-    quiet_engines(hf=True)
-    from scalelm.infer.generate import Sampling, generate
-
-    sampling = Sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed)
-    if args.chat is False and args.system:
-        raise ConfigError("--system goes with --chat")
-    generate(args.model, args.prompt, sampling, chat=args.chat, system=args.system)
-    print()
-
-
-def _eval(args: argparse.Namespace) -> int:
-    quiet_engines(hf=True)
-    from scalelm.infer.evaluate import evaluate_checkpoint, evaluate_hf
-
-    if not args.model.exists():
-        raise ConfigError(f"{args.model} does not exist: give a checkpoint or a Hugging Face folder")
-    for flag, value in (("--batch-size", args.batch_size), ("--seq-len", args.seq_len), ("--windows", args.windows)):
-        if value is not None and value < 1:
-            raise ConfigError(f"{flag}={value}: use 1 or more")
-    if (args.model / "config.json").is_file():
-        if args.overrides or args.nproc_per_node > 1:
-            raise ConfigError("a Hugging Face folder runs in this process with transformers: drop --nproc-per-node and key=value")
-        result = evaluate_hf(args.model, args.data, args.split, args.seq_len, args.batch_size or 4, args.windows)
-        print(result.line(args.split))
-        return 0
-    overrides = (list(args.overrides) + ([f"train.micro_batch_size={args.batch_size}"] if args.batch_size else [])
-                 + ([f"train.seq_len={args.seq_len}"] if args.seq_len else []))
-    if args.nproc_per_node > 1:
-        from scalelm.launch.torchrun import relaunch
-
-        forward = ["--data", *args.data, "--split", args.split] + (["--windows", str(args.windows)] if args.windows else [])
-        return relaunch(args.nproc_per_node, ["eval", str(args.model), *forward, *overrides])
-    result = evaluate_checkpoint(args.model, args.data, args.split, args.windows, overrides)
-    if result:
-        print(result.line(args.split))
-    return 0
-
-
-def _plan(args: argparse.Namespace) -> int:
-    quiet_engines()
-    from scalelm.config import load_config
-    from scalelm.parallel.plan import GPUS, describe, layouts_that_fit, plan
-
-    if args.nodes < 1 or args.gpus_per_node < 1 or not 0 < args.mfu <= 1:
-        raise ConfigError("--nodes and --gpus-per-node must be 1 or more, --mfu in (0, 1]")
-    cfg = load_config(args.config, args.overrides)
-    if cfg.model.vocab_size is None:
-        if cfg.data.tokenizer:
-            from scalelm.train.loop import resolve_vocab_size
-
-            cfg.model.vocab_size = resolve_vocab_size(cfg)
-        else:
-            cfg.model.vocab_size = args.vocab_size
-    world, gpu_bytes = args.nodes * args.gpus_per_node, GPUS[args.gpu][0]
-    try:
-        result = plan(cfg, world)
-    except ConfigError as e:
-        print(f"this layout does not run on {world} GPUs: {e}")
-        result = None
-    else:
-        print("\n".join(describe(result, args.nodes, args.gpus_per_node, args.gpu, args.mfu)))
-        if result.fits(gpu_bytes):
-            return 0
-    fitting = layouts_that_fit(cfg, world, args.gpus_per_node, gpu_bytes)
-    if not fitting:
-        print("no layout of this model fits these GPUs at this batch shape: use more GPUs, or a smaller "
-              "train.micro_batch_size or model")
-    else:
-        print("layouts that fit (cheapest first):")
-        for overrides, other in fitting:
-            print(f"  {overrides}   # {other.memory.total / 2**30:.1f} GiB per GPU")
-    return 1
-
-
-def _plot(args: argparse.Namespace) -> None:
-    from scalelm.train.plot import plot_run
-
-    print(f"-> {plot_run(args.run_dir, args.out)}")
-
-
-def _config(args: argparse.Namespace) -> None:
-    import yaml
-
-    from scalelm.config import load_config, to_dict
-
-    print(yaml.safe_dump(to_dict(load_config(args.config, args.overrides)), sort_keys=False), end="")

@@ -132,6 +132,17 @@ class TokenLoader:
         over all readers."""
         return sum(sum(_window_counts(s, self.layout.seq_len)) for s in self.sets)
 
+    def packing(self) -> str | None:
+        """For chat shards, how their conversations pack into windows, for the run's log."""
+        if not self.chat:
+            return None
+        conversations = sum(len(shard.lengths) for s in self.sets for shard in s.shards)
+        windows, tokens = self.windows(), sum(s.tokens for s in self.sets)
+        truncated = sum(s.chat["truncated"] for s in self.sets)
+        return (f"packed {conversations:,} conversations into {windows:,} windows of {self.layout.seq_len} tokens "
+                f"({100 * tokens / max(windows * self.layout.seq_len, 1):.1f}% real tokens, the rest tail padding; "
+                f"{truncated:,} were cut between turns when sharded)")
+
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         dataset = _ReaderDataset(self.sets, self.layout, self.on_bad_shard, list(self._states),
                                  offset=self._batches % self.layout.workers, document_mask=self.document_mask,

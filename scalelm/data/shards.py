@@ -274,7 +274,7 @@ def read_manifest(source: str | Path, split: str, tokenizer_sha256: str | None =
                        for s in manifest["splits"][split]["shards"])
         chat = manifest.get("chat")
         if chat is not None:
-            chat = {**chat, "targets": manifest["splits"][split]["targets"]}
+            chat = {**chat, **{k: manifest["splits"][split][k] for k in ("targets", "truncated", "dropped_overlong")}}
         return ShardSet(source, split, np.dtype(manifest["dtype"]), manifest["eos_id"], manifest["vocab_size"],
                         made_with, shards, chat)
     except (KeyError, TypeError) as e:

@@ -100,7 +100,7 @@ def run(cfg: Config, args: argparse.Namespace, stage: str = "pretrain") -> None:
 
 def train_worker(loop_config: dict) -> None:
     """One rank, on a Ray Train worker (which has set RANK, WORLD_SIZE, LOCAL_RANK and the process group)."""
-    from scalelm.cli import quiet_engines
+    from scalelm.commands import quiet_engines
 
     quiet_engines()
     from scalelm.train.loop import train

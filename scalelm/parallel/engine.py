@@ -107,14 +107,14 @@ class Engine:
         micro = self._take(batches, self.grad_accum)
         if self.pipeline:
             loss = self.engine.train_batch(data_iter=self._pipeline_batches(micro)).item()
-            return self._finish(loss, micro)
+            return self._finish(loss)
         total = torch.zeros((), device=self.layout.device)
         for batch in micro:
             loss = self._micro_loss(batch)
             self.engine.backward(loss)
             self.engine.step()
             total += loss.detach().float()
-        return self._finish(self._data_parallel_mean(total / self.grad_accum), micro)
+        return self._finish(self._data_parallel_mean(total / self.grad_accum))
 
     @torch.no_grad()
     def eval_loss(self, batches: Iterator[dict], micro_batches: int) -> float:
@@ -122,13 +122,13 @@ class Engine:
         micro = self._take(batches, micro_batches)
         if self.pipeline:
             loss = self.engine.eval_batch(self._pipeline_batches(micro), num_micro_batches=micro_batches).item()
-            return self._finish(loss, micro)
+            return self._finish(loss)
         self.engine.eval()
         total = torch.zeros((), device=self.layout.device)
         for batch in micro:
             total += self._micro_loss(batch).float()
         self.engine.train()
-        return self._finish(self._data_parallel_mean(total / micro_batches), micro)
+        return self._finish(self._data_parallel_mean(total / micro_batches))
 
     # NOTE: how the token weighting is done. Each micro-batch's loss is its sum over target tokens times
     # scale = micro-batches x data-parallel ranks / (target tokens of the whole batch). DeepSpeed itself
@@ -174,7 +174,7 @@ class Engine:
             values = torch.stack([metrics[k].detach().float() for k in self.objective.metrics])
             self._sums = values if self._sums is None else self._sums + values
 
-    def _finish(self, loss: float, micro: list[dict]) -> float:
+    def _finish(self, loss: float) -> float:
         """Sets step_metrics: the step's target count and metrics (sums over the batch / targets); collective."""
         self.step_metrics = {"targets": self._units if self.reads_data else None}
         if not self.objective.metrics:

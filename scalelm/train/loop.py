@@ -59,7 +59,7 @@ def train(cfg: Config, stage: str) -> dict:
         elif cfg.train.init_from:
             notes.append(init_weights(cfg, engine, tokenizer_sha))
         log = RunLog(cfg, active=layout.rank == 0, total_steps=cfg.train.steps, first_step=run["step"], stage=stage)
-        for note in notes:
+        for note in notes + ([loader.packing()] if loader.chat else []):
             log.note(run["step"], note)
         guard = LossGuard(cfg.train.max_bad_steps, cfg.train.spike_zscore, run["guard"])
         batches = _Traced(iter(loader))

@@ -43,7 +43,9 @@ def test_finetune_trains_on_targets_and_validates_on_them(chat, start, tmp_path)
     steps = [r for r in records(tmp_path / "run") if "loss" in r]
     assert len(steps) == 6 and steps[-1]["loss"] < steps[0]["loss"]
     assert all(0 < r["targets"] < 4 * 128 for r in steps)  # the loss is over target tokens, not the windows
-    assert last["val_loss"] > 0 and "started from the weights of" in (tmp_path / "run" / "events.log").read_text()
+    events = (tmp_path / "run" / "events.log").read_text()
+    assert last["val_loss"] > 0 and "started from the weights of" in events
+    assert "conversations into" in events and "% real tokens" in events
 
 
 @pytest.mark.parametrize("world, layout", [(1, []), (2, ["parallel.zero_stage=1"])], ids=["single", "dp2"])
@@ -54,6 +56,11 @@ def test_finetune_resumes_bit_exact(chat, start, tmp_path, world, layout):
     second = first[:-1] + ["train.steps=6"]
     losses = [run_ranks(world, pretrain_run, leg, "finetune")[0] for leg in (straight, first, second)]
     assert len(losses[1]) == 3 and losses[2] == losses[0]  # every bit of every step's loss
+    if world > 1:  # and its checkpoint goes on in another layout, the loader continuing at the share it had read
+        (resharded,) = run_ranks(1, pretrain_run, second[:-1] + ["train.steps=7"], "finetune")
+        assert len(resharded) == 7 and resharded[:6] == losses[0]
+        events = (tmp_path / "resumed" / "events.log").read_text()
+        assert "layout changed (tensor x pipeline x data 1x1x2 -> 1x1x1)" in events and "the loader continues" in events
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:

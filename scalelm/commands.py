@@ -1,0 +1,265 @@
+"""What each `scalelm` command does: parse nothing (cli.py does), call into scalelm.*, print what a person
+needs to read. Errors meant for people are raised as ScalelmError and printed by cli.main."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from scalelm.errors import ConfigError, ScalelmError
+
+
+def prepare(args: argparse.Namespace) -> None:
+    from scalelm.data.prepare import prepare
+
+    if args.demo_chat:
+        from scalelm.data.demo import demo_conversations, fetch_demo_corpus
+
+        counts = demo_conversations(fetch_demo_corpus(), args.out)
+        print(f"{counts['conversations']:,} conversations from {counts['speeches']:,} speeches in {counts['plays']} plays "
+              f"-> {args.out / 'conversations.jsonl'}")
+        return
+    if args.demo == bool(args.inputs):
+        raise ScalelmError("give INPUT files or directories, or --demo for the demo corpus (not both)")
+    inputs = args.inputs
+    if args.demo:
+        from scalelm.data.demo import fetch_demo_corpus
+
+        inputs = [fetch_demo_corpus()]
+    report = prepare(inputs, args.out, min_chars=args.min_chars, dedup=args.dedup, near_threshold=args.near_threshold,
+                     text_field=args.text_field, workers=args.workers, overwrite=args.overwrite)
+    docs, dropped = report["documents"], report["documents"]["dropped"]
+    print(f"kept {docs['kept']} of {docs['read']} documents ({dropped['too_short']} too short, "
+          f"{dropped['exact_duplicate']} exact and {dropped['near_duplicate']} near duplicates; "
+          f"{report['non_utf8']['documents']} with non-UTF-8 bytes replaced) -> {args.out}/ (report.json)")
+
+
+def tokenizer_train(args: argparse.Namespace) -> None:
+    from scalelm.data.tokenizer import meta_path, train_tokenizer
+
+    meta = train_tokenizer(args.inputs, args.out, args.vocab_size, model_type=args.model_type, seed=args.seed,
+                           max_sentences=args.max_sentences, workers=args.workers, overwrite=args.overwrite)
+    print(f"{meta['model_type']} tokenizer, {meta['vocab_size']} pieces, from {meta['lines_read']:,} lines of text "
+          f"-> {args.out} (sha256 {meta['sha256'][:12]}…; details in {meta_path(args.out)})")
+
+
+def shard(args: argparse.Namespace) -> None:
+    from scalelm.data.shards import parse_size, write_shards
+
+    if args.chat:
+        return _shard_chat(args)
+    started = time.perf_counter()
+    m = write_shards(args.inputs, args.tokenizer, args.out, shard_size=parse_size(args.shard_size),
+                     val_fraction=args.val_fraction, workers=args.workers, overwrite=args.overwrite)
+    splits = m["splits"]
+    print(f"{splits['train']['tokens']:,} train tokens in {len(splits['train']['shards'])} shards, "
+          f"{splits['val']['tokens']:,} val tokens in {len(splits['val']['shards'])} ({m['dtype']}) "
+          f"in {time.perf_counter() - started:.1f}s -> {args.out}/")
+    if splits["val"]["tokens"] == 0 and args.val_fraction > 0:
+        print(f"note: no document fell in the val split; raise --val-fraction (now {args.val_fraction})")
+
+
+def _shard_chat(args: argparse.Namespace) -> None:
+    from scalelm.data.chat_shards import write_chat_shards
+    from scalelm.data.shards import parse_size
+
+    started = time.perf_counter()
+    m = write_chat_shards(args.inputs, args.tokenizer, args.out, seq_len=args.seq_len, overlong=args.overlong,
+                          shard_size=parse_size(args.shard_size), val_fraction=args.val_fraction, workers=args.workers,
+                          overwrite=args.overwrite)
+    for split, s in m["splits"].items():
+        print(f"{split}: {s['conversations']:,} conversations, {s['tokens']:,} tokens ({s['targets']['assistant']:,} "
+              f"assistant targets) in {len(s['shards'])} shards; {s['truncated']:,} cut between turns and "
+              f"{s['dropped_overlong']:,} dropped as longer than --seq-len {args.seq_len}")
+    print(f"-> {args.out}/ in {time.perf_counter() - started:.1f}s")
+
+
+def inspect(args: argparse.Namespace) -> None:
+    from scalelm.data.inspect import inspect_shards
+
+    for line in inspect_shards(args.shards, verify=args.verify, tokenizer=args.tokenizer):
+        print(line)
+
+
+def pretrain(args: argparse.Namespace) -> int:
+    from scalelm.config import load_config
+
+    return _train(args, "pretrain", load_config)
+
+
+def finetune(args: argparse.Namespace) -> int:
+    from scalelm.train.finetune import load_finetune_config
+
+    return _train(args, "finetune", load_finetune_config)
+
+
+def _train(args: argparse.Namespace, stage: str, load) -> int:
+    quiet_engines()
+    cfg = load(args.config, args.overrides)  # config errors stop here, before any rank starts
+    if args.nproc_per_node > 1:
+        from scalelm.launch.torchrun import relaunch
+
+        return relaunch(args.nproc_per_node, [stage, "--config", args.config, *args.overrides])
+    from scalelm.train.loop import train
+
+    last = train(cfg, stage)
+    if last and "loss" in last:
+        print(f"done: step {last['step']}, loss {last['loss']:.4f}"
+              + (f", val loss {last['val_loss']:.4f}" if "val_loss" in last else "") + f" -> {cfg.log.dir}/")
+    elif last:
+        print(f"nothing to do: the newest checkpoint is at step {last['step']}, train.steps={cfg.train.steps}")
+    return 0
+
+
+def consolidate(args: argparse.Namespace) -> None:
+    from scalelm.checkpoint.consolidate import consolidate
+
+    done = consolidate(args.checkpoint, args.out, verify=not args.no_verify)
+    print(f"{done['tensors']} tensors, {done['parameters']:,} parameters from {done['checkpoint']} (step {done['step']}) "
+          f"-> {args.out} ({done['bytes'] / 1e6:.1f} MB)")
+
+
+def quiet_engines(hf: bool = False) -> None:
+    """The engines' notices about kernels that are not installed, and transformers' progress bars, say nothing
+    a user can act on here."""
+    import os
+    import warnings
+
+    import torch
+
+    warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine|transformer_engine).*")
+    warnings.filterwarnings("ignore", category=DeprecationWarning, module="megatron")
+    warnings.filterwarnings("ignore", message=".*cuda_graph_scope.*")
+    warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # every model here is a local folder
+    if hf:
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+        transformers.logging.disable_progress_bar()
+
+
+def _print_report(report: dict, out: Path) -> None:
+    from scalelm.convert.parity import describe
+
+    print(f"{report['source']} -> {out}" + (f" ({report['layout']} layout)" if "layout" in report else ""))
+    if "config" in report:
+        print(f"continue training it with: scalelm pretrain --config {report['config']} data.train=SHARDS")
+    if not report.get("tokenizer", True):
+        print("no tokenizer went with it: pass --tokenizer PATH to include one")
+    print(describe(report["parity"]) if "parity" in report else "parity: not checked (--no-verify)")
+
+
+def to_hf(args: argparse.Namespace) -> None:
+    quiet_engines(hf=True)
+    from scalelm.convert.hf import to_hf
+
+    _print_report(to_hf(args.checkpoint, args.out, args.tokenizer, verify=not args.no_verify), args.out)
+
+
+def from_hf(args: argparse.Namespace) -> None:
+    quiet_engines(hf=True)
+    from scalelm.convert.hf import from_hf
+
+    _print_report(from_hf(args.hf_dir, args.out, verify=not args.no_verify), args.out)
+
+
+def to_gguf(args: argparse.Namespace) -> None:
+    quiet_engines(hf=True)
+    from scalelm.convert.gguf import to_gguf
+
+    report = to_gguf(args.checkpoint, args.out, args.dtype, args.tokenizer, verify=not args.no_verify)
+    report["source"] += f" ({report['architecture']}, {report['dtype']}, {report['bytes'] / 1e6:.1f} MB)"
+    _print_report(report, args.out)
+
+
+def generate(args: argparse.Namespace) -> None:
+    quiet_engines(hf=True)
+    from scalelm.infer.generate import Sampling, generate
+
+    sampling = Sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed)
+    if args.chat is False and args.system:
+        raise ConfigError("--system goes with --chat")
+    generate(args.model, args.prompt, sampling, chat=args.chat, system=args.system)
+    print()
+
+
+def evaluate(args: argparse.Namespace) -> int:
+    quiet_engines(hf=True)
+    from scalelm.infer.evaluate import evaluate_checkpoint, evaluate_hf
+
+    if not args.model.exists():
+        raise ConfigError(f"{args.model} does not exist: give a checkpoint or a Hugging Face folder")
+    for flag, value in (("--batch-size", args.batch_size), ("--seq-len", args.seq_len), ("--windows", args.windows)):
+        if value is not None and value < 1:
+            raise ConfigError(f"{flag}={value}: use 1 or more")
+    if (args.model / "config.json").is_file():
+        if args.overrides or args.nproc_per_node > 1:
+            raise ConfigError("a Hugging Face folder runs in this process with transformers: drop --nproc-per-node and key=value")
+        result = evaluate_hf(args.model, args.data, args.split, args.seq_len, args.batch_size or 4, args.windows)
+        print(result.line(args.split))
+        return 0
+    overrides = (list(args.overrides) + ([f"train.micro_batch_size={args.batch_size}"] if args.batch_size else [])
+                 + ([f"train.seq_len={args.seq_len}"] if args.seq_len else []))
+    if args.nproc_per_node > 1:
+        from scalelm.launch.torchrun import relaunch
+
+        forward = ["--data", *args.data, "--split", args.split] + (["--windows", str(args.windows)] if args.windows else [])
+        return relaunch(args.nproc_per_node, ["eval", str(args.model), *forward, *overrides])
+    result = evaluate_checkpoint(args.model, args.data, args.split, args.windows, overrides)
+    if result:
+        print(result.line(args.split))
+    return 0
+
+
+def plan(args: argparse.Namespace) -> int:
+    quiet_engines()
+    from scalelm.config import load_config
+    from scalelm.parallel.plan import GPUS, describe, layouts_that_fit, plan
+
+    if args.nodes < 1 or args.gpus_per_node < 1 or not 0 < args.mfu <= 1:
+        raise ConfigError("--nodes and --gpus-per-node must be 1 or more, --mfu in (0, 1]")
+    cfg = load_config(args.config, args.overrides)
+    if cfg.model.vocab_size is None:
+        if cfg.data.tokenizer:
+            from scalelm.train.loop import resolve_vocab_size
+
+            cfg.model.vocab_size = resolve_vocab_size(cfg)
+        else:
+            cfg.model.vocab_size = args.vocab_size
+    world, gpu_bytes = args.nodes * args.gpus_per_node, GPUS[args.gpu][0]
+    try:
+        result = plan(cfg, world)
+    except ConfigError as e:
+        print(f"this layout does not run on {world} GPUs: {e}")
+        result = None
+    else:
+        print("\n".join(describe(result, args.nodes, args.gpus_per_node, args.gpu, args.mfu)))
+        if result.fits(gpu_bytes):
+            return 0
+    fitting = layouts_that_fit(cfg, world, args.gpus_per_node, gpu_bytes)
+    if not fitting:
+        print("no layout of this model fits these GPUs at this batch shape: use more GPUs, or a smaller "
+              "train.micro_batch_size or model")
+    else:
+        print("layouts that fit (cheapest first):")
+        for overrides, other in fitting:
+            print(f"  {overrides}   # {other.memory.total / 2**30:.1f} GiB per GPU")
+    return 1
+
+
+def plot(args: argparse.Namespace) -> None:
+    from scalelm.train.plot import plot_run
+
+    print(f"-> {plot_run(args.run_dir, args.out)}")
+
+
+def config(args: argparse.Namespace) -> None:
+    import yaml
+
+    from scalelm.config import load_config, to_dict
+
+    print(yaml.safe_dump(to_dict(load_config(args.config, args.overrides)), sort_keys=False), end="")
