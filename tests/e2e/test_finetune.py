@@ -84,6 +84,12 @@ def test_two_ranks_and_eval_on_assistant_tokens_agree_with_transformers(chat, st
     assert abs(loss[0] - loss[1]) < 1e-3  # packed in scalelm, one conversation at a time in transformers
     accuracy = [float(out.stdout.split("next-token accuracy ")[1].split("%")[0]) for out in (ours, theirs)]
     assert 0 < accuracy[0] < 100 and abs(accuracy[0] - accuracy[1]) <= 0.5
+    # a Hugging Face folder is a start too, through `convert from-hf` (its model and tokenizer come with it)
+    assert run_cli("convert", "from-hf", str(tmp_path / "hf"), str(tmp_path / "from-hf")).returncode == 0
+    cfg = load_finetune_config(None, sft(chat, tmp_path / "from-hf", tmp_path / "again", "train.steps=1",
+                                         "train.eval_every=0"))
+    assert cfg.data.tokenizer == str(tmp_path / "from-hf" / "tokenizer.model")
+    assert train(cfg, "finetune")["loss"] > 0
 
 
 def test_what_does_not_fit_is_refused(chat, pipeline, start, tmp_path):
