@@ -18,7 +18,7 @@ from typing import Sequence
 from scalelm.checkpoint import store
 from scalelm.config import Config, load_config
 from scalelm.data.shards import read_manifest
-from scalelm.errors import ConfigError, DataError
+from scalelm.errors import CheckpointError, ConfigError, DataError
 
 
 def load_finetune_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Config:
@@ -27,8 +27,11 @@ def load_finetune_config(path: str | Path | None, overrides: Sequence[str] = ())
     if not cfg.train.init_from:
         raise ConfigError("scalelm finetune starts from a model: set train.init_from to a checkpoint (any layout) "
                           "or to the output of `scalelm convert from-hf`")
-    ckpt = store.resolve(Path(cfg.train.init_from))
-    saved = store.read_manifest(ckpt)["config"]
+    try:
+        ckpt = store.resolve(Path(cfg.train.init_from))
+        saved = store.read_manifest(ckpt)["config"]
+    except CheckpointError as e:
+        raise CheckpointError(f"train.init_from={cfg.train.init_from}: {e}") from None
     base = {"model": saved["model"]}
     if saved.get("data", {}).get("tokenizer"):
         base["data"] = {"tokenizer": saved["data"]["tokenizer"]}
