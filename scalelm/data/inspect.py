@@ -21,7 +21,9 @@ def inspect_shards(source: str, verify: bool = False, tokenizer: str | Path | No
     yield (f"{source}: {first.dtype.name} tokens, vocabulary {first.vocab_size}, eos {first.eos_id}, "
            f"tokenizer sha256 {first.tokenizer_sha256[:12]}…")
     for s in sets:
-        yield f"  {s.split}: {s.tokens:,} tokens in {len(s.shards)} shards"
+        chat = (f" ({sum(len(shard.lengths) for shard in s.shards):,} conversations of up to {s.chat['seq_len']} tokens, "
+                f"{s.chat['targets']['assistant']:,} assistant targets)" if s.chat else "")
+        yield f"  {s.split}: {s.tokens:,} tokens in {len(s.shards)} shards{chat}"
     if tokenizer is not None and first.shards:
         sp = load_tokenizer(tokenizer)
         if sha256_file(tokenizer) != first.tokenizer_sha256:

@@ -36,3 +36,11 @@ def test_decoding_with_another_tokenizer_is_refused(pipeline, tmp_path):
     train_tokenizer([pipeline["docs"]], other, vocab_size=420, workers=1)
     with pytest.raises(DataError, match="is not the tokenizer .* was made with"):
         list(inspect_shards(str(pipeline["shards"]), tokenizer=other))
+
+
+def test_chat_shards_say_what_they_hold(chat):
+    from scalelm.data.inspect import inspect_shards
+
+    lines = list(inspect_shards(str(chat["shards"]), verify=True))
+    assert "conversations of up to 128 tokens" in lines[1] and "assistant targets" in lines[1]
+    assert lines[-1].startswith("all ") and lines[-1].endswith(" shards verified")  # the flags travel in the same tars
