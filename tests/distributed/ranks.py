@@ -18,7 +18,25 @@ from scalelm.parallel.topology import free_port
 
 
 def run_ranks(world_size: int, fn: Callable[..., Any], *args: Any, timeout: float = 600) -> list[Any]:
-    """fn(*args) on `world_size` ranks over gloo; their return values in rank order. A rank's error fails the call."""
+    """fn(*args) on `world_size` ranks over gloo; their return values in rank order. A rank's error fails the call.
+
+    NOTE: the rendezvous port is free when chosen but not reserved: another process on the machine (a Ray
+    worker of a test running beside this one) may take it before rank 0 listens on it. Rank 0 then fails
+    at once, before fn has done anything, and the ranks are started again on another port."""
+    for attempt in range(3):
+        try:
+            return _run_once(world_size, fn, args, timeout)
+        except _PortTaken:
+            if attempt == 2:
+                raise RuntimeError("three rendezvous ports in a row were taken before rank 0 could listen") from None
+    raise AssertionError("unreachable")
+
+
+class _PortTaken(Exception):
+    pass
+
+
+def _run_once(world_size: int, fn: Callable[..., Any], args: tuple, timeout: float) -> list[Any]:
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     port = free_port()
@@ -26,17 +44,22 @@ def run_ranks(world_size: int, fn: Callable[..., Any], *args: Any, timeout: floa
     for p in procs:
         p.start()
     gathered: dict[int, Any] = {}
+    failed = True
     try:
         for _ in procs:
             rank, ok, value = results.get(timeout=timeout)
             if not ok:
+                if "EADDRINUSE" in value:
+                    raise _PortTaken()
                 raise RuntimeError(f"rank {rank} failed:\n{value}")
             gathered[rank] = torch.load(io.BytesIO(value), weights_only=False)
+        failed = False
     finally:
         for p in procs:
-            p.join(timeout=30)
+            p.join(timeout=0 if failed else 30)  # after a failure the others may wait on it forever
             if p.is_alive():
                 p.kill()
+                p.join()
     return [gathered[r] for r in range(world_size)]
 
 
