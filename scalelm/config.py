@@ -166,13 +166,34 @@ class TrainConfig:
 
 
 @dataclass
+class LoRAConfig:
+    """Low-rank adapters on the transformer layers' linears, the base frozen (model/lora.py):
+    W x + scale · B A x, A (rank, in) and B (out, rank), B starting at zero."""
+
+    rank: int = 8
+    """r: the adapters' inner width; at most the smaller side of each adapted layer."""
+    alpha: float = 16.0
+    """Scale numerator: scale = alpha / rank, or alpha / sqrt(rank) with rslora."""
+    dropout: float = 0.0
+    """Dropout on the adapters' input (the base sees the input whole)."""
+    targets: list[str] = field(default_factory=lambda: ["qkv", "proj"])
+    """Adapted linears of each layer: qkv (the fused query/key/value), proj (attention output), fc1 (the MLP's
+    first, SwiGLU's fused gate and up), fc2 (the MLP's second)."""
+    rslora: bool = False
+    """Rank-stabilised scaling alpha / sqrt(rank) (Kalajdzievski 2023) instead of alpha / rank."""
+
+
+@dataclass
 class FinetuneConfig:
-    """What `scalelm finetune` trains: the objective, and which tokens of a conversation are its targets."""
+    """What `scalelm finetune` trains: the objective, which tokens of a conversation are its targets, and
+    whether the whole model or low-rank adapters on a frozen one."""
 
     objective: Literal["sft"] = "sft"
     """sft: next-token cross entropy on the target tokens of chat shards (`scalelm shard --chat`)."""
     train_on: Literal["assistant", "all", "last"] = "assistant"
     """Targets: every assistant turn with the <|end|> closing it, every token, or the last assistant turn only."""
+    lora: LoRAConfig | None = None
+    """Train LoRA adapters on train.init_from's frozen weights (e.g. finetune.lora.rank=16); null trains every weight."""
 
 
 @dataclass

@@ -134,6 +134,9 @@ def validate(cfg: Config, world_size: int | None = None) -> Config:
             f"train.global_batch_size={t.global_batch_size} is not a multiple of "
             f"train.micro_batch_size={t.micro_batch_size}: use e.g. {_round_up(t.global_batch_size, t.micro_batch_size)}")
 
+    if cfg.finetune.lora is not None:
+        _check_lora(cfg)
+
     if world_size is not None:
         model_parallel = p.tensor * p.pipeline
         if world_size % model_parallel:
@@ -147,6 +150,29 @@ def validate(cfg: Config, world_size: int | None = None) -> Config:
                 f"train.global_batch_size={t.global_batch_size} is not a multiple of micro_batch_size x data_parallel "
                 f"= {t.micro_batch_size} x {data_parallel} = {per_step}: use {_round_up(t.global_batch_size, per_step)}")
     return cfg
+
+
+def _check_lora(cfg: Config) -> None:
+    from scalelm.model.lora import TARGETS, layer_sides
+
+    lora = cfg.finetune.lora
+    unknown = [t for t in lora.targets if t not in TARGETS]
+    if unknown or not lora.targets:
+        raise ConfigError(f"finetune.lora.targets={lora.targets}: {'no target' if not unknown else repr(unknown[0]) + ' is no target'}; "
+                          f"use some of {', '.join(TARGETS)}")
+    if len(set(lora.targets)) != len(lora.targets):
+        raise ConfigError(f"finetune.lora.targets={lora.targets} names a target twice")
+    narrowest = min(min(layer_sides(cfg.model, t)) for t in lora.targets)
+    if not 1 <= lora.rank <= narrowest:
+        raise ConfigError(f"finetune.lora.rank={lora.rank} must be from 1 to {narrowest}, the narrowest side of the "
+                          f"adapted layers ({', '.join(lora.targets)})")
+    if lora.alpha <= 0:
+        raise ConfigError(f"finetune.lora.alpha={lora.alpha} must be positive (e.g. 2 x rank = {2 * lora.rank})")
+    if not 0 <= lora.dropout < 1:
+        raise ConfigError(f"finetune.lora.dropout={lora.dropout} must be in [0, 1)")
+    if not cfg.train.init_from:
+        raise ConfigError("finetune.lora adapts a trained model, and train.init_from is not set: set it to a checkpoint "
+                          "or `scalelm convert from-hf` output")
 
 
 def _divisors(n: int, limit: int | None = None) -> str:

@@ -4,6 +4,8 @@
     parallel.pipeline > 1    the same layers as DeepSpeed layer specs in a PipelineModule (1F1B); this rank
                              builds its stage's share
 
+With finetune.lora the built model's weights are frozen and adapters added to its linears (model/lora.py).
+
 Training, evaluation, scoring and the conversion's parity check all start here; the engine
 (parallel/engine.py) then wraps the module it is given, with or without an optimizer. The module
 knows no loss: the engine attaches the objective (for the pipeline, as the last stage's `loss_fn`).
@@ -16,6 +18,7 @@ from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
 
 from scalelm.config import Config
 from scalelm.model.gpt import GPT, Activations, Block, Embedding, FinalNorm, Head, recompute
+from scalelm.model.lora import apply_lora
 from scalelm.model.spec import layer_spec, transformer_config
 
 
@@ -24,16 +27,19 @@ def build_model(cfg: Config, layout, vocab_size: int, documents: bool = False) -
     `documents`: the batches carry packed documents (position_ids and document_ids)."""
     on_gpu = layout.device.type == "cuda"
     tc = transformer_config(cfg.model, cfg.parallel, on_gpu=on_gpu, recompute=cfg.train.activation_checkpointing)
-    spec = layer_spec(on_gpu, documents)
+    lora = cfg.finetune.lora
+    spec = layer_spec(on_gpu, documents, fused_norms=lora is None)
     full_recompute = cfg.train.activation_checkpointing == "full"
     if layout.pipeline == 1:
-        return GPT(cfg.model, tc, spec, vocab_size, cfg.train.seed, recompute_blocks=full_recompute,
-                   packed_attention=cfg.train.packed_attention)
-    from scalelm.parallel.topology import deepspeed_topology
+        model = GPT(cfg.model, tc, spec, vocab_size, cfg.train.seed, recompute_blocks=full_recompute,
+                    packed_attention=cfg.train.packed_attention)
+    else:
+        from scalelm.parallel.topology import deepspeed_topology
 
-    return PipelineModule(pipeline_layers(cfg, tc, spec, vocab_size), topology=deepspeed_topology(layout),
-                          partition_method="type:Block", activation_checkpoint_interval=int(full_recompute),
-                          activation_checkpoint_func=_recompute, checkpointable_layers=["Block"])
+        model = PipelineModule(pipeline_layers(cfg, tc, spec, vocab_size), topology=deepspeed_topology(layout),
+                               partition_method="type:Block", activation_checkpoint_interval=int(full_recompute),
+                               activation_checkpoint_func=_recompute, checkpointable_layers=["Block"])
+    return model if lora is None else apply_lora(model, lora, cfg.train.seed)
 
 
 def pipeline_layers(cfg: Config, tc, spec, vocab_size: int) -> list:

@@ -72,11 +72,13 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig, *, on_gpu: 
     )
 
 
-def layer_spec(on_gpu: bool, documents: bool = False) -> ModuleSpec:
+def layer_spec(on_gpu: bool, documents: bool = False, fused_norms: bool = True) -> ModuleSpec:
     """The transformer layer's modules: Transformer Engine's, or megatron's local ones with ours swapped in.
     With packed documents (`documents`) core attention is always scalelm's SDPA, which takes their block
-    mask; Transformer Engine's causal attention would not look at it."""
-    if use_transformer_engine(on_gpu):
+    mask; Transformer Engine's causal attention would not look at it. Without `fused_norms` (LoRA, whose
+    adapters read the normalised input of qkv and fc1, which Transformer Engine's linears fuse the norm into)
+    the local spec is used."""
+    if use_transformer_engine(on_gpu) and fused_norms:
         spec = get_gpt_layer_with_transformer_engine_spec()
         if documents:
             spec.submodules.self_attention.submodules.core_attention = SDPAttention

@@ -62,12 +62,15 @@ def model_inputs(batch: dict) -> list[torch.Tensor]:
 
 
 def param_groups(module: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on matrices only: biases, norms and other vectors are not decayed."""
+    """Weight decay on matrices only: biases, norms and other vectors are not decayed. Frozen weights (LoRA's
+    base) are in no group, so AdamW neither holds state for them nor decays them; an empty group is left out
+    (DeepSpeed drops it, and the schedule would then count one group too many)."""
     decay, no_decay = [], []
     for param in module.parameters():
         if param.requires_grad:
             (decay if param.dim() >= 2 else no_decay).append(param)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [group for group in groups if group["params"]]
 
 
 class Engine:

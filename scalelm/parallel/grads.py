@@ -17,7 +17,7 @@ import torch.distributed as dist
 def sum_sequence_parallel_grads(module: torch.nn.Module, group) -> None:
     """Hook every `sequence_parallel` parameter of `module` to all-reduce its gradient over `group`."""
     for param in module.parameters():
-        if getattr(param, "sequence_parallel", False):
+        if getattr(param, "sequence_parallel", False) and param.requires_grad:  # frozen ones have no gradient
             param.register_hook(lambda grad: _all_reduced(grad, group))
 
 

@@ -15,6 +15,8 @@ whole tensor and hands it to DeepSpeed, which keeps its own data-parallel part (
 weight, sets the training-precision copy the forward pass uses too). A state gathered under one
 layout therefore scatters into any other, and into the same one bit for bit.
 
+A frozen parameter (LoRA's base) has only its weight: no master copy, no moments (`states`).
+
 Both are collective: every rank of a pipeline stage calls them for the same parameters in the same
 order, which `named_parameters` guarantees.
 """
@@ -37,8 +39,13 @@ KEYS = ("param", "exp_avg", "exp_avg_sq")
 
 
 def named_parameters(module: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
-    """This rank's trainable parameters under their single-process names, in a fixed order."""
-    return [(single_process_name(name), p) for name, p in module.named_parameters() if p.requires_grad]
+    """This rank's parameters, frozen ones too, under their single-process names, in a fixed order."""
+    return [(single_process_name(name), p) for name, p in module.named_parameters()]
+
+
+def states(param: torch.nn.Parameter) -> tuple[str, ...]:
+    """The states `param` has: all KEYS when it trains, its weight alone when it is frozen."""
+    return KEYS if param.requires_grad else KEYS[:1]
 
 
 def single_process_name(name: str) -> str:
@@ -57,7 +64,15 @@ def single_process_name(name: str) -> str:
 
 def gather(param: torch.nn.Parameter, key: str, optimizer) -> torch.Tensor:
     """The whole fp32 `key` state of `param` (collective over its data- and tensor-parallel groups)."""
-    if _owned_by_deepspeed(param):
+    if not param.requires_grad:  # frozen: the weight alone, which ZeRO-3 still partitions
+        if key != "param":
+            raise ValueError("a frozen parameter has no optimizer state")
+        if hasattr(param, "ds_id"):
+            with zero.GatheredParameters([param]):
+                value = param.detach().clone()
+        else:
+            value = param.detach()
+    elif _owned_by_deepspeed(param):
         value = safe_get_full_fp32_param(param) if key == "param" else safe_get_full_optimizer_state(param, key)
     else:  # fp32 without ZeRO: the torch optimizer updates the parameter itself
         value = param.detach() if key == "param" else _torch_state(optimizer, param)[key]
@@ -82,7 +97,10 @@ def scatter(param: torch.nn.Parameter, key: str, whole: torch.Tensor, optimizer)
     mine = mine.to(device=param.device, dtype=torch.float32)
     if key == "param":
         _set_weight(param, mine)
-    if not _owned_by_deepspeed(param):
+    if not param.requires_grad:
+        if key != "param":
+            raise ValueError("a frozen parameter has no optimizer state")
+    elif not _owned_by_deepspeed(param):
         if key != "param":
             _torch_state(optimizer, param)[key].copy_(mine)
     elif key == "param":

@@ -52,7 +52,9 @@ def train_steps(overrides: list[str], steps: int = 3, seed: int = 0, masked: boo
     contiguous share of it in micro-batches, so every layout averages gradients over the same samples.
     `masked`: each sequence trains on its own share of its tokens (a loss mask, 5% to 95% of them), so
     micro-batches and data-parallel ranks hold different numbers of target tokens. `packed`: besides, each
-    sequence is a window of packed documents (position_ids, document_ids), as SFT batches are."""
+    sequence is a window of packed documents (position_ids, document_ids), as SFT batches are. With
+    finetune.lora in the overrides, the adapters' B start from whole random values instead of zero (so A's
+    first gradients are not zero too), and rank 0 also reports every whole weight after training ("weights")."""
     from scalelm.config import validate
     from scalelm.model.build import build_model
     from scalelm.parallel.engine import Engine
@@ -62,6 +64,11 @@ def train_steps(overrides: list[str], steps: int = 3, seed: int = 0, masked: boo
     try:
         validate(cfg, world_size=layout.world)
         engine = Engine(cfg, layout, build_model(cfg, layout, VOCAB, documents=packed))
+        if cfg.finetune.lora:
+            for name, param in engine.named_parameters():
+                if name.endswith(".lora.b"):
+                    shape = engine.whole_shape(param)
+                    engine.scatter(param, "param", torch.randn(shape, generator=torch.Generator().manual_seed(len(name))) * 0.1)
         grads = _GradCapture(engine.engine.module)
         t = cfg.train
         gen = torch.Generator().manual_seed(seed)
@@ -94,10 +101,21 @@ def train_steps(overrides: list[str], steps: int = 3, seed: int = 0, masked: boo
             grads.freeze()
         val = engine.eval_loss(micro_batches(), engine.grad_accum)
         whole = grads.whole(layout)  # collective: every rank takes part
+        weights = _whole_weights(engine, layout) if cfg.finetune.lora else None
         return {"losses": losses, "val": val, "lr": engine.lr, "grads": whole if layout.rank == 0 else None,
-                "metrics": engine.step_metrics}
+                "metrics": engine.step_metrics, "weights": weights if layout.rank == 0 else None}
     finally:
         destroy_distributed()
+
+
+def _whole_weights(engine, layout) -> dict[str, torch.Tensor]:
+    """Every whole weight of the model, frozen ones too, from every pipeline stage; collective."""
+    mine = {name: engine.gather(param, "param").clone() for name, param in engine.named_parameters()}
+    if layout.pipeline == 1:
+        return mine
+    stages = [None] * layout.pipeline
+    torch.distributed.all_gather_object(stages, mine, group=parallel_state.get_pipeline_model_parallel_group())
+    return {k: v for stage in stages for k, v in stage.items()}
 
 
 class _GradCapture:
@@ -105,7 +123,7 @@ class _GradCapture:
     partition it: these tests capture under ZeRO-1)."""
 
     def __init__(self, module: torch.nn.Module):
-        self.named = dict(module.named_parameters())
+        self.named = {name: p for name, p in module.named_parameters() if p.requires_grad}
         self.grads: dict[str, torch.Tensor] = {}
         self.frozen = False
         for name, param in self.named.items():

@@ -1,0 +1,144 @@
+"""LoRA: low-rank adapters on megatron-core's parallel linears, applied to a built model from outside.
+
+    Y = W X + b + scale · B A dropout(X)        A (r, in), B (out, r), scale = alpha / r (rsLoRA: alpha / sqrt r)
+
+The base is frozen (no gradient, so no optimizer state and no weight decay); A starts as nn.Linear's weights
+do (uniform, ±1/sqrt(in)) and B at zero, so training starts from the base model exactly. An adapter is a
+child `lora` of the linear it adapts (`blocks.3.layer.self_attention.linear_qkv.lora.a`), added to its output
+by a forward hook, and split over tensor ranks the way its base is:
+
+    column-parallel base (qkv, fc1)   W = [W_1; ...; W_t] by output rows
+        A whole on every rank; B = [B_1; ...; B_t] by output rows, with W's stride (SwiGLU's [gate; up])
+        the A path reads the whole input: under sequence parallelism X is gathered along the sequence
+        (its gradient is then split back, not summed: each rank's A path already gives the whole gradient
+        once A X's gradient is summed over the tensor group, as `copy_to_tensor_model_parallel_region` does)
+    row-parallel base (proj, fc2)     W = [W_1, ..., W_t] by input columns, input X = [X_1; ...; X_t]
+        A = [A_1, ..., A_t] by input columns; A X = Σ_i A_i X_i is summed over the tensor group (under
+        sequence parallelism reduce-scattered along the sequence, as the base's output is); B whole on
+        every rank (under sequence parallelism each rank's gradient of B covers its part of the sequence,
+        so B is marked `sequence_parallel` and summed like the norms: parallel/grads.py)
+
+So every adapter has megatron's partition attributes and is gathered, scattered and resharded exactly as
+the base's weights are (parallel/state.py), and whole adapters merge into whole weights: W + scale · B A.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state, tensor_parallel
+from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+from torch import nn
+
+from scalelm.config import LoRAConfig, ModelConfig
+
+# target name: the linear inside each megatron TransformerLayer
+TARGETS = {"qkv": "self_attention.linear_qkv", "proj": "self_attention.linear_proj",
+           "fc1": "mlp.linear_fc1", "fc2": "mlp.linear_fc2"}
+SUFFIXES = (".lora.a", ".lora.b")
+
+
+def layer_sides(model: ModelConfig, target: str) -> tuple[int, int]:
+    """(in, out) of a target's whole weight."""
+    h, f, d = model.hidden_size, model.ffn_hidden_size, model.hidden_size // model.num_heads
+    kv = (model.num_kv_heads or model.num_heads) * d
+    fc1 = 2 * f if model.activation == "swiglu" else f
+    return {"qkv": (h, h + 2 * kv), "proj": (h, h), "fc1": (h, fc1), "fc2": (f, h)}[target]
+
+
+def scale(lora: LoRAConfig) -> float:
+    return lora.alpha / (math.sqrt(lora.rank) if lora.rslora else lora.rank)
+
+
+def is_adapter(name: str) -> bool:
+    return name.endswith(SUFFIXES)
+
+
+def adapted(name: str) -> str:
+    """The weight an adapter's tensor belongs to: 'x.linear_qkv.lora.a' -> 'x.linear_qkv.weight'."""
+    return name.rsplit(".lora.", 1)[0] + ".weight"
+
+
+class LoRA(nn.Module):
+    """The low-rank path of one parallel linear: input X as the base sees it -> scale · B A X in the base's
+    output layout. See the module docstring for how it is split."""
+
+    def __init__(self, base: nn.Module, lora: LoRAConfig, generator: torch.Generator):
+        super().__init__()
+        self.column = isinstance(base, ColumnParallelLinear)
+        if not self.column and not isinstance(base, RowParallelLinear):
+            raise TypeError(f"LoRA adapts megatron's ColumnParallelLinear and RowParallelLinear, not {type(base).__name__}")
+        tp = parallel_state.get_tensor_model_parallel_world_size()
+        rank = parallel_state.get_tensor_model_parallel_rank()
+        self.sequence_parallel = base.sequence_parallel and tp > 1
+        self.scale = scale(lora)
+        self.dropout = nn.Dropout(lora.dropout)
+        r, fan_in = lora.rank, base.input_size
+        whole_a = (torch.rand(r, fan_in, generator=generator) * 2 - 1) / math.sqrt(fan_in)  # nn.Linear's init
+        if self.column:
+            self.a = nn.Parameter(whole_a)
+            self.b = nn.Parameter(torch.zeros(base.output_size_per_partition, r))
+            stride = getattr(base.weight, "partition_stride", 1)
+            tensor_parallel.set_tensor_model_parallel_attributes(self.b, True, 0, stride)
+        else:
+            self.a = nn.Parameter(whole_a.chunk(tp, dim=1)[rank].clone())
+            tensor_parallel.set_tensor_model_parallel_attributes(self.a, True, 1, 1)
+            self.b = nn.Parameter(torch.zeros(base.output_size, r))
+            self.b.sequence_parallel = self.sequence_parallel
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.column:
+            if self.sequence_parallel:  # (s/tp, b, in) -> (s, b, in); its gradient is split back, not summed
+                with tensor_parallel.get_cuda_rng_tracker().fork():
+                    x = self.dropout(x)
+                x = tensor_parallel.gather_from_sequence_parallel_region(x, tensor_parallel_output_grad=False)
+            else:
+                x = self.dropout(x)  # the same input on every tensor rank, the same mask
+            h = tensor_parallel.copy_to_tensor_model_parallel_region(F.linear(x, self.a))  # (s, b, r), whole
+            return F.linear(h, self.b) * self.scale  # (s, b, out/tp)
+        with tensor_parallel.get_cuda_rng_tracker().fork():  # each rank drops out its own columns
+            x = self.dropout(x)
+        h = F.linear(x, self.a)  # (s, b, r): this rank's share of the sum over input columns
+        h = (tensor_parallel.reduce_scatter_to_sequence_parallel_region(h) if self.sequence_parallel  # (s/tp, b, r)
+             else tensor_parallel.reduce_from_tensor_model_parallel_region(h))  # (s, b, r)
+        return F.linear(h, self.b) * self.scale  # (s[/tp], b, out)
+
+
+def _add_adapter(linear: nn.Module, args: tuple, kwargs: dict, output):
+    """Forward hook: the linear's (output, bias) with the adapter's term added to the output."""
+    x = args[0] if args else kwargs["input_"]
+    out, bias = output
+    return out + linear.lora(x), bias
+
+
+def apply_lora(model: nn.Module, lora: LoRAConfig, seed: int) -> nn.Module:
+    """Freeze every weight of `model` (a GPT or a PipelineModule of its layers) and adapt the `lora.targets` of
+    each transformer layer it holds. Each adapter's A is drawn whole from (seed, layer, target) alone, so every
+    layout starts from the single-process adapters. Returns `model`."""
+    from scalelm.model.gpt import Block
+
+    for param in model.parameters():
+        param.requires_grad_(False)
+    for block in (m for m in model.modules() if isinstance(m, Block)):
+        layer = block.layer.layer_number
+        for index, target in enumerate(TARGETS):
+            if target not in lora.targets:
+                continue
+            linear = block.layer.get_submodule(TARGETS[target])
+            generator = torch.Generator().manual_seed(seed * 1_000_003 + layer * 16 + index + 7)
+            linear.lora = LoRA(linear, lora, generator)
+            linear.register_forward_hook(_add_adapter, with_kwargs=True)
+    return model
+
+
+def merge(weights: dict[str, torch.Tensor], adapters: dict[str, torch.Tensor], lora: LoRAConfig) -> dict[str, torch.Tensor]:
+    """Whole base weights with whole adapters merged in: W + scale · B A for each adapted weight."""
+    merged = dict(weights)
+    for name in adapters:
+        if name.endswith(".lora.a"):
+            weight = adapted(name)
+            a, b = adapters[name], adapters[name.removesuffix(".a") + ".b"]
+            merged[weight] = weights[weight] + scale(lora) * (b.double() @ a.double()).to(weights[weight].dtype)
+    return merged
