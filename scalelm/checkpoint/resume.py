@@ -6,6 +6,9 @@ before it is tried. A checkpoint whose model or tokenizer differ from this run's
 loading it would silently change the math. The weights and AdamW's moments load into any layout
 (they are stored whole); RNG streams and the loader position continue exactly when the layout is
 the one that saved them, and otherwise restart as the notes say.
+
+A LoRA checkpoint holds the adapters alone: its frozen weights load from its base (checkpoint/base.py),
+which must be train.init_from's (the same SHA-256), and its adapters must be the config's (finetune.lora).
 """
 
 from __future__ import annotations
@@ -15,10 +18,13 @@ from pathlib import Path
 
 import torch.distributed as dist
 
+from scalelm.checkpoint import base as base_checkpoint
 from scalelm.checkpoint import rng, store
 from scalelm.config import Config, to_dict
 from scalelm.data.loader import TokenLoader
 from scalelm.errors import CheckpointError, DataError
+from scalelm.model import lora
+from scalelm.parallel import state
 from scalelm.parallel.engine import Engine
 from scalelm.parallel.state import KEYS
 from scalelm.parallel.topology import Layout, gather_objects
@@ -65,7 +71,7 @@ def load_checkpoint(cfg: Config, layout: Layout, engine: Engine, loader: TokenLo
     changed = _changed_settings(manifest["config"], to_dict(cfg))
     if changed:
         notes.append("settings changed since the checkpoint: " + ", ".join(changed))
-    _load_tensors(engine, ckpt, manifest, KEYS)
+    _load_weights(cfg, engine, ckpt, manifest, KEYS, Path(cfg.train.init_from) if cfg.train.init_from else None)
     engine.load_counters(manifest["counters"])
 
     saved = manifest["layout"]
@@ -87,24 +93,60 @@ def init_weights(cfg: Config, engine: Engine, tokenizer_sha256: str | None) -> s
     The optimizer, schedule, data order and RNG start anew. Collective."""
     ckpt = store.resolve(Path(cfg.train.init_from))
     manifest = store.read_manifest(ckpt)
+    _check_weights(ckpt, manifest, "train.init_from=")
+    _check_fits(cfg, ckpt, manifest, tokenizer_sha256)
+    _load_weights(cfg, engine, ckpt, manifest, ("param",), None)
+    dist.barrier()
+    lora = " (adapters freshly initialised: finetune.lora)" if cfg.finetune.lora and not manifest.get("base") else ""
+    return f"started from the weights of {ckpt}" + (f" ({manifest['source']})" if manifest.get("source") else "") + lora
+
+
+def _check_weights(ckpt: Path, manifest: dict, what: str = "") -> None:
     problems = store.verify(ckpt, manifest, sorted(f for f in manifest["files"] if not f.startswith(("optimizer", "rng"))))
     if problems:
-        raise CheckpointError(f"train.init_from={ckpt} failed verification: {problems[0]}")
-    _check_fits(cfg, ckpt, manifest, tokenizer_sha256)
-    _load_tensors(engine, ckpt, manifest, ("param",))
-    dist.barrier()
-    return f"started from the weights of {ckpt}" + (f" ({manifest['source']})" if manifest.get("source") else "")
+        raise CheckpointError(f"{what}{ckpt} failed verification: {problems[0]}")
 
 
-def _load_tensors(engine: Engine, ckpt: Path, manifest: dict, keys: tuple[str, ...]) -> None:
-    """Every parameter's `keys` states from the checkpoint's whole tensors into this rank's slices."""
+def _load_weights(cfg: Config, engine: Engine, ckpt: Path, manifest: dict, keys: tuple[str, ...], base: Path | None) -> None:
+    """The checkpoint's `keys` states into the engine. A LoRA checkpoint's frozen weights come from its base
+    (found at `base`, else where the checkpoint says); a LoRA run started from a plain checkpoint keeps its
+    freshly initialised adapters. Collective."""
+    params = engine.named_parameters()
+    adapters = [(n, p) for n, p in params if lora.is_adapter(n)]
+    saved_lora = manifest["config"].get("finetune", {}).get("lora")
+    ours = to_dict(cfg)["finetune"]["lora"]
+    if manifest.get("base"):
+        if not adapters or {k: saved_lora[k] for k in ("rank", "targets")} != {k: ours[k] for k in ("rank", "targets")}:
+            raise CheckpointError(f"{ckpt} holds LoRA adapters of rank {saved_lora['rank']} on {saved_lora['targets']}, "
+                                  f"and this run's finetune.lora is {ours}: set finetune.lora as it was trained, or export "
+                                  f"the merged model (scalelm convert to-hf) to start from")
+        base_ckpt, base_manifest = base_checkpoint.locate(manifest["base"], base, str(ckpt), "train.init_from")
+        _check_weights(base_ckpt, base_manifest, "the base ")
+        _load_tensors(engine, base_ckpt, base_manifest, [(n, p) for n, p in params if not lora.is_adapter(n)], ("param",))
+        params = adapters
+    elif keys != ("param",) and (saved_lora is None) != (ours is None):
+        raise CheckpointError(f"{ckpt} was saved {'without' if saved_lora is None else 'with'} LoRA adapters and this "
+                              f"run has finetune.lora={ours}: resume with the setting it was saved with, or set "
+                              f"checkpoint.dir elsewhere to start over")
+    else:
+        params = [(n, p) for n, p in params if not lora.is_adapter(n)]  # the start of a LoRA run: a plain checkpoint
+    _load_tensors(engine, ckpt, manifest, params, keys)
+
+
+def _load_tensors(engine: Engine, ckpt: Path, manifest: dict, params: list, keys: tuple[str, ...]) -> None:
+    """Each of `params`' `keys` states that it and the checkpoint both have, from the checkpoint's whole
+    tensors into this rank's slices."""
     reader = store.TensorReader(ckpt, manifest)
-    for name, param in engine.named_parameters():
-        saved_shape = tuple(manifest["tensors"].get(name, {}).get("shape", ()))
-        if name in manifest["tensors"] and saved_shape != engine.whole_shape(param):
-            raise CheckpointError(f"{ckpt}: tensor {name} has shape {list(saved_shape)}, this model's is "
+    for name, param in params:
+        entry = manifest["tensors"].get(name)
+        if entry is None:
+            raise CheckpointError(f"{ckpt}: no tensor {name}: the checkpoint holds another model")
+        if tuple(entry["shape"]) != engine.whole_shape(param):
+            raise CheckpointError(f"{ckpt}: tensor {name} has shape {entry['shape']}, this model's is "
                                   f"{list(engine.whole_shape(param))}")
         for key in keys:
+            if key not in entry.get("states", KEYS) or key not in state.states(param):
+                continue  # a frozen weight has no moments
             try:
                 engine.scatter(param, key, reader.get(key, name))
             except ValueError as e:

@@ -2,7 +2,8 @@
 
     1. rank 0 makes STEP.tmp                                          (store.start)
     2. every rank lists its parameters; all agree who writes which:  each name goes to the rank
-       holding it that has been given the fewest bytes so far
+       holding it that has been given the fewest bytes so far. A LoRA run lists its adapters alone:
+       its frozen weights are its base's, which the manifest names (checkpoint/base.py)
     3. each parameter's weight and moments are gathered whole        (Engine.gather, collective)
        and kept only by their writer, which streams them into its files (one tensor in memory at a time)
     4. every rank writes its RNG states; rank 0 gathers every file's size and SHA-256, the loader
@@ -22,10 +23,11 @@ from pathlib import Path
 import torch
 
 from scalelm.checkpoint import rng, store
+from scalelm.checkpoint.base import base_of
 from scalelm.config import Config, to_dict
 from scalelm.errors import CheckpointError, ScalelmError
+from scalelm.parallel import state
 from scalelm.parallel.engine import Engine
-from scalelm.parallel.state import KEYS
 from scalelm.parallel.topology import Layout, gather_objects
 
 
@@ -39,22 +41,29 @@ def save_checkpoint(cfg: Config, layout: Layout, engine: Engine, step: int, run:
     tmp = store.temp_dir(root, step)
     _agree(_attempt(store.start, root, step) if layout.rank == 0 else None, step)
 
-    params = engine.named_parameters()
+    # A LoRA run's frozen weights are its base's, which the manifest names; any other frozen weight is saved
+    # with its weight alone (state.states).
+    lora_base = base_of(Path(cfg.train.init_from)) if cfg.finetune.lora is not None else None
+    params = [(name, p) for name, p in engine.named_parameters() if p.requires_grad or lora_base is None]
     writers = _assign_writers([(name, getattr(p, "ds_numel", p.numel())) for name, p in params], layout.world)
-    mine = {name: engine.whole_shape(p) for name, p in params if writers[name] == layout.rank}
+    mine = {name: (engine.whole_shape(p), state.states(p)) for name, p in params if writers[name] == layout.rank}
     model, optimizer = f"model-{layout.rank:05d}.safetensors", f"optimizer-{layout.rank:05d}.safetensors"
+    with_moments = any(len(states) > 1 for _, states in mine.values())
     out: dict[str, store.TensorWriter] = {}
     failed = None  # a rank that cannot write still takes part in every gather; then all give up together
     with contextlib.ExitStack() as stack:
         if mine:  # streamed: gathered and written one tensor at a time
             failed = _attempt(_open_writers, stack, out, tmp / model, tmp / optimizer, mine)
         for name, param in params:
-            for key in KEYS:
+            for key in state.states(param):
                 whole = engine.gather(param, key)  # collective over the stage's data and tensor groups
                 if name in mine and failed is None:
                     failed = _attempt(out[key].write, name if key == "param" else f"{key}/{name}", whole.detach().cpu())
-    files = {model: out["param"].record, optimizer: out["exp_avg"].record} if mine and failed is None else {}
-    tensors = {name: {"model": model, "optimizer": optimizer, "shape": list(shape)} for name, shape in mine.items()}
+    files = {}
+    if mine and failed is None:
+        files = {model: out["param"].record} | ({optimizer: out["exp_avg"].record} if with_moments else {})
+    tensors = {name: {"model": model, "shape": list(shape), "states": list(states)}
+               | ({"optimizer": optimizer} if len(states) > 1 else {}) for name, (shape, states) in mine.items()}
     rng_file = f"rng-{layout.rank:05d}.safetensors"
     if failed is None:
         record = _attempt(store.write_tensors, tmp / rng_file, *rng.capture())
@@ -74,7 +83,7 @@ def save_checkpoint(cfg: Config, layout: Layout, engine: Engine, step: int, run:
         loaders = {r["dp_rank"]: r["loader"] for r in reports if r["loader"] is not None}
         manifest = {
             "step": step, "run": run, "created": time.time(),
-            "config": to_dict(cfg), "tokenizer_sha256": tokenizer_sha256,
+            "config": to_dict(cfg), "tokenizer_sha256": tokenizer_sha256, "base": lora_base,
             "layout": {"tensor": layout.tensor, "pipeline": layout.pipeline, "data": layout.data,
                        "world": layout.world, "zero_stage": cfg.parallel.zero_stage},
             "counters": engine.counters(),
@@ -87,10 +96,12 @@ def save_checkpoint(cfg: Config, layout: Layout, engine: Engine, step: int, run:
     return {"path": str(store.step_dir(root, step)), "bytes": total, "seconds": time.perf_counter() - started}
 
 
-def _open_writers(stack: contextlib.ExitStack, out: dict, model: Path, optimizer: Path, shapes: dict) -> None:
-    out["param"] = stack.enter_context(store.TensorWriter(model, {n: (s, torch.float32) for n, s in shapes.items()}))
-    out["exp_avg"] = out["exp_avg_sq"] = stack.enter_context(store.TensorWriter(
-        optimizer, {f"{key}/{n}": (s, torch.float32) for n, s in shapes.items() for key in KEYS[1:]}))
+def _open_writers(stack: contextlib.ExitStack, out: dict, model: Path, optimizer: Path, mine: dict) -> None:
+    """The rank's model file, and its optimizer file when any of its tensors has moments."""
+    out["param"] = stack.enter_context(store.TensorWriter(model, {n: (s, torch.float32) for n, (s, _) in mine.items()}))
+    moments = {f"{key}/{n}": (s, torch.float32) for n, (s, states) in mine.items() for key in states[1:]}
+    if moments:
+        out["exp_avg"] = out["exp_avg_sq"] = stack.enter_context(store.TensorWriter(optimizer, moments))
 
 
 def _commit(root: Path, step: int, manifest: dict, keep: int) -> None:

@@ -4,7 +4,9 @@
       latest                          "step-00001000": the newest committed checkpoint
       step-00001000/
         manifest.json                 written last: step, config, layouts, loader and scheduler state,
-                                      and the size and SHA-256 of every file beside it
+                                      the size and SHA-256 of every file beside it, the states each
+                                      tensor has (a frozen one its weight alone), and for a LoRA run
+                                      its base checkpoint (checkpoint/base.py)
         model-00003.safetensors       whole fp32 weights under single-process names (written by rank 3)
         optimizer-00003.safetensors   AdamW's moments of the same weights: exp_avg/NAME, exp_avg_sq/NAME
         rng-00003.safetensors         rank 3's RNG states

@@ -1,8 +1,9 @@
 """A scalelm model on disk, read or written as files alone: no process group, CPU only.
 
 What reads: a checkpoint of any layout (a step directory, or a checkpoint.dir whose newest is
-taken), or the single file `scalelm checkpoint consolidate` writes. What writes: a weights-only
-checkpoint (`scalelm convert from-hf`), which `train.init_from` starts a run from.
+taken), or the single file `scalelm checkpoint consolidate` writes. A LoRA checkpoint reads as its base
+(checkpoint/base.py) with the adapters merged in (`read_model`), or as the two apart (`read_lora`).
+What writes: a weights-only checkpoint (`scalelm convert from-hf`), which `train.init_from` starts a run from.
 """
 
 from __future__ import annotations
@@ -16,11 +17,13 @@ import torch
 import yaml
 from safetensors import SafetensorError, safe_open
 
+from scalelm.checkpoint import base as base_checkpoint
 from scalelm.checkpoint import consolidate, store
-from scalelm.config import Config, ModelConfig, from_dict, to_dict
+from scalelm.config import Config, LoRAConfig, ModelConfig, from_dict, to_dict
 from scalelm.convert.layouts import normalise_names
 from scalelm.data.files import make_dir, sha256_file
 from scalelm.errors import CheckpointError, ConfigError
+from scalelm.model import lora
 
 TOKENIZER = "tokenizer.model"  # a weights-only checkpoint's own copy of its tokenizer
 
@@ -35,19 +38,54 @@ class ScalelmModel:
     origin: str  # what it was read from, for reports
 
 
-def read_model(path: Path, tokenizer: Path | None = None, verify: bool = True) -> ScalelmModel:
-    """The model saved at `path`; `tokenizer` overrides the SentencePiece model the checkpoint names."""
+def read_model(path: Path, tokenizer: Path | None = None, verify: bool = True, base: Path | None = None) -> ScalelmModel:
+    """The model saved at `path`; `tokenizer` overrides the SentencePiece model the checkpoint names. A LoRA
+    checkpoint's adapters are merged into its base's weights (`base` overrides the path it names)."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path} does not exist: give a checkpoint directory or a consolidated .safetensors file")
     if path.is_file():
         return _read_consolidated(path, tokenizer)
+    found = _read_checkpoint(path, tokenizer, verify)
+    if found.lora is None:
+        return found.model
+    model, adapters, settings = read_lora(path, base, tokenizer, verify, found)
+    model.weights = lora.merge(model.weights, adapters, settings)
+    model.origin = found.model.origin + " merged into its base"
+    return model
+
+
+@dataclass
+class _Read:
+    model: ScalelmModel
+    lora: dict | None  # the LoRA checkpoint's {"base", "settings"}, or None
+
+
+def read_lora(path: Path, base: Path | None = None, tokenizer: Path | None = None, verify: bool = True,
+              _found: _Read | None = None) -> tuple[ScalelmModel, dict[str, torch.Tensor], LoRAConfig]:
+    """(the base model, the whole adapters, their settings) of the LoRA checkpoint at `path`; `base`
+    overrides the base's path the checkpoint names (its SHA-256 must match)."""
+    found = _found or _read_checkpoint(Path(path), tokenizer, verify)
+    if found.lora is None:
+        raise CheckpointError(f"{found.model.origin} holds no LoRA adapters (it was not trained with finetune.lora)")
+    base_ckpt, _ = base_checkpoint.locate(found.lora["base"], base, found.model.origin, "--base PATH")
+    base_model = _read_checkpoint(base_ckpt, tokenizer or found.model.tokenizer, verify).model
+    adapters = {k: v for k, v in found.model.weights.items() if lora.is_adapter(k)}
+    base_model.tokenizer = found.model.tokenizer or base_model.tokenizer
+    return base_model, adapters, found.lora["settings"]
+
+
+def _read_checkpoint(path: Path, tokenizer: Path | None, verify: bool) -> _Read:
     ckpt, manifest, weights = store.read_weights(path, check=verify)
     weights = normalise_names(weights)
     own = ckpt / TOKENIZER if (ckpt / TOKENIZER).is_file() else None
     named = manifest["config"].get("data", {}).get("tokenizer")
     found = _tokenizer(tokenizer or own or (Path(named) if named else None), manifest.get("tokenizer_sha256"), ckpt)
-    return ScalelmModel(_model_config(manifest["config"]["model"], ckpt), weights, found, f"{ckpt} (step {manifest['step']})")
+    model = ScalelmModel(_model_config(manifest["config"]["model"], ckpt), weights, found, f"{ckpt} (step {manifest['step']})")
+    settings = manifest["config"].get("finetune", {}).get("lora")
+    if not manifest.get("base"):
+        return _Read(model, None)
+    return _Read(model, {"base": manifest["base"], "settings": from_dict({"finetune": {"lora": settings}}).finetune.lora})
 
 
 def write_weights_only(out: Path, model: ModelConfig, weights: dict[str, torch.Tensor], tokenizer: Path | None,

@@ -48,6 +48,11 @@ def layer_sides(model: ModelConfig, target: str) -> tuple[int, int]:
     return {"qkv": (h, h + 2 * kv), "proj": (h, h), "fc1": (h, fc1), "fc2": (f, h)}[target]
 
 
+def adapter_parameters(model: ModelConfig, lora: LoRAConfig) -> int:
+    """The adapters' parameters over the whole model: r (in + out) per adapted linear per layer."""
+    return model.num_layers * sum(lora.rank * sum(layer_sides(model, t)) for t in lora.targets)
+
+
 def scale(lora: LoRAConfig) -> float:
     return lora.alpha / (math.sqrt(lora.rank) if lora.rslora else lora.rank)
 

@@ -59,6 +59,8 @@ def train(cfg: Config, stage: str) -> dict:
         elif cfg.train.init_from:
             notes.append(init_weights(cfg, engine, tokenizer_sha))
         log = RunLog(cfg, active=layout.rank == 0, total_steps=cfg.train.steps, first_step=run["step"], stage=stage)
+        if cfg.finetune.lora:
+            notes.append(_lora_note(cfg, vocab_size))
         for note in notes + ([loader.packing()] if loader.chat else []):
             log.note(run["step"], note)
         guard = LossGuard(cfg.train.max_bad_steps, cfg.train.spike_zscore, run["guard"])
@@ -103,6 +105,16 @@ def train(cfg: Config, stage: str) -> dict:
         if log is not None:
             log.close()
         destroy_distributed()
+
+
+def _lora_note(cfg: Config, vocab_size: int) -> str:
+    from scalelm.model.lora import adapter_parameters
+    from scalelm.model.spec import padded_vocab_size
+
+    lora, total = cfg.finetune.lora, metrics.parameter_count(cfg.model, padded_vocab_size(vocab_size))
+    trainable = adapter_parameters(cfg.model, lora)
+    return (f"LoRA rank {lora.rank} on {', '.join(lora.targets)}: {trainable:,} trainable parameters, "
+            f"{100 * trainable / total:.2f}% of the frozen base's {total:,}")
 
 
 def _save_reason(cfg: Config, step: int, signalled: bool, stop: bool) -> str | None:
