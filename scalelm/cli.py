@@ -9,7 +9,8 @@
     scalelm checkpoint consolidate CKPT --out model.safetensors   one unsharded fp32 weight file
     scalelm convert to-hf CKPT OUT_DIR        Hugging Face folder (GPT-2 or Llama layout), parity-checked
     scalelm convert from-hf HF_DIR OUT_CKPT   a Hugging Face model as a scalelm checkpoint (train.init_from)
-    scalelm convert to-gguf CKPT OUT.gguf     GGUF for llama.cpp, --dtype f32|f16|q8_0
+    scalelm convert to-gguf CKPT OUT.gguf     GGUF for llama.cpp, --dtype f32|f16|q8_0; --adapter: a LoRA adapter
+    scalelm convert to-peft CKPT OUT_DIR      a LoRA checkpoint as a PEFT adapter beside its base
     scalelm generate MODEL --prompt TEXT      sample text (transformers), --chat for the chat template
     scalelm eval MODEL --data SHARDS          perplexity, in-framework or with transformers
     scalelm plan --config CFG --nodes N --gpus-per-node G   preflight: memory per GPU, speed, layouts that fit
@@ -30,6 +31,8 @@ from typing import Sequence
 
 from scalelm import commands
 from scalelm.errors import ScalelmError, Stopped
+
+BASE_HELP = "a LoRA checkpoint's base, where it is not at the path the checkpoint names (its SHA-256 must match)"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -137,6 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", type=Path, metavar="CKPT", help="a step-* directory, or a checkpoint.dir (its latest)")
     p.add_argument("--out", required=True, type=Path, help="the .safetensors file to write")
     p.add_argument("--no-verify", action="store_true", help="skip checking the files' SHA-256 first")
+    p.add_argument("--base", type=Path, default=None, help=BASE_HELP)
     p.set_defaults(run=commands.consolidate)
 
     conv = sub.add_parser("convert", help="convert to and from Hugging Face, and to GGUF").add_subparsers(
@@ -158,12 +162,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=commands.from_hf)
     p = conv.add_parser("to-gguf", help="write a GGUF file (tokenizer inside) for llama.cpp",
                         description="Convert a checkpoint into one GGUF file, then read it back and check its logits "
-                                    "against scalelm's forward.")
+                                    "against scalelm's forward. A LoRA checkpoint is merged into its base; with --adapter "
+                                    "its adapters alone go into a GGUF LoRA file that llama.cpp loads beside the base's "
+                                    "GGUF (`llama-cli -m base.gguf --lora OUT.gguf`).")
     p.add_argument("checkpoint", type=Path, metavar="CKPT", help="a step-* directory, a checkpoint.dir, or a consolidated file")
     p.add_argument("out", type=Path, metavar="OUT.gguf", help="the file to write")
-    p.add_argument("--dtype", default="f16", help="f32, f16 (default) or q8_0")
+    p.add_argument("--dtype", default=None, help="f32, f16 (default) or q8_0; with --adapter f32 (default) or f16")
+    p.add_argument("--adapter", action="store_true", help="a LoRA checkpoint: write its adapters as a GGUF LoRA adapter")
     _conversion_flags(p)
     p.set_defaults(run=commands.to_gguf)
+
+    p = conv.add_parser("to-peft", help="write a LoRA checkpoint as a PEFT adapter (peft, vLLM) beside its base",
+                        description="Write OUT_DIR/adapter_config.json and adapter_model.safetensors, which "
+                                    "peft.PeftModel.from_pretrained(base, OUT_DIR) and vLLM load, and OUT_DIR/base/, the "
+                                    "Hugging Face export of the base; then check the adapted model's logits in peft "
+                                    "against scalelm's forward.")
+    p.add_argument("checkpoint", type=Path, metavar="CKPT", help="a LoRA checkpoint (finetune.lora): step-* or checkpoint.dir")
+    p.add_argument("out", type=Path, metavar="OUT_DIR", help="the folder to write")
+    _conversion_flags(p)
+    p.set_defaults(run=commands.to_peft)
 
     p = sub.add_parser("generate", help="sample text from a checkpoint or a Hugging Face export",
                        description="Generate with transformers from MODEL (a Hugging Face folder, or a scalelm checkpoint, "
@@ -177,6 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="the same seed gives the same text (default 0)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template as the user's turn")
     p.add_argument("--system", default=None, help="with --chat: a system message before it")
+    p.add_argument("--base", type=Path, default=None, help=BASE_HELP)
     p.set_defaults(run=commands.generate)
 
     p = sub.add_parser("eval", help="perplexity of a checkpoint or a Hugging Face export on token shards",
@@ -192,6 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=int, default=None, help="tokens per window (default: the checkpoint's train.seq_len; "
                                                              "a Hugging Face model's context)")
     p.add_argument("--nproc-per-node", type=int, default=1, help="a checkpoint: start this many local ranks")
+    p.add_argument("--base", type=Path, default=None, help=BASE_HELP)
     p.add_argument("overrides", nargs="*", metavar="key=value", help="a checkpoint: layout and precision, e.g. "
                                                                      "parallel.tensor=2 train.precision=fp32")
     p.set_defaults(run=commands.evaluate)
@@ -235,3 +254,4 @@ def _run_flags(p: argparse.ArgumentParser, configs: str, example: str, run) -> N
 def _conversion_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokenizer", type=Path, default=None, help="the SentencePiece model (default: the one the checkpoint names)")
     p.add_argument("--no-verify", action="store_true", help="skip the parity check of the logits")
+    p.add_argument("--base", type=Path, default=None, help=BASE_HELP)

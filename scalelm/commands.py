@@ -115,7 +115,7 @@ def _train(args: argparse.Namespace, stage: str, load) -> int:
 def consolidate(args: argparse.Namespace) -> None:
     from scalelm.checkpoint.consolidate import consolidate
 
-    done = consolidate(args.checkpoint, args.out, verify=not args.no_verify)
+    done = consolidate(args.checkpoint, args.out, verify=not args.no_verify, base=args.base)
     print(f"{done['tensors']} tensors, {done['parameters']:,} parameters from {done['checkpoint']} (step {done['step']}) "
           f"-> {args.out} ({done['bytes'] / 1e6:.1f} MB)")
 
@@ -157,7 +157,7 @@ def to_hf(args: argparse.Namespace) -> None:
     quiet_engines(hf=True)
     from scalelm.convert.hf import to_hf
 
-    _print_report(to_hf(args.checkpoint, args.out, args.tokenizer, verify=not args.no_verify), args.out)
+    _print_report(to_hf(args.checkpoint, args.out, args.tokenizer, verify=not args.no_verify, base=args.base), args.out)
 
 
 def from_hf(args: argparse.Namespace) -> None:
@@ -171,8 +171,26 @@ def to_gguf(args: argparse.Namespace) -> None:
     quiet_engines(hf=True)
     from scalelm.convert.gguf import to_gguf
 
-    report = to_gguf(args.checkpoint, args.out, args.dtype, args.tokenizer, verify=not args.no_verify)
-    report["source"] += f" ({report['architecture']}, {report['dtype']}, {report['bytes'] / 1e6:.1f} MB)"
+    if args.adapter:
+        from scalelm.convert.gguf_lora import to_gguf_lora
+
+        report = to_gguf_lora(args.checkpoint, args.out, args.dtype or "f32", args.base, args.tokenizer,
+                              verify=not args.no_verify)
+        report["source"] += (f" (a {report['architecture']} LoRA adapter, rank {report['rank']}, {report['dtype']}, "
+                             f"{report['bytes'] / 1e6:.1f} MB; load it with --lora beside the base's GGUF)")
+    else:
+        report = to_gguf(args.checkpoint, args.out, args.dtype or "f16", args.tokenizer, verify=not args.no_verify,
+                         base=args.base)
+        report["source"] += f" ({report['architecture']}, {report['dtype']}, {report['bytes'] / 1e6:.1f} MB)"
+    _print_report(report, args.out)
+
+
+def to_peft(args: argparse.Namespace) -> None:
+    quiet_engines(hf=True)
+    from scalelm.convert.peft import to_peft
+
+    report = to_peft(args.checkpoint, args.out, args.base, args.tokenizer, verify=not args.no_verify)
+    report["source"] += f" (adapters on {', '.join(report['targets'])}; the base's Hugging Face folder in {args.out / 'base'})"
     _print_report(report, args.out)
 
 
@@ -183,7 +201,7 @@ def generate(args: argparse.Namespace) -> None:
     sampling = Sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed)
     if args.chat is False and args.system:
         raise ConfigError("--system goes with --chat")
-    generate(args.model, args.prompt, sampling, chat=args.chat, system=args.system)
+    generate(args.model, args.prompt, sampling, chat=args.chat, system=args.system, base=args.base)
     print()
 
 
@@ -207,9 +225,10 @@ def evaluate(args: argparse.Namespace) -> int:
     if args.nproc_per_node > 1:
         from scalelm.launch.torchrun import relaunch
 
-        forward = ["--data", *args.data, "--split", args.split] + (["--windows", str(args.windows)] if args.windows else [])
+        forward = (["--data", *args.data, "--split", args.split] + (["--windows", str(args.windows)] if args.windows else [])
+                   + (["--base", str(args.base)] if args.base else []))
         return relaunch(args.nproc_per_node, ["eval", str(args.model), *forward, *overrides])
-    result = evaluate_checkpoint(args.model, args.data, args.split, args.windows, overrides)
+    result = evaluate_checkpoint(args.model, args.data, args.split, args.windows, overrides, args.base)
     if result:
         print(result.line(args.split))
     return 0
@@ -223,6 +242,10 @@ def plan(args: argparse.Namespace) -> int:
     if args.nodes < 1 or args.gpus_per_node < 1 or not 0 < args.mfu <= 1:
         raise ConfigError("--nodes and --gpus-per-node must be 1 or more, --mfu in (0, 1]")
     cfg = load_config(args.config, args.overrides)
+    if cfg.train.init_from and Path(cfg.train.init_from).exists():  # a finetuning config: the model is the start's
+        from scalelm.train.finetune import load_finetune_config
+
+        cfg = load_finetune_config(args.config, args.overrides)
     if cfg.model.vocab_size is None:
         if cfg.data.tokenizer:
             from scalelm.train.loop import resolve_vocab_size

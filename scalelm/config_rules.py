@@ -170,9 +170,6 @@ def _check_lora(cfg: Config) -> None:
         raise ConfigError(f"finetune.lora.alpha={lora.alpha} must be positive (e.g. 2 x rank = {2 * lora.rank})")
     if not 0 <= lora.dropout < 1:
         raise ConfigError(f"finetune.lora.dropout={lora.dropout} must be in [0, 1)")
-    if not cfg.train.init_from:
-        raise ConfigError("finetune.lora adapts a trained model, and train.init_from is not set: set it to a checkpoint "
-                          "or `scalelm convert from-hf` output")
 
 
 def _divisors(n: int, limit: int | None = None) -> str:

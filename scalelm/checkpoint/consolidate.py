@@ -18,11 +18,16 @@ from scalelm.errors import CheckpointError
 FORMAT = "scalelm-weights"  # the metadata "format" of a consolidated file
 
 
-def consolidate(path: Path, out: Path, verify: bool = True) -> dict:
-    """Write `out` from the checkpoint at `path` (a step directory, or a checkpoint.dir: its latest)."""
+def consolidate(path: Path, out: Path, verify: bool = True, base: Path | None = None) -> dict:
+    """Write `out` from the checkpoint at `path` (a step directory, or a checkpoint.dir: its latest). A LoRA
+    checkpoint's adapters are merged into its base's weights (found at `base`, or where the checkpoint names it)."""
     ckpt, manifest, weights = store.read_weights(path, check=verify)
     if not weights:
         raise CheckpointError(f"checkpoint {ckpt} holds no weights")
+    if manifest.get("base"):
+        from scalelm.convert.source import read_model  # the merge: convert/ reads checkpoints, not the reverse
+
+        weights = read_model(ckpt, verify=verify, base=base).weights
     config = manifest["config"]
     metadata = {"format": FORMAT, "model": json.dumps(config["model"]), "step": str(manifest["step"]),
                 "vocab_size": str(config["model"]["vocab_size"] or ""), "tokenizer_sha256": manifest["tokenizer_sha256"] or "",

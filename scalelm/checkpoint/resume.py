@@ -88,14 +88,15 @@ def load_checkpoint(cfg: Config, layout: Layout, engine: Engine, loader: TokenLo
     return manifest["run"], notes
 
 
-def init_weights(cfg: Config, engine: Engine, tokenizer_sha256: str | None) -> str:
+def init_weights(cfg: Config, engine: Engine, tokenizer_sha256: str | None, base: Path | None = None) -> str:
     """Load the weights of `train.init_from` (any checkpoint of this model) into a fresh run; a note for the log.
-    The optimizer, schedule, data order and RNG start anew. Collective."""
+    The optimizer, schedule, data order and RNG start anew. A LoRA checkpoint's base is found at `base`, or
+    where the checkpoint names it. Collective."""
     ckpt = store.resolve(Path(cfg.train.init_from))
     manifest = store.read_manifest(ckpt)
     _check_weights(ckpt, manifest, "train.init_from=")
     _check_fits(cfg, ckpt, manifest, tokenizer_sha256)
-    _load_weights(cfg, engine, ckpt, manifest, ("param",), None)
+    _load_weights(cfg, engine, ckpt, manifest, ("param",), base)
     dist.barrier()
     lora = " (adapters freshly initialised: finetune.lora)" if cfg.finetune.lora and not manifest.get("base") else ""
     return f"started from the weights of {ckpt}" + (f" ({manifest['source']})" if manifest.get("source") else "") + lora

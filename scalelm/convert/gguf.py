@@ -34,13 +34,15 @@ DTYPES = ("f32", "f16", "q8_0")
 TARGETS = {"f32": 1e-4, "f16": 1e-2, "q8_0": 0.5}  # max |Δlogit|; q8_0 bounded loosely: it catches a misplaced tensor, not rounding
 
 
-def to_gguf(source: Path, out: Path, dtype: str = "f16", tokenizer: Path | None = None, verify: bool = True) -> dict:
-    """Write the GGUF file of the scalelm model at `source` (checkpoint or consolidated file)."""
+def to_gguf(source: Path, out: Path, dtype: str = "f16", tokenizer: Path | None = None, verify: bool = True,
+            base: Path | None = None) -> dict:
+    """Write the GGUF file of the scalelm model at `source` (checkpoint or consolidated file; a LoRA checkpoint
+    merged into its base, found at `base` or where the checkpoint names it)."""
     import gguf
 
     if dtype not in DTYPES:
         raise ConversionError(f"--dtype {dtype}: GGUF export writes {', '.join(DTYPES)}")
-    found = read_model(source, tokenizer)
+    found = read_model(source, tokenizer, base=base)
     if found.tokenizer is None:
         raise ConversionError(f"{found.origin} names no tokenizer, and a GGUF file carries one: pass --tokenizer PATH")
     model = found.model

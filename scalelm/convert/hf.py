@@ -22,7 +22,7 @@ from safetensors import SafetensorError, safe_open
 from scalelm.checkpoint import store
 from scalelm.config import ModelConfig
 from scalelm.convert import layouts, parity
-from scalelm.convert.source import read_model, write_weights_only
+from scalelm.convert.source import ScalelmModel, read_model, write_weights_only
 from scalelm.convert.vocab import specials, write_hf_tokenizer
 from scalelm.data.files import make_dir
 from scalelm.errors import ConversionError
@@ -31,25 +31,32 @@ SHARD_BYTES = 5 << 30  # Hugging Face's customary largest weight file
 HF_TARGET = 1e-4  # max |Δlogit| in fp32
 
 
-def to_hf(source: Path, out: Path, tokenizer: Path | None = None, verify: bool = True) -> dict:
-    """Write the Hugging Face folder of the scalelm model at `source` (checkpoint or consolidated file)."""
-    found = read_model(source, tokenizer)
+def to_hf(source: Path, out: Path, tokenizer: Path | None = None, verify: bool = True, base: Path | None = None) -> dict:
+    """Write the Hugging Face folder of the scalelm model at `source` (checkpoint or consolidated file); a LoRA
+    checkpoint's adapters are merged into its base (found at `base`, else where the checkpoint names it)."""
+    found = read_model(source, tokenizer, base=base)
     model = found.model
-    layout = layouts.hf_layout(model)
+    files, parameters = write_hf_folder(found, out)
+    report = {"source": found.origin, "layout": layouts.hf_layout(model), "files": files, "tokenizer": bool(found.tokenizer),
+              "parameters": parameters}
+    if verify:
+        report["parity"] = parity.check(model, found.weights, out, HF_TARGET)
+    return report
+
+
+def write_hf_folder(found: ScalelmModel, out: Path, what: str = "OUT_DIR") -> tuple[list[str], int]:
+    """The Hugging Face folder of `found` (config, generation config, weights, tokenizer): (the weight files,
+    the parameters)."""
+    model = found.model
     state = layouts.to_hf(model, found.weights)
-    make_dir(out, "OUT_DIR")
+    make_dir(out, what)
     ids = specials(found.tokenizer) if found.tokenizer else None
-    config = hf_config(model, ids)
-    config.save_pretrained(out)
+    hf_config(model, ids).save_pretrained(out)
     _generation_config(ids).save_pretrained(out)
     files = write_weights(out, state)
     if found.tokenizer:
         write_hf_tokenizer(found.tokenizer, out, model.max_position_embeddings)
-    report = {"source": found.origin, "layout": layout, "files": files, "tokenizer": bool(found.tokenizer),
-              "parameters": sum(t.numel() for t in state.values())}
-    if verify:
-        report["parity"] = parity.check(model, found.weights, out, HF_TARGET)
-    return report
+    return files, sum(t.numel() for t in state.values())
 
 
 def from_hf(hf_dir: Path, out: Path, verify: bool = True) -> dict:

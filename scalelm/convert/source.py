@@ -71,8 +71,27 @@ def read_lora(path: Path, base: Path | None = None, tokenizer: Path | None = Non
     base_ckpt, _ = base_checkpoint.locate(found.lora["base"], base, found.model.origin, "--base PATH")
     base_model = _read_checkpoint(base_ckpt, tokenizer or found.model.tokenizer, verify).model
     adapters = {k: v for k, v in found.model.weights.items() if lora.is_adapter(k)}
+    _check_adapters(adapters, base_model, found)
     base_model.tokenizer = found.model.tokenizer or base_model.tokenizer
     return base_model, adapters, found.lora["settings"]
+
+
+def _check_adapters(adapters: dict[str, torch.Tensor], base: ScalelmModel, found: _Read) -> None:
+    """Each adapter a pair (A, B) that fits the base weight it adapts; a CheckpointError naming the first that does not."""
+    differ = [k for k, v in vars(found.model.model).items()
+              if getattr(base.model, k) != v and k not in ("dropout", "attention_dropout", "init_std")]
+    if differ:
+        raise CheckpointError(f"{found.model.origin} was trained on another model than its base {base.origin} "
+                              f"(model.{differ[0]} differs)")
+    if not adapters:
+        raise CheckpointError(f"{found.model.origin} names a base but holds no adapters")
+    for name in adapters:
+        a_name = name.removesuffix(".b") + ".a" if name.endswith(".lora.b") else name
+        a, b = adapters.get(a_name), adapters.get(a_name.removesuffix(".a") + ".b")
+        weight = base.weights.get(lora.adapted(name))
+        if a is None or b is None or weight is None or b.shape[1] != a.shape[0] or (b.shape[0], a.shape[1]) != weight.shape:
+            raise CheckpointError(f"{found.model.origin}: the adapter {name.rsplit('.', 1)[0]} does not fit its base "
+                                  f"{base.origin} (a missing half, or shapes that differ from {lora.adapted(name)})")
 
 
 def _read_checkpoint(path: Path, tokenizer: Path | None, verify: bool) -> _Read:

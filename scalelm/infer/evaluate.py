@@ -106,9 +106,10 @@ def _documents(batch: dict):
 
 
 def evaluate_checkpoint(path: Path, sources: Sequence[str], split: str, windows: int | None,
-                        overrides: Sequence[str] = ()) -> Perplexity | None:
+                        overrides: Sequence[str] = (), base: Path | None = None) -> Perplexity | None:
     """Perplexity of a scalelm checkpoint (any, weights-only too) in-framework, in the layout the launch and
-    `overrides` (parallel.*, train.micro_batch_size, train.precision, ...) give; the result on rank 0. Collective."""
+    `overrides` (parallel.*, train.micro_batch_size, train.precision, ...) give; the result on rank 0. A LoRA
+    checkpoint runs with its adapters on its base (found at `base`, or where the checkpoint names it). Collective."""
     from scalelm.checkpoint.resume import init_weights
     from scalelm.config import load_config, validate
     from scalelm.model.build import build_model
@@ -119,8 +120,8 @@ def evaluate_checkpoint(path: Path, sources: Sequence[str], split: str, windows:
     manifest = store.read_manifest(ckpt)
     _, world, _ = env_rank()
     # the layout is this launch's (parallel.* overrides), not the one that trained the checkpoint
-    base = {**manifest["config"], "parallel": {}}
-    cfg = load_config(None, list(overrides), base=base)
+    saved = {**manifest["config"], "parallel": {}}
+    cfg = load_config(None, list(overrides), base=saved)
     t, p = cfg.train, cfg.parallel
     dp = world // (p.tensor * p.pipeline) if world % (p.tensor * p.pipeline) == 0 else 1
     t.global_batch_size, t.eval_every = t.micro_batch_size * dp, 0  # one micro-batch per rank per step
@@ -131,7 +132,7 @@ def evaluate_checkpoint(path: Path, sources: Sequence[str], split: str, windows:
     layout = init_distributed(cfg.parallel, t.seed)
     try:
         engine = Engine(cfg, layout, build_model(cfg, layout, cfg.model.vocab_size, loader.documents), train=False)
-        init_weights(cfg, engine, manifest.get("tokenizer_sha256"))
+        init_weights(cfg, engine, manifest.get("tokenizer_sha256"), base)
         mine = (b for k, b in enumerate(islice(iter(loader), n // t.micro_batch_size)) if k % dp == layout.dp_rank)
         loss = engine.eval_loss(mine, n // (t.micro_batch_size * dp))
         engine_name = f"scalelm tensor {layout.tensor} x pipeline {layout.pipeline} x data {layout.data}, {t.precision}"

@@ -32,12 +32,13 @@ class Sampling:
 
 
 def generate(model_path: Path, prompt: str, sampling: Sampling, chat: bool = False, system: str | None = None,
-             stream: bool = True) -> str:
-    """The text generated after `prompt` (printed as it comes when `stream`)."""
+             stream: bool = True, base: Path | None = None) -> str:
+    """The text generated after `prompt` (printed as it comes when `stream`); `base`: a LoRA checkpoint's base,
+    where it is not at the path the checkpoint names."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, TextStreamer, set_seed
 
     _check(sampling)
-    with hf_folder(model_path) as folder:
+    with hf_folder(model_path, base) as folder:
         tokenizer = AutoTokenizer.from_pretrained(folder)
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     if chat:
@@ -65,8 +66,9 @@ def generate(model_path: Path, prompt: str, sampling: Sampling, chat: bool = Fal
 
 
 @contextmanager
-def hf_folder(path: Path) -> Iterator[Path]:
-    """A Hugging Face folder: `path` itself, or a scalelm checkpoint converted into a temporary one."""
+def hf_folder(path: Path, base: Path | None = None) -> Iterator[Path]:
+    """A Hugging Face folder: `path` itself, or a scalelm checkpoint converted into a temporary one (a LoRA
+    checkpoint merged into its base)."""
     path = Path(path)
     if (path / "config.json").is_file():
         yield path
@@ -74,7 +76,7 @@ def hf_folder(path: Path) -> Iterator[Path]:
     from scalelm.convert.hf import to_hf
 
     with tempfile.TemporaryDirectory(prefix="scalelm-hf-") as tmp:
-        to_hf(path, Path(tmp), verify=False)
+        to_hf(path, Path(tmp), verify=False, base=base)
         if not (Path(tmp) / "tokenizer.model").is_file():
             raise ConversionError(f"{path} names no tokenizer to generate with: convert it with --tokenizer first")
         yield Path(tmp)

@@ -40,6 +40,9 @@ def train(cfg: Config, stage: str) -> dict:
     """The run of `stage` ("pretrain" or "finetune"), as `pretrain` describes."""
     _, world, _ = env_rank()
     validate(cfg, world_size=world)  # layout errors surface before any process group starts
+    if cfg.finetune.lora and not cfg.train.init_from:
+        raise ConfigError("finetune.lora adapts a trained model, and train.init_from is not set: set it to a checkpoint "
+                          "or to `scalelm convert from-hf` output")
     if cfg.train.precision == "fp16" and not torch.cuda.is_available():
         raise ConfigError("train.precision=fp16 needs a GPU (DeepSpeed has no fp16 on the CPU): use bf16 or fp32 here")
     vocab_size = cfg.model.vocab_size = resolve_vocab_size(cfg)  # saved with checkpoints, resolved

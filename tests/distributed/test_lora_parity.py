@@ -8,7 +8,7 @@ import torch
 from tests.distributed.ranks import run_ranks
 from tests.distributed.workloads import train_steps
 
-LORA = ["train.init_from=base", "finetune.lora.rank=4", "finetune.lora.alpha=8",
+LORA = ["finetune.lora.rank=4", "finetune.lora.alpha=8",
         "finetune.lora.targets=[qkv,proj,fc1,fc2]", "optim.weight_decay=0.1", "optim.lr=5e-2"]
 BATCH = ["train.global_batch_size=8", "train.micro_batch_size=2", "optim.warmup_steps=1", "optim.lr=1e-2"]
 LLAMA = ["model.position_embedding=rope", "model.normalization=rmsnorm", "model.activation=swiglu",

@@ -75,6 +75,10 @@ def test_eval_generate_and_the_merged_export_take_a_lora_checkpoint(trained_lora
 
     ckpt = trained_lora["ckpt"]
     assert main(["convert", "to-hf", str(ckpt), str(tmp_path / "hf")]) == 0
+    # the adapter alone, for peft and llama.cpp, each checked against scalelm in its consumer's form
+    assert main(["convert", "to-peft", str(ckpt), str(tmp_path / "peft")]) == 0
+    assert json.loads((tmp_path / "peft" / "adapter_config.json").read_text())["r"] == 4
+    assert main(["convert", "to-gguf", str(ckpt), str(tmp_path / "adapter.gguf"), "--adapter"]) == 0
     base, adapters, settings = read_lora(ckpt)
     assert settings.rank == 4 and all(a.abs().sum() > 0 for a in adapters.values())
     tokens = probe_tokens(base.model.vocab_size, 32)

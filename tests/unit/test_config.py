@@ -90,12 +90,26 @@ def test_derived_values():
     (["data.train=[a, b]", "data.weights=[1]"], "data.weights has 1 entries but data.train has 2"),
     (["model.dropout=1.5"], "model.dropout=1.5 must be in [0, 1)"),
     (["train.seq_len=4096", "model.max_position_embeddings=2048"], "raise it to at least 4096"),
+    (["finetune.lora.targets=[qkv,mlp]"], "finetune.lora.targets=['qkv', 'mlp']: 'mlp' is no target; use some of qkv, proj, fc1, fc2"),
+    (["finetune.lora.targets=[]"], "finetune.lora.targets=[]: no target"),
+    (["finetune.lora.rank=0"], "finetune.lora.rank=0 must be from 1 to 768, the narrowest side of the adapted layers"),
+    (["finetune.lora.rank=1000", "finetune.lora.targets=[fc1]"], "finetune.lora.rank=1000 must be from 1 to 768"),
+    (["finetune.lora.alpha=0"], "finetune.lora.alpha=0.0 must be positive"),
+    (["finetune.lora.dropout=1"], "finetune.lora.dropout=1.0 must be in [0, 1)"),
+    (["finetune.lora=8"], "finetune.lora=8: expected a section of keys"),
 ])
 def test_errors_name_field_value_and_fix(override, message):
     with pytest.raises(ConfigError) as info:
         load_config(None, override)
     assert message in str(info.value)
     assert "\n" not in str(info.value)
+
+
+def test_lora_is_a_section_or_null():
+    cfg = load_config(None, ["finetune.lora.rank=16"])
+    assert cfg.finetune.lora.rank == 16 and cfg.finetune.lora.targets == ["qkv", "proj"] and cfg.finetune.lora.alpha == 16
+    assert load_config(None, ["finetune.lora.rank=16", "finetune.lora=null"]).finetune.lora is None
+    assert load_config(None).finetune.lora is None
 
 
 def test_world_size_rules():
