@@ -76,3 +76,12 @@ def test_checkpoint_loads_into_another_layout(pipeline, tmp_path, name):
     a, b = store.read_manifest(saved), store.read_manifest(again)
     assert b["counters"]["adam_steps"] == a["counters"]["adam_steps"] == N
     assert b["counters"]["schedule_step"] == a["counters"]["schedule_step"]
+
+
+@pytest.mark.parametrize("world, layout", [(1, []), (2, ["parallel.zero_stage=3"])], ids=["single", "dp2-zero3"])
+def test_a_frozen_weight_is_saved_and_loaded_without_moments(tmp_path, world, layout):
+    from tests.distributed.workloads import frozen_weight_round_trip
+
+    result = run_ranks(world, frozen_weight_round_trip, layout + ["train.global_batch_size=4"], str(tmp_path / "ckpt"))[0]
+    assert result["entry"]["states"] == ["param"] and "optimizer" not in result["entry"]
+    assert torch.equal(result["loaded"], result["saved"]) and result["saved"][0] == 0.5

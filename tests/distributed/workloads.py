@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from megatron.core import parallel_state
 
@@ -319,5 +321,43 @@ def packed_vs_alone(overrides: list[str], seed: int = 0) -> dict:
                 units += objective.units(batch)
                 start += len(doc)
         return {"logit_diff": logit_diff, "loss_diff": abs(packed_loss - loss_sum / units), "loss": packed_loss}
+    finally:
+        destroy_distributed()
+
+
+def frozen_weight_round_trip(overrides: list[str], root: str) -> dict:
+    """A model whose final norm is frozen (no LoRA) trains a step and saves; a model of another seed starts from
+    that checkpoint (train.init_from). The frozen weight as saved and as loaded, and its manifest entry, on rank 0."""
+    from scalelm.checkpoint import store
+    from scalelm.checkpoint.resume import init_weights
+    from scalelm.checkpoint.save import save_checkpoint
+    from scalelm.config import validate
+    from scalelm.model.build import build_model
+    from scalelm.parallel.engine import Engine
+
+    cfg = tiny_config(overrides + [f"checkpoint.dir={root}"])
+    layout = init_distributed(cfg.parallel, 0)
+    try:
+        validate(cfg, world_size=layout.world)
+
+        def engine_of(seed: int) -> Engine:
+            cfg.train.seed = seed
+            model = build_model(cfg, layout, VOCAB)
+            model.norm.norm.weight.requires_grad_(False)
+            return Engine(cfg, layout, model)
+
+        engine, t = engine_of(0), cfg.train
+        with torch.no_grad():  # a frozen weight that is not the initialisation's ones
+            engine.scatter(dict(engine.named_parameters())["norm.norm.weight"], "param", torch.linspace(0.5, 1.5, 64))
+        tokens = torch.randint(0, LEARNABLE, (t.global_batch_size // layout.data, t.seq_len + 1), generator=torch.Generator().manual_seed(0))
+        engine.train_step(iter({"input_ids": b[:, :-1], "labels": b[:, 1:]} for b in tokens.split(t.micro_batch_size)))
+        saved = engine.gather(dict(engine.named_parameters())["norm.norm.weight"], "param").clone()
+        save_checkpoint(cfg, layout, engine, 1, {"step": 1}, None, None)
+        cfg.train.init_from = root
+        other = engine_of(1)
+        init_weights(cfg, other, None)
+        loaded = other.gather(dict(other.named_parameters())["norm.norm.weight"], "param")
+        entry = store.read_manifest(store.resolve(Path(root)))["tensors"]["norm.norm.weight"]
+        return {"saved": saved, "loaded": loaded, "entry": entry} if layout.rank == 0 else None
     finally:
         destroy_distributed()
