@@ -349,7 +349,8 @@ def frozen_weight_round_trip(overrides: list[str], root: str) -> dict:
         engine, t = engine_of(0), cfg.train
         with torch.no_grad():  # a frozen weight that is not the initialisation's ones
             engine.scatter(dict(engine.named_parameters())["norm.norm.weight"], "param", torch.linspace(0.5, 1.5, 64))
-        tokens = torch.randint(0, LEARNABLE, (t.global_batch_size // layout.data, t.seq_len + 1), generator=torch.Generator().manual_seed(0))
+        tokens = torch.randint(0, LEARNABLE, (t.global_batch_size // layout.data, t.seq_len + 1),
+                               generator=torch.Generator().manual_seed(0))
         engine.train_step(iter({"input_ids": b[:, :-1], "labels": b[:, 1:]} for b in tokens.split(t.micro_batch_size)))
         saved = engine.gather(dict(engine.named_parameters())["norm.norm.weight"], "param").clone()
         save_checkpoint(cfg, layout, engine, 1, {"step": 1}, None, None)
