@@ -1,5 +1,6 @@
 """The benchmarks run (at toy sizes) and print their figures; their numbers are not judged here."""
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -47,3 +48,17 @@ def test_packing_benchmark_prints_figures():
     out = run(BENCH / "packing_throughput.py", "--steps", "3", "--conversations", "2000", "model.num_layers=2",
               "model.hidden_size=64", "model.num_heads=4", "train.seq_len=512")
     assert "packed" in out and "padded to longest" in out and "target tokens/s" in out and "ratio" in out
+
+
+def test_lora_benchmark_prints_figures(tmp_path):
+    out = run(BENCH / "lora_throughput.py", "--quick", "--steps", "2", "--dir", tmp_path)
+    rows = {}
+    for line in out.splitlines():
+        label, *cells = re.split(r"\s{2,}", line.strip())  # label, full, LoRA qkv+proj, ratio, LoRA all four, ratio
+        rows[label] = cells
+    for label in ("trainable parameters", "optimizer state", "AdamW moments", "fp32 master copies", "peak memory of a step",
+                  "checkpoint size", "checkpoint save time", "tokens/s"):
+        assert len(rows[label]) == 5, out
+    for label in ("trainable parameters", "optimizer state", "checkpoint size"):  # deterministic, unlike the timings
+        assert 0 < float(rows[label][2]) < 1 and 0 < float(rows[label][4]) < 1, out
+    assert not any(tmp_path.iterdir())  # it cleans up after itself
