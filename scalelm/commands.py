@@ -241,11 +241,13 @@ def plan(args: argparse.Namespace) -> int:
 
     if args.nodes < 1 or args.gpus_per_node < 1 or not 0 < args.mfu <= 1:
         raise ConfigError("--nodes and --gpus-per-node must be 1 or more, --mfu in (0, 1]")
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config(args.config, args.overrides, check=False)
     if cfg.train.init_from and Path(cfg.train.init_from).exists():  # a finetuning config: the model is the start's
         from scalelm.train.finetune import load_finetune_config
 
         cfg = load_finetune_config(args.config, args.overrides)
+    else:
+        cfg = load_config(args.config, args.overrides)
     if cfg.model.vocab_size is None:
         if cfg.data.tokenizer:
             from scalelm.train.loop import resolve_vocab_size

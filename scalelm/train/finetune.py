@@ -23,7 +23,7 @@ from scalelm.errors import CheckpointError, ConfigError, DataError
 
 def load_finetune_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Config:
     """The config at `path` with `overrides`, its model and tokenizer defaulting to train.init_from's."""
-    cfg = load_config(path, overrides)
+    cfg = load_config(path, overrides, check=False)  # validated below, with the start's model
     if not cfg.train.init_from:
         raise ConfigError("scalelm finetune starts from a model: set train.init_from to a checkpoint (any layout) "
                           "or to the output of `scalelm convert from-hf`")
