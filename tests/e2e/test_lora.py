@@ -10,7 +10,8 @@ import torch
 
 from scalelm.checkpoint import store
 from scalelm.checkpoint.base import base_of
-from scalelm.errors import CheckpointError
+from scalelm.config import load_config
+from scalelm.errors import CheckpointError, ConfigError
 from scalelm.train.finetune import load_finetune_config
 from scalelm.train.loop import train
 from tests.distributed.ranks import run_ranks
@@ -113,6 +114,10 @@ def test_a_base_that_is_not_its_own_is_refused(trained_lora, chat, sft_start, tm
     (moved / store.MANIFEST).write_text(json.dumps(manifest))
     from scalelm.convert.source import read_model
 
+    with pytest.raises(ConfigError, match="finetune.lora.rank=100 must be from 1 to 64"):  # the start's model, 64 wide
+        load_finetune_config(None, lora_run(chat, sft_start, tmp_path / "r", "finetune.lora.rank=100"))
+    with pytest.raises(ConfigError, match="finetune.lora adapts a trained model, and train.init_from is not set"):
+        train(load_config(None, ["finetune.lora.rank=4", f"log.dir={tmp_path / 'p'}"]), "pretrain")
     with pytest.raises(CheckpointError, match="give its path with --base PATH"):
         read_model(moved, verify=False)
     assert read_model(moved, verify=False, base=sft_start).weights  # found where it is said to be
