@@ -21,10 +21,21 @@ the peak is what is held plus the largest moment:
               all-reduces (or reduce-scatters).
     step      the reduced gradient partition, its flat fp32 copy AdamW steps on, and AdamW's temporaries.
 
-Left out, being small beside these: the embedding's output on the first stage, biases and norms that ZeRO-3
-keeps whole, the hidden states the pipeline passes between stages, the gradient norm's fp64 copy of one
-gradient, and the communication libraries' own buffers. The CUDA context, NCCL's buffers and the allocator's
-fragmentation are what HEADROOM leaves free.
+LoRA (finetune.lora, model/lora.py): every base weight is frozen. DeepSpeed's ZeRO-1/2 and bf16 optimizers
+flatten only `is_optimized_parameter`s (requires_grad) into their groups, and ZeRO-3, which partitions every
+weight (its Init takes all of module.parameters()), makes its fp32 copy and gradient partition from the
+trainable groups alone; gradient hooks, and so bucket traffic, are the trainable ones'. So the weights are
+held as above, frozen ones too (ZeRO-3: /d), and every other Ψ above is the rank's adapters, Ψ_A (on a GPU
+the buckets are still made whole: B elements). The frozen linears keep no input (megatron's
+linear_with_frozen_weight saves only the weight), the adapters keep theirs (layer_activations), the backward
+still computes the activations' gradients through every frozen layer, and the loss makes no output-layer
+gradient.
+
+Left out, being small beside these: the embedding's output on the first stage (with LoRA not even the first
+norm's input, which needs no gradient, or the frozen head's), biases, norms and adapters that ZeRO-3 keeps
+whole (under 1e5 elements, its persistence threshold), the hidden states the pipeline passes between stages,
+the gradient norm's fp64 copy of one gradient, and the communication libraries' own buffers. The CUDA
+context, NCCL's buffers and the allocator's fragmentation are what HEADROOM leaves free.
 
 A GPU and the CPU runs the model is checked on differ in three ways. On a GPU, DeepSpeed's buckets are
 allocated whole when made (torch.empty of B elements) and AdamW is fused (no temporaries). On the CPU only the
@@ -40,6 +51,7 @@ from dataclasses import dataclass
 
 from scalelm.config import Config, ModelConfig, validate
 from scalelm.errors import ConfigError
+from scalelm.model.lora import adapter_parameters, layer_sides
 from scalelm.model.spec import padded_vocab_size
 from scalelm.train.metrics import flops_per_token_megatron, parameter_count
 
@@ -97,6 +109,7 @@ class Plan:
     cfg: Config
     world: int
     parameters: int
+    trainable: int  # the parameters AdamW trains: all of them, or with finetune.lora the adapters
     memory: Memory  # the most loaded stage's
     stages: dict[str, Memory]  # "only", or the "first" and the "last" pipeline stage
     micro_batches: int
@@ -128,12 +141,18 @@ def plan(cfg: Config, world: int, on_gpu: bool = True) -> Plan:
     micro_batches = t.global_batch_size // (t.micro_batch_size * data)
     positions = m.max_position_embeddings * m.hidden_size if m.position_embedding == "learned" else 0
     total = parameter_count(m, vocab) + positions
+    lora = cfg.finetune.lora
+    trainable = total if lora is None else adapter_parameters(m, lora)
     stages = {stage: stage_memory(cfg, data, micro_batches, stage, on_gpu)
               for stage in (["only"] if p.pipeline == 1 else ["first", "last"])}
     memory = max(stages.values(), key=lambda mem: mem.total)
-    flops = flops_per_token_megatron(m, vocab, t.seq_len, t.activation_checkpointing == "full") * t.global_batch_size * t.seq_len
+    full_recompute = t.activation_checkpointing == "full"
+    flops = flops_per_token_megatron(m, vocab, t.seq_len, full_recompute)
+    if lora is not None:  # no weight gradient of a frozen weight: a third of megatron's dense and head terms;
+        # the input gradients and the attention's stay, and each adapter's parameter costs 6 FLOPs (8 recomputed)
+        flops += -24 * m.num_layers * m.hidden_size ** 2 - 2 * vocab * m.hidden_size + (8 if full_recompute else 6) * trainable
     bubble = (p.pipeline - 1) / (micro_batches + p.pipeline - 1)
-    return Plan(cfg, world, total, memory, stages, micro_batches, bubble, flops)
+    return Plan(cfg, world, total, trainable, memory, stages, micro_batches, bubble, flops * t.global_batch_size * t.seq_len)
 
 
 def rank_parameters(m: ModelConfig, vocab: int, tensor: int, pipeline: int, stage: str) -> tuple[float, float]:
@@ -155,14 +174,36 @@ def rank_parameters(m: ModelConfig, vocab: int, tensor: int, pipeline: int, stag
     return layers + ends, layers
 
 
-def layer_activations(m: ModelConfig, cfg: Config, bytes_per: int, recompute: str) -> float:
+def rank_adapters(m: ModelConfig, cfg: Config) -> float:
+    """The LoRA adapters' parameters one rank of a pipeline stage holds: A (r, in) and B (out, r) of each target
+    of each of its layers, B split over tensor ranks on a column-parallel base (qkv, fc1), A on a row-parallel
+    one (proj, fc2); the other whole on every tensor rank. 0 without finetune.lora."""
+    lora, t = cfg.finetune.lora, cfg.parallel.tensor
+    if lora is None:
+        return 0
+    per_layer = 0.0
+    for target in lora.targets:
+        fan_in, fan_out = layer_sides(m, target)
+        column = target in ("qkv", "fc1")
+        per_layer += lora.rank * (fan_in + fan_out / t if column else fan_in / t + fan_out)
+    return m.num_layers // cfg.parallel.pipeline * per_layer
+
+
+def layer_activations(m: ModelConfig, cfg: Config, bytes_per: int, recompute: str, on_gpu: bool = True) -> float:
     """Bytes one transformer layer keeps for its backward, per micro-batch (Korthikanti et al. 2022, table 2,
     in elements of `bytes_per` bytes, without the attention scores: SDPA keeps only its output and log-sum-exp).
 
     In units of s·b·h elements: the two norms' inputs and outputs (4, whole on every tensor rank unless sequence
     parallel), q, k, v ((h + 2·kv)/h), the attention output (1), the MLP's first output and its activation
     (fc1/h + f/h: 4 + 4 with GELU); 16 for GPT-3, which at 2 bytes plus the two residual dropouts' one-byte masks is
-    Korthikanti's 10 + 24/t, or 34/t with sequence parallelism. Full recomputation keeps each layer's input (1)."""
+    Korthikanti's 10 + 24/t, or 34/t with sequence parallelism. Full recomputation keeps each layer's input (1).
+
+    With LoRA the frozen linears keep no input (megatron's linear_with_frozen_weight), and an adapter keeps what
+    A reads: the whole input of qkv and fc1 (under sequence parallelism gathered along the sequence: 1, not 1/t),
+    this rank's 1/t of fc2's (f/h); proj's input is the attention's output, which SDPA keeps anyway. Each adapter
+    also keeps its rank-r intermediate A x for B (r/h; on proj and fc2 under sequence parallelism 1/t of it),
+    and with lora.dropout its mask (one byte an element on a GPU; on the CPU torch multiplies by a noise tensor
+    of the input's dtype) and, on proj, the dropped-out copy of the input."""
     p, t = cfg.parallel, cfg.train
     h, f = m.hidden_size, m.ffn_hidden_size
     sbh = t.seq_len * t.micro_batch_size * h
@@ -171,16 +212,35 @@ def layer_activations(m: ModelConfig, cfg: Config, bytes_per: int, recompute: st
         return sbh * bytes_per / along_sequence
     kv = h // m.num_heads * m.num_kv_heads
     fc1 = 2 * f if m.activation == "swiglu" else f
-    split = (h + 2 * kv) / h + 1 + fc1 / h + f / h
     masks = 2 if m.dropout > 0 else 0
-    return sbh * ((4 * bytes_per + masks) / along_sequence + split * bytes_per / p.tensor)
+    lora = cfg.finetune.lora
+    if lora is None:
+        split = (h + 2 * kv) / h + 1 + fc1 / h + f / h
+        return sbh * ((4 * bytes_per + masks) / along_sequence + split * bytes_per / p.tensor)
+    own = sbh * ((2 * bytes_per + masks) / along_sequence + ((h + 2 * kv) / h + 1 + fc1 / h) * bytes_per / p.tensor)
+    sb, adapters = t.seq_len * t.micro_batch_size, 0.0
+    for target in lora.targets:
+        fan_in = layer_sides(m, target)[0]
+        column = target in ("qkv", "fc1")
+        reads = sb * fan_in / (1 if column else p.tensor)  # the input A reads (column: gathered under SP)
+        kept = 0 if target == "proj" else reads
+        intermediate = sb * lora.rank / (p.tensor if p.sequence_parallel and not column else 1)
+        adapters += (kept + intermediate) * bytes_per
+        if lora.dropout > 0:  # the mask over what this rank drops out (column: before the gather)
+            adapters += (1 if on_gpu else bytes_per) * reads / (along_sequence if column else 1)
+            adapters += reads * bytes_per if target == "proj" else 0
+    return own + adapters
 
 
 def stage_memory(cfg: Config, data: int, micro_batches: int, stage: str, on_gpu: bool = True) -> Memory:
     """The memory of one rank of `stage` ("only", "first" or "last" pipeline stage); see the module docstring."""
     m, p, t = cfg.model, cfg.parallel, cfg.train
     vocab = padded_vocab_size(m.vocab_size)
-    psi, psi_layers = rank_parameters(m, vocab, p.tensor, p.pipeline, stage)
+    base, base_layers = rank_parameters(m, vocab, p.tensor, p.pipeline, stage)
+    lora, adapters = cfg.finetune.lora, rank_adapters(m, cfg)
+    # held: every weight; psi: what AdamW trains and DeepSpeed keeps master copies, gradients and buckets of
+    held_psi, psi_layers = base + adapters, base_layers + adapters
+    psi = base if lora is None else adapters
     d, w, zero = data, 4 if t.precision == "fp32" else 2, p.zero_stage
     # engine.py asks for fp32 gradient accumulation with bf16 under ZeRO-1, and for that DeepSpeed runs its
     # bf16 optimizer instead of the ZeRO one
@@ -190,9 +250,11 @@ def stage_memory(cfg: Config, data: int, micro_batches: int, stage: str, on_gpu:
     adam_temporaries = [] if on_gpu else [Term("AdamW temporaries", 2 * 4 * psi / d,
                                                "sqrt and division of the second moment, one flat tensor at a time")]
 
-    held = [Term("weights", psi * w / (d if zero == 3 else 1), f"{t.precision}" + (f", / {d} (ZeRO-3)" if zero == 3 else "")),
-            Term("fp32 master weights", 4 * psi / d, f"DeepSpeed's copy of this rank's 1/{d}"),
-            Term("AdamW moments", 8 * psi / d, f"two fp32 moments of this rank's 1/{d}")]
+    frozen, of = (f", {base / 1e6:,.1f}M frozen", " adapters'") if lora is not None else ("", "")
+    held = [Term("weights", held_psi * w / (d if zero == 3 else 1),
+                 f"{t.precision}" + (f", / {d} (ZeRO-3)" if zero == 3 else "") + frozen),
+            Term("fp32 master weights", 4 * psi / d, f"DeepSpeed's copy of this rank's{of} 1/{d}"),
+            Term("AdamW moments", 8 * psi / d, f"two fp32 moments of this rank's{of} 1/{d}")]
     if bf16_optimizer:
         held.append(Term("fp32 gradients", 4 * psi, "the bf16 optimizer's accumulator, whole on every rank"))
     if zero == 3:
@@ -210,18 +272,20 @@ def stage_memory(cfg: Config, data: int, micro_batches: int, stage: str, on_gpu:
     # a time is recomputed in full during the backward
     in_flight = min(p.pipeline, micro_batches) if stage == "first" else 1
     layers = m.num_layers // p.pipeline
-    activations = {"none": in_flight * layers * layer_activations(m, cfg, w, "none")}
-    activations["full"] = in_flight * layers * layer_activations(m, cfg, w, "full") + layer_activations(m, cfg, w, "none")
+    per_layer = layer_activations(m, cfg, w, "none", on_gpu)
+    activations = {"none": in_flight * layers * per_layer}
+    activations["full"] = in_flight * layers * layer_activations(m, cfg, w, "full") + per_layer
     activations["selective"] = activations["none"]  # megatron's selective recomputation drops only the s×s scores
     acts = Term("activations", activations[t.activation_checkpointing],
                 f"{in_flight} micro-batch{'es' if in_flight > 1 else ''} x {layers} layers")
     # The loss: the logits in the training precision (masked to the vocabulary, cast to fp32; in the backward,
     # their gradient), and the cross entropy's fp32 softmax, which the backward frees just before it makes its first
     # weight gradient, the output layer's (V/t x h), while every activation is still there.
-    head_gradient = vocab / p.tensor * m.hidden_size * w
+    head_gradient = vocab / p.tensor * m.hidden_size * w if lora is None else 0  # LoRA: the head is frozen
     loss = [Term("logits", w * logits, "masked to the vocabulary, cast to fp32; then their gradient"),
             Term("softmax | head grad", max(4 * logits, head_gradient),
-                 "the loss's fp32 softmax, then the output layer's weight gradient")] if last else []
+                 "the loss's fp32 softmax, then the output layer's weight gradient") if lora is None else
+            Term("softmax", 4 * logits, "the loss's fp32 softmax (the output layer is frozen)")] if last else []
 
     # gradients of earlier micro-batches, still there when this stage's activations peak
     earlier = []
@@ -238,7 +302,7 @@ def stage_memory(cfg: Config, data: int, micro_batches: int, stage: str, on_gpu:
         # NOTE: a layer's gathered parameters stay until their next use unless 1e9 (stage3_max_reuse_distance)
         # parameters are fetched before it; between a layer's forward and its backward come the forward and the
         # backward of every later layer, so the last 5e8 stay gathered: all of any model below that size.
-        gathered = Term("gathered parameters", min(psi, MAX_REUSE_DISTANCE / 2) * w, "ZeRO-3 keeps them to the backward")
+        gathered = Term("gathered parameters", min(held_psi, MAX_REUSE_DISTANCE / 2) * w, "ZeRO-3 keeps them to the backward")
         moments["forward"] = [gathered, Term("all-gather buffer", min(psi_layers, PREFETCH_BUCKET) * w,
                                              "one flat buffer per fetch, until the next"), acts]
         moments["backward"] = [gathered, acts, *loss]
@@ -303,6 +367,8 @@ def describe(p: Plan, nodes: int, gpus_per_node: int, gpu: str, mfu: float) -> l
         f"cluster: {nodes} nodes x {gpus_per_node} {gpu} = {p.world} GPUs, {gpu_bytes / GiB:.0f} GiB each",
         f"model: {p.parameters / 1e9:.2f}B parameters ({m.num_layers} layers, hidden {m.hidden_size}, {m.num_heads} heads, "
         f"vocabulary {padded_vocab_size(m.vocab_size):,} padded), sequences of {t.seq_len}",
+        *([f"trainable: {p.trainable / 1e6:,.2f}M parameters ({p.trainable / p.parameters:.2%}), LoRA rank {lora.rank} on "
+           f"{', '.join(lora.targets)}; the rest frozen"] if (lora := p.cfg.finetune.lora) else []),
         f"layout: tensor {par.tensor} x pipeline {par.pipeline} x data {data}, ZeRO-{par.zero_stage}"
         + (", sequence parallel" if par.sequence_parallel else "") + f", {t.precision}, recompute {t.activation_checkpointing}",
         f"batch: {t.global_batch_size} sequences = micro-batch {t.micro_batch_size} x {p.micro_batches} x data {data}"

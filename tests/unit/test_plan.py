@@ -145,3 +145,64 @@ def test_cli_exits_1_on_a_layout_that_does_not_divide(capsys):
     out = capsys.readouterr().out
     assert "this layout does not run on 1024 GPUs: train.global_batch_size=1536 is not a multiple" in out
     assert "layouts that fit" in out
+
+
+GPT3_1B = str(ROOT / "configs" / "gpt3-1.3b.yaml")
+LORA = ["finetune.lora.rank=16", "train.init_from=x"]  # the adapters on qkv and proj, LoRAConfig's default targets
+
+
+def gpt3_1b(overrides: list[str] = ()):
+    cfg = load_config(GPT3_1B, list(overrides))
+    cfg.model.vocab_size = 50257
+    return cfg
+
+
+def test_lora_holds_the_frozen_weights_and_optimizer_state_only_for_the_adapters():
+    """GPT-3 1.3B on 8 GPUs (data 8, bf16, ZeRO-1: DeepSpeed's bf16 optimizer), all weights trained or rank-16
+    adapters on qkv and proj: r (in + out) = 16 x (2048 + 6144) + 16 x (2048 + 2048) a layer, 4.7M in all. The
+    frozen weights are held as before (bf16); the fp32 master copy (4/d), AdamW's moments (8/d) and the fp32
+    gradient accumulator (4, whole) are the adapters' alone."""
+    full, lora = plan(gpt3_1b(), 8), plan(gpt3_1b(LORA), 8)
+    adapters = 24 * 16 * ((2048 + 6144) + (2048 + 2048))
+    assert lora.trainable == adapters == 4_718_592 and full.trainable == full.parameters == lora.parameters
+    held, held_full = ({t.name: t.bytes for t in p.memory.held} for p in (lora, full))
+    assert held["weights"] == pytest.approx(held_full["weights"] + 2 * adapters)
+    assert held["AdamW moments"] == 8 * adapters / 8 and held["fp32 master weights"] == 4 * adapters / 8
+    assert held["fp32 gradients"] == 4 * adapters
+    optimizer = sum(held[k] for k in ("fp32 master weights", "AdamW moments", "fp32 gradients"))
+    assert optimizer / sum(held_full[k] for k in ("fp32 master weights", "AdamW moments", "fp32 gradients")) < 0.004
+    assert lora.memory.total < 0.65 * full.memory.total  # the fc1 and fc2 inputs are no longer kept either
+    # no frozen weight's gradient: 24 L h^2 + 2 V h FLOPs a token less, 6 a token more for each adapter's parameter
+    tokens = 512 * 2048
+    saved = 24 * 24 * 2048**2 + 2 * 50304 * 2048 - 6 * adapters
+    assert lora.flops_per_step == pytest.approx(full.flops_per_step - saved * tokens)
+    lines = "\n".join(describe(lora, 1, 8, "h100", 0.4))
+    assert "trainable: 4.72M parameters (0.36%), LoRA rank 16 on qkv, proj" in lines
+    assert "trainable" not in "\n".join(describe(full, 1, 8, "h100", 0.4))
+
+
+def test_lora_adapters_split_over_tensor_ranks_like_their_base_and_zero3_partitions_the_frozen_weights():
+    """tensor 2: B of the column-parallel qkv and A of the row-parallel proj are split, the others whole; ZeRO-3
+    partitions every weight, frozen ones too, but its gradient partition and buckets are the adapters'."""
+    p = plan(gpt3_1b(LORA + ["parallel.tensor=2", "parallel.zero_stage=3"]), 8)
+    per_rank = 24 * 16 * ((2048 + 6144 / 2) + (2048 / 2 + 2048))
+    held = {t.name: t.bytes for t in p.memory.held}
+    full = {t.name: t.bytes for t in plan(gpt3_1b(["parallel.tensor=2", "parallel.zero_stage=3"]), 8).memory.held}
+    assert held["AdamW moments"] == pytest.approx(8 * per_rank / 4)  # 4 data-parallel ranks
+    assert held["gradient partition"] == pytest.approx(2 * per_rank / 4)
+    assert held["weights"] == pytest.approx(full["weights"] + 2 * per_rank / 4)
+    assert held["reduce bucket"] == full["reduce bucket"] == REDUCE_BUCKET * 2  # on a GPU made whole all the same
+
+
+def test_lora_activations_keep_the_adapters_inputs_and_intermediates_not_the_frozen_linears():
+    """Per layer, in s·b·h elements: the norms' inputs (2), q, k, v (3), the attention output (1, which SDPA keeps)
+    and the MLP's first output (4) as before; qkv's input for its A (1), not fc1's or fc2's (frozen linears keep no
+    input); and each adapter's A x, r/h. With all four targets that is GPT-3's 16 again, plus 4 r/h."""
+    cfg = gpt3_1b(LORA)
+    sbh = cfg.train.seq_len * cfg.train.micro_batch_size * cfg.model.hidden_size
+    assert layer_activations(cfg.model, cfg, 2, "none") == pytest.approx(2 * sbh * (11 + 2 * 16 / 2048))
+    cfg.finetune.lora.targets = ["qkv", "proj", "fc1", "fc2"]
+    assert layer_activations(cfg.model, cfg, 2, "none") == pytest.approx(2 * sbh * (16 + 4 * 16 / 2048))
+    # dropout: a one-byte mask of each adapter's input on a GPU (1 + 1 + 1 + 4), and proj's dropped-out copy
+    cfg.finetune.lora.dropout = 0.1
+    assert layer_activations(cfg.model, cfg, 2, "none") == pytest.approx(sbh * (2 * (16 + 4 * 16 / 2048) + 7 + 2))
