@@ -201,6 +201,8 @@ def generate(args: argparse.Namespace) -> None:
     sampling = Sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed)
     if args.chat is False and args.system:
         raise ConfigError("--system goes with --chat")
+    if args.base and (args.model / "config.json").is_file():
+        raise ConfigError("--base goes with a LoRA checkpoint, and MODEL is a Hugging Face folder")
     generate(args.model, args.prompt, sampling, chat=args.chat, system=args.system, base=args.base)
     print()
 
@@ -215,8 +217,9 @@ def evaluate(args: argparse.Namespace) -> int:
         if value is not None and value < 1:
             raise ConfigError(f"{flag}={value}: use 1 or more")
     if (args.model / "config.json").is_file():
-        if args.overrides or args.nproc_per_node > 1:
-            raise ConfigError("a Hugging Face folder runs in this process with transformers: drop --nproc-per-node and key=value")
+        if args.overrides or args.nproc_per_node > 1 or args.base:
+            raise ConfigError("a Hugging Face folder runs in this process with transformers: drop --nproc-per-node, "
+                              "--base and key=value")
         result = evaluate_hf(args.model, args.data, args.split, args.seq_len, args.batch_size or 4, args.windows)
         print(result.line(args.split))
         return 0

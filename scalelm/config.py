@@ -271,6 +271,16 @@ def from_dict(raw: dict[str, Any]) -> Config:
     return _build(Config, raw, prefix="")
 
 
+# Model fields that may differ between runs of the same weights (finetuning changes dropout)
+SAME_WEIGHTS_ANYWAY = ("dropout", "attention_dropout", "init_std")
+
+
+def model_differences(ours: dict[str, Any], theirs: dict[str, Any]) -> list[str]:
+    """The model fields (as dicts) that make `theirs` other weights than `ours`, as "model.K=THEIRS there, OURS here"."""
+    return [f"model.{k}={theirs.get(k)!r} there, {v!r} here" for k, v in ours.items()
+            if theirs.get(k) != v and k not in SAME_WEIGHTS_ANYWAY]
+
+
 def to_dict(cfg: Config) -> dict[str, Any]:
     """The config as plain nested dicts, ready for YAML or JSON."""
     return dataclasses.asdict(cfg)

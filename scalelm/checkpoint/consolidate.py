@@ -27,7 +27,7 @@ def consolidate(path: Path, out: Path, verify: bool = True, base: Path | None = 
     if manifest.get("base"):
         from scalelm.convert.source import read_model  # the merge: convert/ reads checkpoints, not the reverse
 
-        weights = read_model(ckpt, verify=verify, base=base).weights
+        weights = read_model(ckpt, verify=verify, base=base, tokenizer_needed=False).weights
     config = manifest["config"]
     metadata = {"format": FORMAT, "model": json.dumps(config["model"]), "step": str(manifest["step"]),
                 "vocab_size": str(config["model"]["vocab_size"] or ""), "tokenizer_sha256": manifest["tokenizer_sha256"] or "",

@@ -20,10 +20,11 @@ import torch.distributed as dist
 
 from scalelm.checkpoint import base as base_checkpoint
 from scalelm.checkpoint import rng, store
-from scalelm.config import Config, to_dict
+from scalelm.config import Config, model_differences, to_dict
 from scalelm.data.loader import TokenLoader
 from scalelm.errors import CheckpointError, DataError
 from scalelm.model import lora
+from scalelm.model.spec import local_name
 from scalelm.parallel import state
 from scalelm.parallel.engine import Engine
 from scalelm.parallel.state import KEYS
@@ -71,7 +72,8 @@ def load_checkpoint(cfg: Config, layout: Layout, engine: Engine, loader: TokenLo
     changed = _changed_settings(manifest["config"], to_dict(cfg))
     if changed:
         notes.append("settings changed since the checkpoint: " + ", ".join(changed))
-    _load_weights(cfg, engine, ckpt, manifest, KEYS, Path(cfg.train.init_from) if cfg.train.init_from else None)
+    _load_weights(cfg, engine, ckpt, manifest, KEYS, Path(cfg.train.init_from) if cfg.train.init_from else None,
+                  "train.init_from")
     engine.load_counters(manifest["counters"])
 
     saved = manifest["layout"]
@@ -88,18 +90,19 @@ def load_checkpoint(cfg: Config, layout: Layout, engine: Engine, loader: TokenLo
     return manifest["run"], notes
 
 
-def init_weights(cfg: Config, engine: Engine, tokenizer_sha256: str | None, base: Path | None = None) -> str:
+def init_weights(cfg: Config, engine: Engine, tokenizer_sha256: str | None, base: Path | None = None,
+                 flag: str = "--base PATH") -> str:
     """Load the weights of `train.init_from` (any checkpoint of this model) into a fresh run; a note for the log.
     The optimizer, schedule, data order and RNG start anew. A LoRA checkpoint's base is found at `base`, or
-    where the checkpoint names it. Collective."""
+    where the checkpoint names it (`flag` says how to give it). Collective."""
     ckpt = store.resolve(Path(cfg.train.init_from))
     manifest = store.read_manifest(ckpt)
     _check_weights(ckpt, manifest, "train.init_from=")
     _check_fits(cfg, ckpt, manifest, tokenizer_sha256)
-    _load_weights(cfg, engine, ckpt, manifest, ("param",), base)
+    _load_weights(cfg, engine, ckpt, manifest, ("param",), base, flag)
     dist.barrier()
-    lora = " (adapters freshly initialised: finetune.lora)" if cfg.finetune.lora and not manifest.get("base") else ""
-    return f"started from the weights of {ckpt}" + (f" ({manifest['source']})" if manifest.get("source") else "") + lora
+    fresh = " (adapters freshly initialised: finetune.lora)" if cfg.finetune.lora and not manifest.get("base") else ""
+    return f"started from the weights of {ckpt}" + (f" ({manifest['source']})" if manifest.get("source") else "") + fresh
 
 
 def _check_weights(ckpt: Path, manifest: dict, what: str = "") -> None:
@@ -108,7 +111,8 @@ def _check_weights(ckpt: Path, manifest: dict, what: str = "") -> None:
         raise CheckpointError(f"{what}{ckpt} failed verification: {problems[0]}")
 
 
-def _load_weights(cfg: Config, engine: Engine, ckpt: Path, manifest: dict, keys: tuple[str, ...], base: Path | None) -> None:
+def _load_weights(cfg: Config, engine: Engine, ckpt: Path, manifest: dict, keys: tuple[str, ...], base: Path | None,
+                  flag: str) -> None:
     """The checkpoint's `keys` states into the engine. A LoRA checkpoint's frozen weights come from its base
     (found at `base`, else where the checkpoint says); a LoRA run started from a plain checkpoint keeps its
     freshly initialised adapters. Collective."""
@@ -117,11 +121,12 @@ def _load_weights(cfg: Config, engine: Engine, ckpt: Path, manifest: dict, keys:
     saved_lora = manifest["config"].get("finetune", {}).get("lora")
     ours = to_dict(cfg)["finetune"]["lora"]
     if manifest.get("base"):
-        if not adapters or {k: saved_lora[k] for k in ("rank", "targets")} != {k: ours[k] for k in ("rank", "targets")}:
-            raise CheckpointError(f"{ckpt} holds LoRA adapters of rank {saved_lora['rank']} on {saved_lora['targets']}, "
-                                  f"and this run's finetune.lora is {ours}: set finetune.lora as it was trained, or export "
+        same = ("rank", "targets", "alpha", "rslora")  # what the adapters compute; their dropout may change
+        if not adapters or {k: saved_lora[k] for k in same} != {k: ours[k] for k in same}:
+            raise CheckpointError(f"{ckpt} holds LoRA adapters ({', '.join(f'{k}={saved_lora[k]}' for k in same)}), and "
+                                  f"this run's finetune.lora is {ours}: set finetune.lora as it was trained, or export "
                                   f"the merged model (scalelm convert to-hf) to start from")
-        base_ckpt, base_manifest = base_checkpoint.locate(manifest["base"], base, str(ckpt), "train.init_from")
+        base_ckpt, base_manifest = base_checkpoint.locate(manifest["base"], base, str(ckpt), flag)
         _check_weights(base_ckpt, base_manifest, "the base ")
         _load_tensors(engine, base_ckpt, base_manifest, [(n, p) for n, p in params if not lora.is_adapter(n)], ("param",))
         params = adapters
@@ -136,10 +141,13 @@ def _load_weights(cfg: Config, engine: Engine, ckpt: Path, manifest: dict, keys:
 
 def _load_tensors(engine: Engine, ckpt: Path, manifest: dict, params: list, keys: tuple[str, ...]) -> None:
     """Each of `params`' `keys` states that it and the checkpoint both have, from the checkpoint's whole
-    tensors into this rank's slices."""
+    tensors into this rank's slices. A norm Transformer Engine's spec saved inside its linear loads into the
+    local spec's norm (a LoRA run, which uses that spec, from a base trained with Transformer Engine)."""
     reader = store.TensorReader(ckpt, manifest)
+    local = {local_name(saved): saved for saved in manifest["tensors"]}
     for name, param in params:
-        entry = manifest["tensors"].get(name)
+        name_there = name if name in manifest["tensors"] else local.get(name, name)
+        entry = manifest["tensors"].get(name_there)
         if entry is None:
             raise CheckpointError(f"{ckpt}: no tensor {name}: the checkpoint holds another model")
         if tuple(entry["shape"]) != engine.whole_shape(param):
@@ -149,7 +157,7 @@ def _load_tensors(engine: Engine, ckpt: Path, manifest: dict, params: list, keys
             if key not in entry.get("states", KEYS) or key not in state.states(param):
                 continue  # a frozen weight has no moments
             try:
-                engine.scatter(param, key, reader.get(key, name))
+                engine.scatter(param, key, reader.get(key, name_there))
             except ValueError as e:
                 raise CheckpointError(f"{ckpt}: tensor {name} cannot be loaded here ({e})") from None
 
@@ -181,10 +189,7 @@ def _verify(ckpt: Path, layout: Layout) -> tuple[dict | None, list[str]]:
 
 
 def _check_fits(cfg: Config, ckpt: Path, manifest: dict, tokenizer_sha256: str | None) -> None:
-    ours, theirs = to_dict(cfg)["model"], manifest["config"]["model"]
-    # dropout and the initialisation's spread may change between runs of the same weights (finetuning)
-    differ = [f"model.{k}={theirs.get(k)!r} there, {v!r} here" for k, v in ours.items()
-              if theirs.get(k) != v and k not in ("dropout", "attention_dropout", "init_std")]
+    differ = model_differences(to_dict(cfg)["model"], manifest["config"]["model"])
     if differ:
         raise CheckpointError(f"checkpoint {ckpt} holds another model ({'; '.join(differ)}): use its model "
                               f"settings, or set checkpoint.dir elsewhere to start over")

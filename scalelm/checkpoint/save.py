@@ -32,8 +32,9 @@ from scalelm.parallel.topology import Layout, gather_objects
 
 
 def save_checkpoint(cfg: Config, layout: Layout, engine: Engine, step: int, run: dict, loader_state: dict | None,
-                    tokenizer_sha256: str | None) -> dict:
+                    tokenizer_sha256: str | None, base: dict | None = None) -> dict:
     """Save the state after `step` into checkpoint.dir; collective. Returns {path, bytes, seconds} on every rank.
+    A LoRA run's `base` is the record (checkpoint/base.py) of the weights it loaded, by default train.init_from's.
     If any rank cannot write (disk full, no permission), every rank raises CheckpointError together
     and the previous checkpoint stays the newest."""
     started = time.perf_counter()
@@ -43,7 +44,7 @@ def save_checkpoint(cfg: Config, layout: Layout, engine: Engine, step: int, run:
 
     # A LoRA run's frozen weights are its base's, which the manifest names; any other frozen weight is saved
     # with its weight alone (state.states).
-    lora_base = base_of(Path(cfg.train.init_from)) if cfg.finetune.lora is not None else None
+    lora_base = (base or base_of(Path(cfg.train.init_from))) if cfg.finetune.lora is not None else None
     params = [(name, p) for name, p in engine.named_parameters() if p.requires_grad or lora_base is None]
     writers = _assign_writers([(name, getattr(p, "ds_numel", p.numel())) for name, p in params], layout.world)
     mine = {name: (engine.whole_shape(p), state.states(p)) for name, p in params if writers[name] == layout.rank}

@@ -55,7 +55,7 @@ def to_gguf_lora(source: Path, out: Path, dtype: str = "f32", base: Path | None 
 
     if dtype not in DTYPES:
         raise ConversionError(f"--dtype {dtype}: a GGUF LoRA adapter is written as {' or '.join(DTYPES)}")
-    found, adapters, settings = read_lora(source, base, tokenizer)
+    found, adapters, settings = read_lora(source, base, tokenizer, tokenizer_needed=False)  # an adapter holds no vocabulary
     model = found.model
     tensors = gguf_adapter(model, adapters, settings)
     out = Path(out)

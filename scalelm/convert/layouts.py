@@ -30,15 +30,10 @@ import torch
 
 from scalelm.config import ModelConfig
 from scalelm.errors import ConversionError
-from scalelm.model.spec import padded_vocab_size
+from scalelm.model.spec import local_name, padded_vocab_size
 
 GPT2, LLAMA = "gpt2", "llama"
 
-# Transformer Engine's layers carry the norms inside the linears; their checkpoints name them so.
-_TE_NAMES = {"self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight",
-             "self_attention.linear_qkv.layer_norm_bias": "input_layernorm.bias",
-             "mlp.linear_fc1.layer_norm_weight": "pre_mlp_layernorm.weight",
-             "mlp.linear_fc1.layer_norm_bias": "pre_mlp_layernorm.bias"}
 
 
 def hf_layout(model: ModelConfig) -> str:
@@ -60,10 +55,7 @@ def normalise_names(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
     """The local layer spec's names for a checkpoint written with Transformer Engine's."""
     out = {}
     for name, tensor in weights.items():
-        for te, local in _TE_NAMES.items():
-            if name.endswith(te):
-                name = name.removesuffix(te) + local
-        out[name] = tensor
+        out[local_name(name)] = tensor
     return out
 
 

@@ -19,7 +19,7 @@ from safetensors import SafetensorError, safe_open
 
 from scalelm.checkpoint import base as base_checkpoint
 from scalelm.checkpoint import consolidate, store
-from scalelm.config import Config, LoRAConfig, ModelConfig, from_dict, to_dict
+from scalelm.config import Config, LoRAConfig, ModelConfig, from_dict, model_differences, to_dict
 from scalelm.convert.layouts import normalise_names
 from scalelm.data.files import make_dir, sha256_file
 from scalelm.errors import CheckpointError, ConfigError
@@ -38,18 +38,20 @@ class ScalelmModel:
     origin: str  # what it was read from, for reports
 
 
-def read_model(path: Path, tokenizer: Path | None = None, verify: bool = True, base: Path | None = None) -> ScalelmModel:
-    """The model saved at `path`; `tokenizer` overrides the SentencePiece model the checkpoint names. A LoRA
-    checkpoint's adapters are merged into its base's weights (`base` overrides the path it names)."""
+def read_model(path: Path, tokenizer: Path | None = None, verify: bool = True, base: Path | None = None,
+               tokenizer_needed: bool = True) -> ScalelmModel:
+    """The model saved at `path`; `tokenizer` overrides the SentencePiece model the checkpoint names (without
+    `tokenizer_needed`, one that is not there is left out). A LoRA checkpoint's adapters are merged into its
+    base's weights (`base` overrides the path it names)."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path} does not exist: give a checkpoint directory or a consolidated .safetensors file")
     if path.is_file():
         return _read_consolidated(path, tokenizer)
-    found = _read_checkpoint(path, tokenizer, verify)
+    found = _read_checkpoint(path, tokenizer, verify, tokenizer_needed)
     if found.lora is None:
         return found.model
-    model, adapters, settings = read_lora(path, base, tokenizer, verify, found)
+    model, adapters, settings = read_lora(path, base, tokenizer, verify, tokenizer_needed, found)
     model.weights = lora.merge(model.weights, adapters, settings)
     model.origin = found.model.origin + " merged into its base"
     return model
@@ -62,14 +64,14 @@ class _Read:
 
 
 def read_lora(path: Path, base: Path | None = None, tokenizer: Path | None = None, verify: bool = True,
-              _found: _Read | None = None) -> tuple[ScalelmModel, dict[str, torch.Tensor], LoRAConfig]:
+              tokenizer_needed: bool = True, _found: _Read | None = None) -> tuple[ScalelmModel, dict[str, torch.Tensor], LoRAConfig]:
     """(the base model, the whole adapters, their settings) of the LoRA checkpoint at `path`; `base`
     overrides the base's path the checkpoint names (its SHA-256 must match)."""
-    found = _found or _read_checkpoint(Path(path), tokenizer, verify)
+    found = _found or _read_checkpoint(Path(path), tokenizer, verify, tokenizer_needed)
     if found.lora is None:
         raise CheckpointError(f"{found.model.origin} holds no LoRA adapters (it was not trained with finetune.lora)")
     base_ckpt, _ = base_checkpoint.locate(found.lora["base"], base, found.model.origin, "--base PATH")
-    base_model = _read_checkpoint(base_ckpt, tokenizer or found.model.tokenizer, verify).model
+    base_model = _read_checkpoint(base_ckpt, tokenizer or found.model.tokenizer, verify, tokenizer_needed).model
     adapters = {k: v for k, v in found.model.weights.items() if lora.is_adapter(k)}
     _check_adapters(adapters, base_model, found)
     base_model.tokenizer = found.model.tokenizer or base_model.tokenizer
@@ -78,11 +80,10 @@ def read_lora(path: Path, base: Path | None = None, tokenizer: Path | None = Non
 
 def _check_adapters(adapters: dict[str, torch.Tensor], base: ScalelmModel, found: _Read) -> None:
     """Each adapter a pair (A, B) that fits the base weight it adapts; a CheckpointError naming the first that does not."""
-    differ = [k for k, v in vars(found.model.model).items()
-              if getattr(base.model, k) != v and k not in ("dropout", "attention_dropout", "init_std")]
+    differ = model_differences(vars(base.model), vars(found.model.model))
     if differ:
         raise CheckpointError(f"{found.model.origin} was trained on another model than its base {base.origin} "
-                              f"(model.{differ[0]} differs)")
+                              f"({differ[0]})")
     if not adapters:
         raise CheckpointError(f"{found.model.origin} names a base but holds no adapters")
     for name in adapters:
@@ -94,12 +95,13 @@ def _check_adapters(adapters: dict[str, torch.Tensor], base: ScalelmModel, found
                                   f"{base.origin} (a missing half, or shapes that differ from {lora.adapted(name)})")
 
 
-def _read_checkpoint(path: Path, tokenizer: Path | None, verify: bool) -> _Read:
+def _read_checkpoint(path: Path, tokenizer: Path | None, verify: bool, tokenizer_needed: bool = True) -> _Read:
     ckpt, manifest, weights = store.read_weights(path, check=verify)
     weights = normalise_names(weights)
     own = ckpt / TOKENIZER if (ckpt / TOKENIZER).is_file() else None
     named = manifest["config"].get("data", {}).get("tokenizer")
-    found = _tokenizer(tokenizer or own or (Path(named) if named else None), manifest.get("tokenizer_sha256"), ckpt)
+    found = _tokenizer(tokenizer or own or (Path(named) if named else None), manifest.get("tokenizer_sha256"), ckpt,
+                       tokenizer_needed)
     model = ScalelmModel(_model_config(manifest["config"]["model"], ckpt), weights, found, f"{ckpt} (step {manifest['step']})")
     settings = manifest["config"].get("finetune", {}).get("lora")
     if not manifest.get("base"):
@@ -159,9 +161,10 @@ def _model_config(saved: dict, where: Path) -> ModelConfig:
     return model
 
 
-def _tokenizer(path: Path | None, sha256: str | None, where: Path) -> Path | None:
-    """The tokenizer, checked against the SHA-256 the checkpoint recorded; None when there is none to find."""
-    if path is None:
+def _tokenizer(path: Path | None, sha256: str | None, where: Path, needed: bool = True) -> Path | None:
+    """The tokenizer, checked against the SHA-256 the checkpoint recorded; None when there is none to find (or,
+    unless `needed`, when the one named is not there)."""
+    if path is None or (not needed and not path.is_file()):
         return None
     if not path.is_file():
         raise CheckpointError(f"{where} was trained with the tokenizer {path}, which is not there: pass --tokenizer PATH")

@@ -61,6 +61,10 @@ def recompute(function, x: Activations) -> Activations:
     megatron's checkpoint, which replays the model-parallel RNG streams so recomputed dropout masks match.
     Only the hidden state is saved and recomputed from; the document tensors ride along unchanged."""
     hidden, documents = split(x)
+    if not hidden.requires_grad:
+        # NOTE: megatron's checkpoint is reentrant: its output needs a gradient only if its input does. Under
+        # LoRA the first block's input comes from a frozen embedding, so it is made to, or nothing would train.
+        hidden = hidden.detach().requires_grad_()
     out = tensor_parallel.checkpoint(lambda h: split(function(join(h, documents)))[0], False, hidden)
     return join(out, documents)
 

@@ -37,6 +37,7 @@ from scalelm.config import LoRAConfig, ModelConfig
 # target name: the linear inside each megatron TransformerLayer
 TARGETS = {"qkv": "self_attention.linear_qkv", "proj": "self_attention.linear_proj",
            "fc1": "mlp.linear_fc1", "fc2": "mlp.linear_fc2"}
+COLUMN = ("qkv", "fc1")  # column-parallel bases; proj and fc2 are row-parallel
 SUFFIXES = (".lora.a", ".lora.b")
 
 
@@ -79,7 +80,7 @@ class LoRA(nn.Module):
         rank = parallel_state.get_tensor_model_parallel_rank()
         self.sequence_parallel = base.sequence_parallel and tp > 1
         self.scale = scale(lora)
-        self.dropout = nn.Dropout(lora.dropout)
+        self.dropout = nn.Dropout(lora.dropout) if lora.dropout > 0 else None
         r, fan_in = lora.rank, base.input_size
         whole_a = (torch.rand(r, fan_in, generator=generator) * 2 - 1) / math.sqrt(fan_in)  # nn.Linear's init
         if self.column:
@@ -96,19 +97,30 @@ class LoRA(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.column:
             if self.sequence_parallel:  # (s/tp, b, in) -> (s, b, in); its gradient is split back, not summed
-                with tensor_parallel.get_cuda_rng_tracker().fork():
-                    x = self.dropout(x)
+                x = self._dropout(x, own=True)  # each rank's part of the sequence
                 x = tensor_parallel.gather_from_sequence_parallel_region(x, tensor_parallel_output_grad=False)
             else:
-                x = self.dropout(x)  # the same input on every tensor rank, the same mask
+                x = self._dropout(x, own=False)
             h = tensor_parallel.copy_to_tensor_model_parallel_region(F.linear(x, self.a))  # (s, b, r), whole
             return F.linear(h, self.b) * self.scale  # (s, b, out/tp)
-        with tensor_parallel.get_cuda_rng_tracker().fork():  # each rank drops out its own columns
-            x = self.dropout(x)
+        x = self._dropout(x, own=True)  # each rank's columns
         h = F.linear(x, self.a)  # (s, b, r): this rank's share of the sum over input columns
         h = (tensor_parallel.reduce_scatter_to_sequence_parallel_region(h) if self.sequence_parallel  # (s/tp, b, r)
              else tensor_parallel.reduce_from_tensor_model_parallel_region(h))  # (s, b, r)
         return F.linear(h, self.b) * self.scale  # (s[/tp], b, out)
+
+
+    def _dropout(self, x: torch.Tensor, own: bool) -> torch.Tensor:
+        """Dropout of the adapter's input. `own`: this rank's part of a split tensor, with a mask of its own (the
+        model-parallel RNG stream); otherwise the input is the same on every tensor rank and so is the mask.
+        NOTE: that one is drawn from the default stream, which megatron keeps equal over a tensor group (as its
+        own dropout outside sequence parallelism relies on): a mask that differed would let A's copies drift."""
+        if self.dropout is None:
+            return x
+        if not own:
+            return self.dropout(x)
+        with tensor_parallel.get_cuda_rng_tracker().fork():
+            return self.dropout(x)
 
 
 def _add_adapter(linear: nn.Module, args: tuple, kwargs: dict, output):

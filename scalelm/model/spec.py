@@ -29,6 +29,21 @@ def padded_vocab_size(vocab_size: int) -> int:
     return -(-vocab_size // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
 
 
+# Transformer Engine's layers carry the norms inside the linears; their checkpoints name them so.
+_TE_NAMES = {"self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight",
+             "self_attention.linear_qkv.layer_norm_bias": "input_layernorm.bias",
+             "mlp.linear_fc1.layer_norm_weight": "pre_mlp_layernorm.weight",
+             "mlp.linear_fc1.layer_norm_bias": "pre_mlp_layernorm.bias"}
+
+
+def local_name(name: str) -> str:
+    """The local spec's name of a tensor that Transformer Engine's spec names otherwise (its norms inside linears)."""
+    for te, local in _TE_NAMES.items():
+        if name.endswith(te):
+            return name.removesuffix(te) + local
+    return name
+
+
 def use_transformer_engine(on_gpu: bool) -> bool:
     return on_gpu and importlib.util.find_spec("transformer_engine") is not None
 

@@ -51,7 +51,7 @@ from dataclasses import dataclass
 
 from scalelm.config import Config, ModelConfig, validate
 from scalelm.errors import ConfigError
-from scalelm.model.lora import adapter_parameters, layer_sides
+from scalelm.model.lora import COLUMN, adapter_parameters, layer_sides
 from scalelm.model.spec import padded_vocab_size
 from scalelm.train.metrics import flops_per_token_megatron, parameter_count
 
@@ -184,7 +184,7 @@ def rank_adapters(m: ModelConfig, cfg: Config) -> float:
     per_layer = 0.0
     for target in lora.targets:
         fan_in, fan_out = layer_sides(m, target)
-        column = target in ("qkv", "fc1")
+        column = target in COLUMN
         per_layer += lora.rank * (fan_in + fan_out / t if column else fan_in / t + fan_out)
     return m.num_layers // cfg.parallel.pipeline * per_layer
 
@@ -221,7 +221,7 @@ def layer_activations(m: ModelConfig, cfg: Config, bytes_per: int, recompute: st
     sb, adapters = t.seq_len * t.micro_batch_size, 0.0
     for target in lora.targets:
         fan_in = layer_sides(m, target)[0]
-        column = target in ("qkv", "fc1")
+        column = target in COLUMN
         reads = sb * fan_in / (1 if column else p.tensor)  # the input A reads (column: gathered under SP)
         kept = 0 if target == "proj" else reads
         intermediate = sb * lora.rank / (p.tensor if p.sequence_parallel and not column else 1)

@@ -12,6 +12,7 @@ from typing import Iterator
 import torch
 
 from scalelm.checkpoint import store
+from scalelm.checkpoint.base import base_of
 from scalelm.checkpoint.resume import find_checkpoint, init_weights, load_checkpoint
 from scalelm.checkpoint.save import save_checkpoint
 from scalelm.config import Config, validate
@@ -60,7 +61,10 @@ def train(cfg: Config, stage: str) -> dict:
             run, more = load_checkpoint(cfg, layout, engine, loader, ckpt, manifest, tokenizer_sha)
             notes += more
         elif cfg.train.init_from:
-            notes.append(init_weights(cfg, engine, tokenizer_sha))
+            notes.append(init_weights(cfg, engine, tokenizer_sha, flag="moving it back to that path"))
+        # the weights a LoRA run's checkpoints name as their base: those it loaded, whatever init_from's newest is later
+        base = (manifest.get("base") if ckpt is not None else None) or (base_of(Path(cfg.train.init_from))
+                                                                        if cfg.finetune.lora else None)
         log = RunLog(cfg, active=layout.rank == 0, total_steps=cfg.train.steps, first_step=run["step"], stage=stage)
         if cfg.finetune.lora:
             notes.append(_lora_note(cfg, vocab_size))
@@ -76,7 +80,7 @@ def train(cfg: Config, stage: str) -> dict:
         def save(step: int, why: str) -> None:
             nonlocal saved_at
             if saved_at != step:
-                done = save_checkpoint(cfg, layout, engine, step, run, loader.state_dict(), tokenizer_sha)
+                done = save_checkpoint(cfg, layout, engine, step, run, loader.state_dict(), tokenizer_sha, base)
                 saved_at = step
                 log.note(step, f"saved {done['path']} ({why}; {done['bytes'] / 1e6:,.1f} MB in {done['seconds']:.1f} s)")
 

@@ -20,6 +20,8 @@ LAYOUTS = {
     "dp2-zero1": (2, ["parallel.zero_stage=1"]),
     "dp2-zero3": (2, ["parallel.zero_stage=3"]),
     "tp2xpp2": (4, ["parallel.tensor=2", "parallel.pipeline=2"]),
+    # the first block's input comes from the frozen embedding: megatron's reentrant checkpoint must still train
+    "pp2-recompute-full": (2, ["parallel.pipeline=2", "train.activation_checkpointing=full"]),
 }
 OBJECTIVES = {"sft": (True, True), "pretrain": (False, False)}  # (masked, packed)
 

@@ -28,11 +28,17 @@ def ray_head():
     if RAY is None:
         pytest.fail("no `ray` command: install the ray extra (pip install -e '.[ray]', part of '.[dev]')", pytrace=False)
     root = Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp"))  # short: Ray's socket paths under it must fit in 107 bytes
-    dashboard = free_port()
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
-    started = subprocess.run([RAY, "start", "--head", "--num-cpus=2", f"--port={free_port()}",
-                              "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", f"--temp-dir={root}"],
-                             env=env, capture_output=True, text=True, timeout=300)
+    # NOTE: a port is free when chosen but not reserved: a rank of a test running beside this one may take it
+    # before Ray's GCS binds it. Ray then fails at once, and starts again on other ports.
+    for attempt in range(3):
+        dashboard = free_port()
+        started = subprocess.run([RAY, "start", "--head", "--num-cpus=2", f"--port={free_port()}",
+                                  "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", f"--temp-dir={root}"],
+                                 env=env, capture_output=True, text=True, timeout=300)
+        if started.returncode == 0 or "already in use" not in started.stderr + started.stdout or attempt == 2:
+            break
+        subprocess.run([RAY, "stop", "--force"], env=env, capture_output=True, timeout=120)
     if started.returncode != 0:
         pytest.fail(f"ray start failed: {started.stderr[-2000:]}", pytrace=False)
     env["RAY_ADDRESS"] = f"http://127.0.0.1:{dashboard}"
