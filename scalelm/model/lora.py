@@ -109,7 +109,6 @@ class LoRA(nn.Module):
              else tensor_parallel.reduce_from_tensor_model_parallel_region(h))  # (s, b, r)
         return F.linear(h, self.b) * self.scale  # (s[/tp], b, out)
 
-
     def _dropout(self, x: torch.Tensor, own: bool) -> torch.Tensor:
         """Dropout of the adapter's input. `own`: this rank's part of a split tensor, with a mask of its own (the
         model-parallel RNG stream); otherwise the input is the same on every tensor rank and so is the mask.
