@@ -24,10 +24,10 @@ values. --quick is a toy model for the tests. Prints figures only.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import gc
 import shutil
 import statistics
+import sys
 import tempfile
 import time
 import warnings
@@ -35,29 +35,19 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).parents[1]))  # the repository, for tests.distributed's memory readings
+
 from scalelm.checkpoint.save import save_checkpoint
 from scalelm.config import load_config, validate
 from scalelm.model.build import build_model
 from scalelm.parallel.engine import Engine
 from scalelm.parallel.topology import destroy_distributed, init_distributed
+from tests.distributed.workloads import memory_status, pin_mmap_threshold, reset_peak
 
 VOCAB = 50257  # GPT-2's, as GPT-3 has it
 QUICK = ["model.num_layers=2", "model.hidden_size=128", "model.num_heads=4", "train.seq_len=64"]
 QUICK_VOCAB = 8000
 FULL = "full finetuning"
-
-
-def memory_status() -> dict[str, int]:
-    """This process's memory figures from /proc/self/status, in bytes (VmRSS, VmHWM, RssFile, ...)."""
-    with open("/proc/self/status") as f:
-        fields = (line.split() for line in f if line.split()[-1:] == ["kB"])
-        return {name.rstrip(":"): int(value) * 1024 for name, value, _ in fields}
-
-
-def reset_peak() -> None:
-    """Restart the kernel's high-water mark of the resident set (VmHWM) from the present (Linux 4.0+)."""
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
 
 
 def optimizer_bytes(engine: Engine) -> tuple[int, int]:
@@ -135,8 +125,7 @@ def main() -> None:
     warnings.filterwarnings("ignore")
     # glibc would otherwise raise its mmap threshold to the largest block freed so far and keep freed tensors
     # resident in its heap, where they would count in the next run's peak though nothing holds them
-    if not ctypes.CDLL("libc.so.6").mallopt(-3, 128 * 1024):  # M_MMAP_THRESHOLD, glibc's malloc.h
-        raise RuntimeError("glibc refused to pin its mmap threshold")
+    pin_mmap_threshold()
     vocab = QUICK_VOCAB if args.quick else VOCAB
     root = Path(tempfile.mkdtemp(dir=args.dir, prefix="scalelm-bench-"))
     common = ["train.precision=fp32", "train.seq_len=256", "train.micro_batch_size=4", "train.global_batch_size=4",

@@ -6,13 +6,11 @@ import pytest
 import torch
 
 from tests.distributed.ranks import run_ranks
-from tests.distributed.workloads import train_steps
+from tests.distributed.workloads import LLAMA, train_steps
 
 LORA = ["finetune.lora.rank=4", "finetune.lora.alpha=8",
         "finetune.lora.targets=[qkv,proj,fc1,fc2]", "optim.weight_decay=0.1", "optim.lr=5e-2"]
 BATCH = ["train.global_batch_size=8", "train.micro_batch_size=2", "optim.warmup_steps=1", "optim.lr=1e-2"]
-LLAMA = ["model.position_embedding=rope", "model.normalization=rmsnorm", "model.activation=swiglu",
-         "model.num_kv_heads=2", "model.tie_embeddings=false", "model.bias=false"]
 LAYOUTS = {
     "tp2": (2, ["parallel.tensor=2"]),
     "tp2-sp": (2, ["parallel.tensor=2", "parallel.sequence_parallel=true"]),

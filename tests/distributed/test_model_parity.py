@@ -6,11 +6,9 @@ import torch
 from scalelm.model.spec import padded_vocab_size
 from scalelm.train.metrics import parameter_count
 from tests.distributed.ranks import run_ranks
-from tests.distributed.workloads import VOCAB, forward_backward, tiny_config
+from tests.distributed.workloads import LLAMA, VOCAB, forward_backward, tiny_config
 
 GPT3 = []
-LLAMA = ["model.position_embedding=rope", "model.normalization=rmsnorm", "model.activation=swiglu",
-         "model.num_kv_heads=2", "model.tie_embeddings=false", "model.bias=false"]
 
 
 @pytest.mark.parametrize("arch", [GPT3, LLAMA], ids=["gpt3", "llama"])

@@ -5,10 +5,7 @@ and over two tensor-parallel ranks."""
 import pytest
 
 from tests.distributed.ranks import run_ranks
-from tests.distributed.workloads import packed_vs_alone
-
-LLAMA = ["model.position_embedding=rope", "model.normalization=rmsnorm", "model.activation=swiglu",
-         "model.num_kv_heads=2", "model.tie_embeddings=false", "model.bias=false"]
+from tests.distributed.workloads import LLAMA, packed_vs_alone
 
 
 @pytest.mark.parametrize("arch", [[], LLAMA], ids=["gpt3", "llama"])

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from tests.distributed.ranks import run_ranks
-from tests.distributed.workloads import train_steps
+from tests.distributed.workloads import LLAMA, train_steps
 
 BATCH = ["train.global_batch_size=8", "train.micro_batch_size=2", "optim.warmup_steps=1", "optim.lr=1e-2"]
 LAYOUTS = {
@@ -17,8 +17,6 @@ LAYOUTS = {
     "dp2-zero3": (2, ["parallel.zero_stage=3"]),
     "tp2xpp2": (4, ["parallel.tensor=2", "parallel.pipeline=2"]),
 }
-LLAMA = ["model.position_embedding=rope", "model.normalization=rmsnorm", "model.activation=swiglu",
-         "model.num_kv_heads=2", "model.tie_embeddings=false", "model.bias=false"]
 
 
 @pytest.fixture(scope="module")

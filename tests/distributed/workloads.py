@@ -18,6 +18,9 @@ from scalelm.train.objectives import token_losses
 
 VOCAB = 200
 LEARNABLE = 50  # tokens are drawn from the first 50 ids: a distribution the model can learn in a few steps
+# the tiny model in the Llama layout: RoPE, RMSNorm, SwiGLU, grouped-query attention, untied, no biases
+LLAMA = ["model.position_embedding=rope", "model.normalization=rmsnorm", "model.activation=swiglu",
+         "model.num_kv_heads=2", "model.tie_embeddings=false", "model.bias=false"]
 TINY = ["model.num_layers=2", "model.hidden_size=64", "model.num_heads=4", "train.seq_len=16",
         "train.micro_batch_size=2", "train.global_batch_size=2", "train.precision=fp32"]
 
@@ -229,7 +232,6 @@ def peak_memory(runs: list[tuple[list[str], int]], vocab_size: int) -> list[dict
     holds them (that is what made ZeRO-3 look as if it kept the whole model after partitioning it).
 
     The ranks keep one process group across the layouts: only megatron's groups are made anew for each."""
-    import ctypes
     import gc
 
     from megatron.core import parallel_state
@@ -238,9 +240,7 @@ def peak_memory(runs: list[tuple[list[str], int]], vocab_size: int) -> list[dict
     from scalelm.model.build import build_model
     from scalelm.parallel.engine import Engine
 
-    M_MMAP_THRESHOLD = -3  # glibc's malloc.h
-    if not ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, 128 * 1024):
-        raise RuntimeError("glibc refused to pin its mmap threshold")
+    pin_mmap_threshold()
     results = []
     try:
         for overrides, steps in runs:
@@ -252,14 +252,14 @@ def peak_memory(runs: list[tuple[list[str], int]], vocab_size: int) -> list[dict
             tokens = torch.randint(0, vocab_size, (steps * t.global_batch_size, t.seq_len + 1), generator=torch.Generator().manual_seed(0))
             batches = iter({"input_ids": b[:, :-1], "labels": b[:, 1:]} for b in tokens.split(t.micro_batch_size))
             gc.collect()
-            before = _memory_status()
-            _reset_peak()
+            before = memory_status()
+            reset_peak()
             engine = Engine(cfg, layout, build_model(cfg, layout, vocab_size))
-            built = _memory_status()
-            _reset_peak()
+            built = memory_status()
+            reset_peak()
             for _ in range(steps):
                 engine.train_step(batches)
-            after = _memory_status()
+            after = memory_status()
             # the peak of the build and the peak of the steps, each less the file pages grown by then
             peaks = [status["VmHWM"] - (status["RssFile"] - before["RssFile"]) for status in (built, after)]
             results.append({"grown": max(peaks) - before["VmRSS"], "built": peaks[0] - before["VmRSS"],
@@ -272,14 +272,23 @@ def peak_memory(runs: list[tuple[list[str], int]], vocab_size: int) -> list[dict
     return results
 
 
-def _memory_status() -> dict[str, int]:
+def pin_mmap_threshold() -> None:
+    """Keep glibc's mmap threshold at its default, 128 KiB, so freed tensors go back to the kernel (see peak_memory)."""
+    import ctypes
+
+    M_MMAP_THRESHOLD = -3  # glibc's malloc.h
+    if not ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, 128 * 1024):
+        raise RuntimeError("glibc refused to pin its mmap threshold")
+
+
+def memory_status() -> dict[str, int]:
     """This process's memory figures from /proc/self/status, in bytes (VmRSS, VmHWM, RssFile, ...)."""
     with open("/proc/self/status") as f:
         fields = (line.split() for line in f if line.split()[-1:] == ["kB"])
         return {name.rstrip(":"): int(value) * 1024 for name, value, _ in fields}
 
 
-def _reset_peak() -> None:
+def reset_peak() -> None:
     """Restart the kernel's high-water mark of the resident set (VmHWM) from the present (Linux 4.0+)."""
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
