@@ -2,10 +2,13 @@
 
     scalelm prepare INPUT... --out DIR        raw text -> cleaned, deduplicated documents
     scalelm tokenizer train DIR --out T.model documents -> SentencePiece model
-    scalelm shard DIR --tokenizer T.model --out SHARDS       (--chat: JSONL conversations -> chat shards)
+    scalelm shard DIR --tokenizer T.model --out SHARDS       (--chat: JSONL conversations -> chat shards;
+                                              --preference: JSONL preference pairs -> preference shards)
     scalelm inspect SHARDS                    what a shard set holds; --verify checks every shard
     scalelm pretrain --config CFG [key=value ...] [--nproc-per-node N]
-    scalelm finetune --config CFG [key=value ...] [--nproc-per-node N]   chat SFT of train.init_from on chat shards
+    scalelm finetune --config CFG [key=value ...] [--nproc-per-node N]   SFT (chat shards) or DPO (preference
+                                              shards) of train.init_from
+    scalelm score --config CFG [key=value ...]   DPO's reference log-probs, scored once beside the shards
     scalelm checkpoint consolidate CKPT --out model.safetensors   one unsharded fp32 weight file
     scalelm convert to-hf CKPT OUT_DIR        Hugging Face folder (GPT-2 or Llama layout), parity-checked
     scalelm convert from-hf HF_DIR OUT_CKPT   a Hugging Face model as a scalelm checkpoint (train.init_from)
@@ -93,15 +96,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing model at --out")
     p.set_defaults(run=commands.tokenizer_train)
 
-    p = sub.add_parser("shard", help="tokenize documents (or, with --chat, conversations) into WebDataset shards",
+    p = sub.add_parser("shard", help="tokenize documents (or, with --chat, conversations; with --preference, "
+                                     "preference pairs) into WebDataset shards",
                        description="Tokenize on all cores into SHARDS/train-*.tar and SHARDS/val-*.tar (token arrays, "
                                    "each document followed by EOS) and SHARDS/manifest.json. With --chat, read JSONL "
                                    "conversations (messages, ShareGPT, Alpaca or prompt/completion) and write them in "
-                                   "the chat template with a per-token target flag, for `scalelm finetune`.")
-    p.add_argument("inputs", nargs="+", metavar="DIR", help="prepared documents, or with --chat .jsonl[.gz|.zst] files")
-    p.add_argument("--chat", action="store_true", help="the inputs are conversations: write chat shards")
-    p.add_argument("--seq-len", type=int, default=2048, help="--chat: the longest conversation kept, in tokens "
-                                                              "(the finetuning run's train.seq_len or less; default 2048)")
+                                   "the chat template with a per-token target flag, for `scalelm finetune`. With "
+                                   "--preference, read JSONL preference pairs (prompt/chosen/rejected, as strings or "
+                                   "message lists) and write both sides of each pair in the chat template, for DPO "
+                                   "(finetune.objective=dpo); pairs with an empty or identical reply, or too long for "
+                                   "--seq-len, are dropped and counted.")
+    p.add_argument("inputs", nargs="+", metavar="DIR", help="prepared documents, or with --chat / --preference "
+                                                            ".jsonl[.gz|.zst] files")
+    kind = p.add_mutually_exclusive_group()
+    kind.add_argument("--chat", action="store_true", help="the inputs are conversations: write chat shards")
+    kind.add_argument("--preference", action="store_true", help="the inputs are preference pairs: write preference shards")
+    p.add_argument("--seq-len", type=int, default=2048, help="--chat: the longest conversation kept; --preference: the "
+                                                              "longest pair (both sides together), in tokens (the run's "
+                                                              "train.seq_len or less; default 2048)")
     p.add_argument("--overlong", choices=["truncate", "drop"], default="truncate",
                    help="--chat: a longer conversation is cut after its last assistant turn that fits, or dropped")
     p.add_argument("--tokenizer", required=True, type=Path, help="SentencePiece .model")
@@ -126,12 +138,23 @@ def build_parser() -> argparse.ArgumentParser:
                                    "gloo on CPU, NCCL on GPU.")
     _run_flags(p, "configs/", "optim.lr=3e-4", commands.pretrain)
 
-    p = sub.add_parser("finetune", help="chat SFT of a pretrained or Hugging Face model on chat shards",
+    p = sub.add_parser("finetune", help="chat SFT or DPO of a pretrained or Hugging Face model",
                        description="Finetune the model of train.init_from (a checkpoint of any layout, or `scalelm convert "
                                    "from-hf` output) on chat shards (`scalelm shard --chat`): packed conversations, the "
-                                   "loss on finetune.train_on's tokens. The model and tokenizer default to the start's. "
-                                   "Launched, checkpointed and resumed like pretrain.")
+                                   "loss on finetune.train_on's tokens; or, with finetune.objective=dpo, on preference "
+                                   "shards (`scalelm shard --preference`), whose reference log-probs a run without LoRA "
+                                   "scores first when they are missing (`scalelm score`). The model and tokenizer default "
+                                   "to the start's. Launched, checkpointed and resumed like pretrain.")
     _run_flags(p, "configs/sft-tiny.yaml", "train.init_from=CKPT", commands.finetune)
+
+    p = sub.add_parser("score", help="DPO's reference log-probs: train.init_from scores the preference shards once",
+                       description="For DPO of a fully finetuned policy (finetune.objective=dpo, no LoRA): run "
+                                   "train.init_from forward over every pair of data.train and data.val (both splits), "
+                                   "in the config's layout and precision, and store each side's log-prob of its reply "
+                                   "beside the shards (SHARDS/reference/MODEL/). A DPO run does this itself when they "
+                                   "are missing; this command does it ahead, on as many ranks as you launch.")
+    _run_flags(p, "configs/dpo-tiny.yaml", "train.init_from=CKPT", commands.score)
+    p.add_argument("--overwrite", action="store_true", help="score again sources that already have reference log-probs")
 
     ckpt = sub.add_parser("checkpoint", help="work with checkpoints").add_subparsers(required=True, metavar="ACTION")
     p = ckpt.add_parser("consolidate", help="write a checkpoint's weights as one unsharded safetensors file",

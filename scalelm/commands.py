@@ -49,6 +49,8 @@ def shard(args: argparse.Namespace) -> None:
 
     if args.chat:
         return _shard_chat(args)
+    if args.preference:
+        return _shard_preference(args)
     started = time.perf_counter()
     m = write_shards(args.inputs, args.tokenizer, args.out, shard_size=parse_size(args.shard_size),
                      val_fraction=args.val_fraction, workers=args.workers, overwrite=args.overwrite)
@@ -72,6 +74,21 @@ def _shard_chat(args: argparse.Namespace) -> None:
         print(f"{split}: {s['conversations']:,} conversations, {s['tokens']:,} tokens ({s['targets']['assistant']:,} "
               f"assistant targets) in {len(s['shards'])} shards; {s['truncated']:,} cut between turns and "
               f"{s['dropped_overlong']:,} dropped as longer than --seq-len {args.seq_len}")
+    print(f"-> {args.out}/ in {time.perf_counter() - started:.1f}s")
+
+
+def _shard_preference(args: argparse.Namespace) -> None:
+    from scalelm.data.preference_shards import write_preference_shards
+    from scalelm.data.shards import parse_size
+
+    started = time.perf_counter()
+    m = write_preference_shards(args.inputs, args.tokenizer, args.out, seq_len=args.seq_len,
+                                shard_size=parse_size(args.shard_size), val_fraction=args.val_fraction,
+                                workers=args.workers, overwrite=args.overwrite)
+    for split, s in m["splits"].items():
+        print(f"{split}: {s['pairs']:,} pairs, {s['tokens']:,} tokens ({s['targets']['assistant']:,} reply targets) in "
+              f"{len(s['shards'])} shards; dropped {s['dropped_empty']:,} with an empty reply, {s['dropped_identical']:,} "
+              f"with identical replies, {s['dropped_overlong']:,} longer than --seq-len {args.seq_len}")
     print(f"-> {args.out}/ in {time.perf_counter() - started:.1f}s")
 
 
@@ -109,6 +126,21 @@ def _train(args: argparse.Namespace, stage: str, load) -> int:
               + (f", val loss {last['val_loss']:.4f}" if "val_loss" in last else "") + f" -> {cfg.log.dir}/")
     elif last:
         print(f"nothing to do: the newest checkpoint is at step {last['step']}, train.steps={cfg.train.steps}")
+    return 0
+
+
+def score(args: argparse.Namespace) -> int:
+    quiet_engines()
+    from scalelm.train.finetune import load_finetune_config
+    from scalelm.train.score import score_command
+
+    cfg = load_finetune_config(args.config, args.overrides)
+    if args.nproc_per_node > 1:
+        from scalelm.launch.torchrun import relaunch
+
+        return relaunch(args.nproc_per_node, ["score", "--config", args.config, *args.overrides]
+                        + (["--overwrite"] if args.overwrite else []))
+    score_command(cfg, args.overwrite)
     return 0
 
 

@@ -184,12 +184,29 @@ class LoRAConfig:
 
 
 @dataclass
+class DPOConfig:
+    """Direct preference optimisation (train/dpo.py): the policy's log-ratio to its reference, chosen over rejected."""
+
+    beta: float = 0.1
+    """β: how far the policy may move from its reference (the rewards are β · log-ratios)."""
+    loss: Literal["sigmoid", "ipo", "hinge", "robust"] = "sigmoid"
+    """sigmoid (DPO), ipo (squared, on per-token log-ratios), hinge (SLiC), robust (DPO under label noise)."""
+    label_smoothing: float = 0.0
+    """robust: the share of pairs assumed flipped, in [0, 0.5)."""
+    sft_weight: float = 0.0
+    """Weight of an SFT term on the chosen reply (RPO): its mean per-token cross entropy, per pair."""
+
+
+@dataclass
 class FinetuneConfig:
     """What `scalelm finetune` trains: the objective, which tokens of a conversation are its targets, and
     whether the whole model or low-rank adapters on a frozen one."""
 
-    objective: Literal["sft"] = "sft"
-    """sft: next-token cross entropy on the target tokens of chat shards (`scalelm shard --chat`)."""
+    objective: Literal["sft", "dpo"] = "sft"
+    """sft: next-token cross entropy on the target tokens of chat shards (`scalelm shard --chat`); dpo: preference
+    pairs (`scalelm shard --preference`), the reference being the base (LoRA) or train.init_from's scored log-probs."""
+    dpo: DPOConfig = field(default_factory=DPOConfig)
+    """DPO's settings (finetune.objective=dpo)."""
     train_on: Literal["assistant", "all", "last"] = "assistant"
     """Targets: every assistant turn with the <|end|> closing it, every token, or the last assistant turn only."""
     lora: LoRAConfig | None = None

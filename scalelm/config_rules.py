@@ -136,6 +136,8 @@ def validate(cfg: Config, world_size: int | None = None) -> Config:
 
     if cfg.finetune.lora is not None:
         _check_lora(cfg)
+    if cfg.finetune.objective == "dpo":
+        _check_dpo(cfg)
 
     if world_size is not None:
         model_parallel = p.tensor * p.pipeline
@@ -170,6 +172,19 @@ def _check_lora(cfg: Config) -> None:
         raise ConfigError(f"finetune.lora.alpha={lora.alpha} must be positive (e.g. 2 x rank = {2 * lora.rank})")
     if not 0 <= lora.dropout < 1:
         raise ConfigError(f"finetune.lora.dropout={lora.dropout} must be in [0, 1)")
+
+
+def _check_dpo(cfg: Config) -> None:
+    dpo = cfg.finetune.dpo
+    if dpo.beta <= 0:
+        raise ConfigError(f"finetune.dpo.beta={dpo.beta} must be positive (0.1 is usual; smaller lets the policy move further)")
+    if not 0 <= dpo.label_smoothing < 0.5:
+        raise ConfigError(f"finetune.dpo.label_smoothing={dpo.label_smoothing} must be in [0, 0.5)")
+    if dpo.label_smoothing and dpo.loss != "robust":
+        raise ConfigError(f"finetune.dpo.label_smoothing={dpo.label_smoothing} goes with finetune.dpo.loss=robust, "
+                          f"not {dpo.loss}")
+    if dpo.sft_weight < 0:
+        raise ConfigError(f"finetune.dpo.sft_weight={dpo.sft_weight} must be 0 (off) or positive")
 
 
 def _divisors(n: int, limit: int | None = None) -> str:

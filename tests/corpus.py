@@ -67,3 +67,34 @@ def write_conversations(folder: Path, n: int, seed: int = 0, turns: tuple[int, i
                 record = {"prompt": exchanges[0][0], "completion": exchanges[0][1]}
             f.write(json.dumps(record) + "\n")
     return path
+
+
+def write_pairs(folder: Path, n: int, seed: int = 0, name: str = "pairs.jsonl", empty: int = 0, identical: int = 0) -> Path:
+    """n preference pairs as one .jsonl file, in the three forms `scalelm shard --preference` reads (strings, TRL's
+    message lists with a system prompt, whole conversations sharing their prompt), each a question answered by
+    a sentence of the corpus's words (chosen) and a shuffle of its words (rejected); then `empty` pairs with an
+    empty reply and `identical` pairs whose replies are the same. Returns the file."""
+    rng = random.Random(seed)
+    words = make_words(300, seed + 1)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / name
+    with open(path, "w") as f:
+        for i in range(n + empty + identical):
+            prompt, chosen = make_sentence(rng, words), " ".join(make_sentence(rng, words) for _ in range(rng.randint(1, 2)))
+            rejected = " ".join(rng.sample(chosen.split(), len(chosen.split())))
+            if rejected == chosen:
+                rejected += " " + rng.choice(words)
+            if i >= n:
+                rejected = "" if i < n + empty else chosen
+            form = i % 3
+            if form == 0:
+                record = {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+            elif form == 1:
+                record = {"system": make_sentence(rng, words), "prompt": [{"role": "user", "content": prompt}],
+                          "chosen": [{"role": "assistant", "content": chosen}],
+                          "rejected": [{"role": "assistant", "content": rejected}]}
+            else:
+                record = {side: [{"role": "user", "content": prompt}, {"role": "assistant", "content": reply}]
+                          for side, reply in (("chosen", chosen), ("rejected", rejected))}
+            f.write(json.dumps(record) + "\n")
+    return path

@@ -32,9 +32,10 @@ from scalelm.parallel.topology import Layout, gather_objects
 
 
 def save_checkpoint(cfg: Config, layout: Layout, engine: Engine, step: int, run: dict, loader_state: dict | None,
-                    tokenizer_sha256: str | None, base: dict | None = None) -> dict:
+                    tokenizer_sha256: str | None, base: dict | None = None, reference: dict | None = None) -> dict:
     """Save the state after `step` into checkpoint.dir; collective. Returns {path, bytes, seconds} on every rank.
     A LoRA run's `base` is the record (checkpoint/base.py) of the weights it loaded, by default train.init_from's.
+    A DPO run's `reference` is the record of the scored log-probs it trains with (train/score.py).
     If any rank cannot write (disk full, no permission), every rank raises CheckpointError together
     and the previous checkpoint stays the newest."""
     started = time.perf_counter()
@@ -84,7 +85,7 @@ def save_checkpoint(cfg: Config, layout: Layout, engine: Engine, step: int, run:
         loaders = {r["dp_rank"]: r["loader"] for r in reports if r["loader"] is not None}
         manifest = {
             "step": step, "run": run, "created": time.time(),
-            "config": to_dict(cfg), "tokenizer_sha256": tokenizer_sha256, "base": lora_base,
+            "config": to_dict(cfg), "tokenizer_sha256": tokenizer_sha256, "base": lora_base, "reference": reference,
             "layout": {"tensor": layout.tensor, "pipeline": layout.pipeline, "data": layout.data,
                        "world": layout.world, "zero_stage": cfg.parallel.zero_stage},
             "counters": engine.counters(),

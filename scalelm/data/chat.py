@@ -66,12 +66,7 @@ class ChatEncoder:
         With `max_tokens`, a longer conversation is cut between turns: it keeps its first turns up to the
         last assistant turn that ends within max_tokens (which becomes its last), or is None when even the
         first assistant turn does not fit."""
-        parts = []  # per message: (ids, flags) of its header, content + <|end|>, newline
-        for message in messages:
-            target = message["role"] == "assistant"
-            body = self.sp.encode(message["content"]) + [self.end]
-            parts.append((self.headers[message["role"]] + body + self.newline,
-                          [0] * len(self.headers[message["role"]]) + [ASSISTANT * target] * len(body) + [0] * len(self.newline)))
+        parts = self._parts(messages)
         keep = len(parts)
         if max_tokens is not None and 1 + sum(len(ids) for ids, _ in parts) > max_tokens:
             keep, n = 0, 1  # messages kept, tokens so far (BOS)
@@ -89,3 +84,26 @@ class ChatEncoder:
             ids += part_ids
             flags += [f | (LAST if i == last and f else 0) for f in part_flags]
         return np.asarray(ids, np.int64), np.asarray(flags, np.uint8)
+
+    def encode_reply(self, prompt: Sequence[dict], reply: Sequence[dict]) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, flags) of `prompt` followed by `reply` (one side of a preference pair): the ids of the whole
+        conversation, and ASSISTANT | LAST on every token of the reply after its first assistant header, the
+        newline closing it included (what follows `apply_chat_template(prompt, add_generation_prompt=True)`,
+        as TRL counts a completion); nothing of the prompt, its own assistant turns included, is flagged."""
+        ids = [self.sp.bos_id()] + [i for part, _ in self._parts(prompt) for i in part]
+        start = len(ids) + len(self.headers["assistant"])
+        ids += [i for part, _ in self._parts(reply) for i in part]
+        flags = np.zeros(len(ids), np.uint8)
+        flags[start:] = ASSISTANT | LAST
+        return np.asarray(ids, np.int64), flags
+
+    def _parts(self, messages: Sequence[dict]) -> list[tuple[list[int], list[int]]]:
+        """Per message: the ids of its header, content + <|end|> and newline, and their flags (ASSISTANT on an
+        assistant's content and <|end|>)."""
+        parts = []
+        for message in messages:
+            target = message["role"] == "assistant"
+            header, body = self.headers[message["role"]], self.sp.encode(message["content"]) + [self.end]
+            parts.append((header + body + self.newline,
+                          [0] * len(header) + [ASSISTANT * target] * len(body) + [0] * len(self.newline)))
+        return parts

@@ -56,7 +56,7 @@ def write_chat_shards(inputs: Sequence[str | Path], tokenizer: str | Path, out: 
               for split in SPLITS}
     jobs = ((batch, seq_len, overlong, val_fraction, dtype.str) for batch in _batches(read_conversations(files)))
     with tqdm(desc="shard --chat", unit=" conv", unit_scale=True, disable=not progress, mininterval=1.0) as bar:
-        for parts in imap_ordered(_encode_batch, jobs, workers or default_workers(), _init_worker, (str(tokenizer),)):
+        for parts in imap_ordered(_encode_batch, jobs, workers or default_workers(), init_encoder, (str(tokenizer),)):
             for split, (tokens, flags, lengths, found) in parts.items():
                 writer.write(split, tokens, len(lengths), flags, lengths)
                 for key, value in found.items():
@@ -80,6 +80,8 @@ def check_fits(sets: list[ShardSet], seq_len: int, train_on: str) -> bool:
     kinds = {s.chat is not None for s in sets}
     if len(kinds) > 1:
         raise DataError("chat shards and text shards cannot be blended: train on one kind at a time")
+    if len({s.pairs for s in sets}) > 1:
+        raise DataError("preference shards and chat shards cannot be blended: train on one kind at a time")
     for s in sets:
         if s.chat is None:
             continue
@@ -115,9 +117,15 @@ def _batches(conversations):
 _worker_encoder: ChatEncoder | None = None
 
 
-def _init_worker(tokenizer: str) -> None:
-    global _worker_encoder  # NOTE: per-process encoder of a pool worker, loaded once
+def init_encoder(tokenizer: str) -> None:
+    """A pool worker's initializer: its chat encoder, loaded once (also `scalelm shard --preference`'s)."""
+    global _worker_encoder  # NOTE: per-process encoder of a pool worker
     _worker_encoder = ChatEncoder(load_tokenizer(tokenizer))
+
+
+def encoder() -> ChatEncoder:
+    """The encoder `init_encoder` loaded in this worker."""
+    return _worker_encoder
 
 
 def _encode_batch(args) -> dict[str, tuple[np.ndarray, np.ndarray, list[int], dict]]:

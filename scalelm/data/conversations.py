@@ -46,7 +46,7 @@ def to_messages(record: dict, where: str) -> list[dict]:
         turns = record.get("messages", record.get("conversations"))
         if not isinstance(turns, list):
             raise DataError(f"{where}: {'messages' if 'messages' in record else 'conversations'} is not a list of turns")
-        messages = [_turn(t, where, i) for i, t in enumerate(turns)]
+        messages = [to_turn(t, where, i) for i, t in enumerate(turns)]
     elif "instruction" in record and "output" in record:
         instruction, extra = _text(record, "instruction", where), _text(record, "input", where, optional=True)
         messages = [{"role": "user", "content": instruction + (f"\n\n{extra}" if extra else "")},
@@ -66,7 +66,7 @@ def to_messages(record: dict, where: str) -> list[dict]:
     return messages
 
 
-def _turn(turn, where: str, i: int) -> dict:
+def to_turn(turn, where: str, i: int) -> dict:
     if not isinstance(turn, dict):
         raise DataError(f"{where}: turn {i + 1} is a {type(turn).__name__}, not {{role, content}}")
     role = turn.get("role", turn.get("from"))

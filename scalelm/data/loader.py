@@ -20,7 +20,9 @@ shard by shard (a *segment*), windows shuffled within the segment with (seed, ep
 
 Chat shards (data/chat_shards.py) are read the same way, their windows being packed runs of whole
 conversations instead of fixed strides (data/packing.py): the batch then also carries loss_mask,
-position_ids and document_ids, as it does for text shards under `document_mask`.
+position_ids and document_ids, as it does for text shards under `document_mask`. Preference shards
+(data/preference_shards.py) pack whole pairs, and with `reference` each window also carries its documents'
+reference log-probs, read beside the shards (data/reference.py).
 
 Several datasets are blended per window by the deficit rule: the next window comes from the
 source furthest behind its weight (argmax_i w_i * (n + 1) - count_i), which is deterministic and
@@ -52,6 +54,7 @@ from scalelm.config import Config
 from scalelm.data.chat_shards import check_fits
 from scalelm.data.files import sha256_file
 from scalelm.data.packing import ChatWindows, TextWindows, window_count
+from scalelm.data.reference import load_values, with_reference
 from scalelm.data.shards import ShardSet, read_manifest, read_shard_fields
 from scalelm.errors import DataError
 
@@ -92,7 +95,8 @@ class TokenLoader:
     def __init__(self, sources: Sequence[str | Path], *, split: str, seq_len: int, micro_batch_size: int,
                  dp_rank: int = 0, dp_size: int = 1, num_workers: int = 0, seed: int = 0,
                  weights: Sequence[float] = (), shuffle: bool = True, tokenizer_sha256: str | None = None,
-                 on_bad_shard: str = "error", document_mask: bool = False, train_on: str = "assistant"):
+                 on_bad_shard: str = "error", document_mask: bool = False, train_on: str = "assistant",
+                 reference: str | None = None):
         if seq_len < 1 or micro_batch_size < 1 or num_workers < 0 or not 0 <= dp_rank < dp_size:
             raise ValueError(f"bad loader shape: seq_len={seq_len}, micro_batch_size={micro_batch_size}, "
                              f"num_workers={num_workers}, dp_rank={dp_rank}, dp_size={dp_size}")
@@ -102,6 +106,8 @@ class TokenLoader:
             raise DataError(f"no {split} data: set data.train to a directory written by `scalelm shard`")
         sources = [_normalise(s) for s in sources]
         self.sets = [read_manifest(s, split, tokenizer_sha256) for s in sources]
+        if reference is not None:  # the SHA-256 of the model whose log-probs the batches carry
+            self.sets = [with_reference(s, reference) if s.pairs else s for s in self.sets]
         first = self.sets[0]
         for other in self.sets[1:]:
             if other.tokenizer_sha256 != first.tokenizer_sha256:
@@ -232,8 +238,10 @@ class TokenLoader:
         return f"the loader continues where the saved one was ({epochs}), with other windows than before"
 
 
-def loader_from_config(cfg: Config, split: str = "train", dp_rank: int = 0, dp_size: int = 1) -> TokenLoader:
-    """The train loader (shuffled) or the val loader (fixed order, data.val or else data.train's val split)."""
+def loader_from_config(cfg: Config, split: str = "train", dp_rank: int = 0, dp_size: int = 1,
+                       reference: str | None = None) -> TokenLoader:
+    """The train loader (shuffled) or the val loader (fixed order, data.val or else data.train's val split); with
+    `reference`, the SHA-256 of the model whose scored log-probs the preference batches carry."""
     sources = cfg.data.train if split == "train" else (cfg.data.val or cfg.data.train)
     tokenizer_sha = None
     if cfg.data.tokenizer:
@@ -244,7 +252,7 @@ def loader_from_config(cfg: Config, split: str = "train", dp_rank: int = 0, dp_s
                        dp_rank=dp_rank, dp_size=dp_size, num_workers=cfg.data.num_workers if split == "train" else 0,
                        seed=cfg.data.seed, weights=cfg.data.weights if split == "train" else (),
                        shuffle=split == "train", tokenizer_sha256=tokenizer_sha, on_bad_shard=cfg.data.on_bad_shard,
-                       document_mask=cfg.data.document_mask, train_on=cfg.finetune.train_on)
+                       document_mask=cfg.data.document_mask, train_on=cfg.finetune.train_on, reference=reference)
 
 
 def _normalise(source: str | Path) -> str:
@@ -258,7 +266,7 @@ def _layout_dict(layout: Layout) -> dict:
 
 
 def _window_counts(shards: ShardSet, seq_len: int) -> list[int]:
-    return [window_count(s, seq_len) for s in shards.shards]
+    return [window_count(s, seq_len, shards.pairs) for s in shards.shards]
 
 
 # --------------------------------------------------------------------------- inside a worker
@@ -370,7 +378,7 @@ class _WindowStream:
             fields, L = self._read(shard_index), self.layout.seq_len
             if self.shards.chat is not None:
                 windows = ChatWindows(fields["tokens"], fields["flags"], self.shards.shards[shard_index].lengths, L,
-                                      self.train_on)
+                                      self.train_on, self.shards.pairs, fields.get("reference"))
             else:
                 windows = TextWindows(fields["tokens"], L, self.shards.eos_id if self.document_mask else None)
             order = np.arange(lo, hi) if len(windows) else np.arange(0)
@@ -380,11 +388,16 @@ class _WindowStream:
         return self._loaded[1], self._loaded[2]
 
     def _read(self, shard_index: int) -> dict[str, np.ndarray]:
-        """The shard's tokens (and flags); a bad shard under on_bad_shard=skip reads as empty (warned about once)."""
+        """The shard's tokens (and flags, and reference log-probs); a bad shard under on_bad_shard=skip reads as
+        empty (warned about once)."""
         fields = {"tokens": self.shards.dtype, **({"flags": np.dtype(np.uint8)} if self.shards.chat is not None else {})}
         if shard_index not in self.bad_shards:
             try:
-                return read_shard_fields(self.shards.shards[shard_index], fields)
+                read = read_shard_fields(self.shards.shards[shard_index], fields)
+                if self.shards.reference is not None:
+                    shard = self.shards.shards[shard_index]
+                    read["reference"] = load_values(self.shards.reference[shard_index], len(shard.lengths))
+                return read
             except DataError as e:
                 if self.on_bad_shard != "skip":
                     raise

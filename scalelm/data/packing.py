@@ -1,7 +1,8 @@
 """Windows of packed documents: which conversations share a window, and what the model sees of each.
 
 Conversations are packed in the order a shard stores them (next-fit): a window takes whole
-conversations while they fit in seq_len tokens, so every window is a contiguous run of the shard's
+conversations while they fit in seq_len tokens (the two sides of a preference pair, stored one after the
+other, go into a window together), so every window is a contiguous run of the shard's
 tokens, padded at its tail only. The windows of a shard are a function of its conversation lengths
 and seq_len alone, which is what lets the loader count, shuffle, shard and resume them exactly like
 the fixed-stride windows of text shards.
@@ -15,6 +16,12 @@ attends within a document only, model/attention.py), and no label crosses into t
     document_ids  0  0  0  | 1  1  | 2   2
     labels        t1 t2 -  | u1 -  | -   -          (- : 0, and loss_mask false)
     loss_mask     the next token's flag under finetune.train_on
+
+A window of preference pairs is laid out the same way, documents 2k and 2k + 1 being pair k's chosen and
+rejected sides; with reference log-probs (`reference`, one per document, data/reference.py) the window also
+carries them, in the column of each document's id:
+
+    reference     r0 r1 r2 r3 0 ...                 (L,) float32: document d's reference log-prob at column d
 """
 
 from __future__ import annotations
@@ -26,9 +33,12 @@ from scalelm.data.chat import ASSISTANT, LAST
 TRAIN_ON = ("assistant", "all", "last")
 
 
-def window_count(shard, seq_len: int) -> int:
-    """Windows of a shard (scalelm.data.shards.Shard): packed runs of conversations, or strides of seq_len."""
-    return len(pack(shard.lengths, seq_len)) - 1 if shard.lengths is not None else max(0, (shard.tokens - 1) // seq_len)
+def window_count(shard, seq_len: int, pairs: bool = False) -> int:
+    """Windows of a shard (scalelm.data.shards.Shard): packed runs of conversations (or of preference pairs), or
+    strides of seq_len."""
+    if shard.lengths is None:
+        return max(0, (shard.tokens - 1) // seq_len)
+    return len(pack(shard.lengths, seq_len, pairs)) - 1
 
 
 class TextWindows:
@@ -57,9 +67,11 @@ class TextWindows:
 class ChatWindows:
     """Window i of a chat shard: the i-th packed run of its conversations (`chat_window`)."""
 
-    def __init__(self, tokens: np.ndarray, flags: np.ndarray, lengths: tuple[int, ...], seq_len: int, train_on: str):
+    def __init__(self, tokens: np.ndarray, flags: np.ndarray, lengths: tuple[int, ...], seq_len: int, train_on: str,
+                 pairs: bool = False, reference: np.ndarray | None = None):
         self.tokens, self.flags, self.lengths = tokens, flags, np.asarray(lengths, np.int64)
-        self.starts = pack(lengths, seq_len) if tokens.size else np.zeros(1, np.int64)  # a skipped bad shard is empty
+        self.starts = pack(lengths, seq_len, pairs) if tokens.size else np.zeros(1, np.int64)  # a skipped bad shard is empty
+        self.reference = reference  # (documents,) reference log-probs of a preference shard's sides, or None
         self.bounds = np.concatenate([[0], np.cumsum(self.lengths)])[self.starts]  # token offset of each window
         self.seq_len, self.train_on = seq_len, train_on
 
@@ -68,16 +80,24 @@ class ChatWindows:
 
     def __getitem__(self, i: int) -> dict:
         a, b = self.bounds[i], self.bounds[i + 1]
-        return chat_window(self.tokens[a:b], self.flags[a:b], self.lengths[self.starts[i]:self.starts[i + 1]],
-                           self.seq_len, self.train_on)
+        first, end = self.starts[i], self.starts[i + 1]
+        window = chat_window(self.tokens[a:b], self.flags[a:b], self.lengths[first:end], self.seq_len, self.train_on)
+        if self.reference is not None:
+            window["reference"] = np.zeros(self.seq_len, np.float32)
+            window["reference"][: end - first] = self.reference[first:end]
+        return window
 
     def offset(self, i: int) -> int:
         return int(self.bounds[i])
 
 
-def pack(lengths: tuple[int, ...], seq_len: int) -> np.ndarray:
+def pack(lengths: tuple[int, ...], seq_len: int, pairs: bool = False) -> np.ndarray:
     """(windows + 1,) index of the first conversation of each window, and the number of conversations last.
-    Next-fit in stored order; every length must be <= seq_len."""
+    Next-fit in stored order; every length must be <= seq_len. With `pairs`, conversations 2k and 2k + 1 are
+    one preference pair, packed as one (their lengths together must be <= seq_len)."""
+    if pairs:
+        lengths = np.asarray(lengths, np.int64)
+        return 2 * pack(tuple(lengths[0::2] + lengths[1::2]), seq_len)
     starts, used = [0], 0
     for i, n in enumerate(lengths):
         if used + n > seq_len:

@@ -226,10 +226,16 @@ class ShardSet:
     tokenizer_sha256: str
     shards: tuple[Shard, ...]
     chat: dict | None = None  # chat shards: the manifest's `chat` entry (template sha256, seq_len, targets)
+    reference: tuple[str, ...] | None = None  # preference shards: per shard, its reference log-probs (data/reference.py)
 
     @property
     def tokens(self) -> int:
         return sum(s.tokens for s in self.shards)
+
+    @property
+    def pairs(self) -> bool:
+        """Preference shards (`scalelm shard --preference`): documents 2k and 2k + 1 are pair k's two sides."""
+        return bool(self.chat and self.chat.get("pairs"))
 
 
 def join_url(source: str, name: str) -> str:

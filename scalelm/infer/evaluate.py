@@ -5,6 +5,11 @@
 The target tokens are every token of text shards, and of chat shards those of finetune.train_on
 (default: the assistant turns and their <|end|>), each conversation seen on its own.
 
+On preference shards (`scalelm shard --preference`) the figures are DPO's instead: the policy's reward
+accuracy (the share of pairs whose chosen reply it prefers over the rejected one more than its reference
+does) and mean reward margin, against its reference: for a LoRA checkpoint the base, for a full one the
+reference log-probs it was trained with (they must be beside the shards).
+
 The windows are those the loader cuts (seq_len + 1 tokens, stride seq_len), read unshuffled by one
 reader, so every layout and every engine sees the same tokens: a scalelm checkpoint is evaluated
 in-framework with the parallel layout of the launch (micro-batch k goes to data-parallel rank
@@ -27,6 +32,23 @@ from scalelm.errors import ConfigError, DataError
 
 
 @dataclass
+class Preferences:
+    """DPO's figures on preference pairs, each a mean over the pairs."""
+
+    loss: float
+    pairs: int
+    windows: int
+    engine: str
+    metrics: dict
+
+    def line(self, split: str) -> str:
+        m = self.metrics
+        return (f"reward accuracy {100 * m['reward_accuracy']:.2f}%, margin {m['reward_margin']:.4f} (chosen "
+                f"{m['reward_chosen']:.4f}, rejected {m['reward_rejected']:.4f}; DPO loss {self.loss:.6f}) over "
+                f"{self.pairs:,} {split} pairs in {self.windows} windows ({self.engine})")
+
+
+@dataclass
 class Perplexity:
     loss: float
     windows: int
@@ -46,10 +68,12 @@ class Perplexity:
                 f"{self.seq_len} tokens ({tokens}; {self.engine})")
 
 
-def windows_loader(sources: Sequence[str], split: str, seq_len: int, batch: int, tokenizer_sha256: str | None) -> TokenLoader:
-    """The split's windows in order, `batch` at a time, by a single reader."""
+def windows_loader(sources: Sequence[str], split: str, seq_len: int, batch: int, tokenizer_sha256: str | None,
+                   reference: str | None = None) -> TokenLoader:
+    """The split's windows in order, `batch` at a time, by a single reader (with `reference`: the SHA-256 of the
+    model whose scored log-probs preference windows carry)."""
     return TokenLoader(sources, split=split, seq_len=seq_len, micro_batch_size=batch, shuffle=False,
-                       tokenizer_sha256=tokenizer_sha256)
+                       tokenizer_sha256=tokenizer_sha256, reference=reference)
 
 
 def window_count(loader: TokenLoader, wanted: int | None, multiple: int) -> int:
@@ -79,6 +103,9 @@ def evaluate_hf(folder: Path, sources: Sequence[str], split: str, seq_len: int |
     seq_len = seq_len or context
     tokenizer = folder / "tokenizer.model"
     loader = windows_loader(sources, split, seq_len, batch, sha256_file(tokenizer) if tokenizer.is_file() else None)
+    if loader.sets[0].pairs:
+        raise ConfigError(f"{sources[0]} holds preference pairs, whose figures compare a policy with its reference: "
+                          f"evaluate the scalelm checkpoint the export was made from")
     n = window_count(loader, windows, batch)
     total, targets, hits = 0.0, 0, 0
     for b in islice(iter(loader), n // batch):
@@ -128,16 +155,38 @@ def evaluate_checkpoint(path: Path, sources: Sequence[str], split: str, windows:
     cfg.train.init_from = str(ckpt)
     validate(cfg, world_size=world)
     loader = windows_loader(sources, split, t.seq_len, t.micro_batch_size, manifest.get("tokenizer_sha256"))
+    objective = None
+    if loader.sets[0].pairs:  # DPO's figures against the policy's reference
+        objective, loader = _preference_objective(cfg, ckpt, manifest, sources, split, loader)
     n = window_count(loader, windows, t.micro_batch_size * dp)
     layout = init_distributed(cfg.parallel, t.seed)
     try:
-        engine = Engine(cfg, layout, build_model(cfg, layout, cfg.model.vocab_size, loader.documents), train=False)
+        engine = Engine(cfg, layout, build_model(cfg, layout, cfg.model.vocab_size, loader.documents), objective,
+                        train=False)
         init_weights(cfg, engine, manifest.get("tokenizer_sha256"), base)
         mine = (b for k, b in enumerate(islice(iter(loader), n // t.micro_batch_size)) if k % dp == layout.dp_rank)
         loss = engine.eval_loss(mine, n // (t.micro_batch_size * dp))
         engine_name = f"scalelm tensor {layout.tensor} x pipeline {layout.pipeline} x data {layout.data}, {t.precision}"
+        if objective is not None:
+            metrics = {k: v for k, v in engine.step_metrics.items() if k != "pairs"}
+            return Preferences(loss, engine.step_metrics["pairs"], n, engine_name, metrics) if layout.rank == 0 else None
         targets = engine.step_metrics["targets"] if loader.documents else None
         accuracy = engine.step_metrics["accuracy"]
         return Perplexity(loss, n, t.seq_len, engine_name, targets, accuracy) if layout.rank == 0 else None
     finally:
         destroy_distributed()
+
+
+def _preference_objective(cfg, ckpt: Path, manifest: dict, sources: Sequence[str], split: str, loader: TokenLoader):
+    """(DPO objective, loader) for evaluating a checkpoint on preference pairs against its reference."""
+    from scalelm.train.dpo import DPO
+
+    t = cfg.train
+    if cfg.finetune.lora is not None:
+        return DPO(cfg.finetune.dpo, reference_pass=True), loader
+    reference = manifest.get("reference")
+    if not reference:
+        raise ConfigError(f"{ckpt} was not trained with DPO, so it has no reference to measure rewards against: "
+                          f"evaluate a DPO checkpoint (or a LoRA one, whose reference is its base)")
+    return DPO(cfg.finetune.dpo, reference_pass=False), windows_loader(
+        sources, split, t.seq_len, t.micro_batch_size, manifest.get("tokenizer_sha256"), reference["model"]["sha256"])

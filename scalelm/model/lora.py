@@ -25,6 +25,8 @@ the base's weights are (parallel/state.py), and whole adapters merge into whole 
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -79,6 +81,7 @@ class LoRA(nn.Module):
         tp = parallel_state.get_tensor_model_parallel_world_size()
         rank = parallel_state.get_tensor_model_parallel_rank()
         self.sequence_parallel = base.sequence_parallel and tp > 1
+        self.enabled = True  # off inside `adapters_off`
         self.scale = scale(lora)
         self.dropout = nn.Dropout(lora.dropout) if lora.dropout > 0 else None
         r, fan_in = lora.rank, base.input_size
@@ -123,10 +126,25 @@ class LoRA(nn.Module):
 
 
 def _add_adapter(linear: nn.Module, args: tuple, kwargs: dict, output):
-    """Forward hook: the linear's (output, bias) with the adapter's term added to the output."""
+    """Forward hook: the linear's (output, bias) with the adapter's term added to the output (unless switched off)."""
+    if not linear.lora.enabled:
+        return output
     x = args[0] if args else kwargs["input_"]
     out, bias = output
     return out + linear.lora(x), bias
+
+
+@contextmanager
+def adapters_off(model: nn.Module) -> Iterator[None]:
+    """The base model alone inside the block: every adapter of `model` switched off (DPO's reference for LoRA)."""
+    adapters = [m for m in model.modules() if isinstance(m, LoRA)]
+    for adapter in adapters:
+        adapter.enabled = False
+    try:
+        yield
+    finally:
+        for adapter in adapters:
+            adapter.enabled = True
 
 
 def apply_lora(model: nn.Module, lora: LoRAConfig, seed: int) -> nn.Module:

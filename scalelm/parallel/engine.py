@@ -103,10 +103,11 @@ class Engine:
         self.computes_loss = not self.pipeline or self.engine.is_last_stage()
         self.step_metrics: dict[str, float] = {}
         self._sums: torch.Tensor | None = None  # the pipeline's metric sums, added up by _pipeline_loss
+        self._capture = None  # (fn, values) while forward_only runs the pipeline
 
     def train_step(self, batches: Iterator[dict]) -> float:
-        """One optimizer step over grad_accum micro-batches; the loss of the global batch, token-weighted.
-        `step_metrics` then holds the step's target count and the objective's metrics."""
+        """One optimizer step over grad_accum micro-batches; the loss of the global batch, token-weighted (pair-weighted
+        for DPO). `step_metrics` then holds the step's unit count (targets, pairs) and the objective's metrics."""
         micro = self._take(batches, self.grad_accum)
         if self.pipeline:
             loss = self.engine.train_batch(data_iter=self._pipeline_batches(micro)).item()
@@ -139,17 +140,51 @@ class Engine:
     # reported loss) over data-parallel ranks, which turns every figure into Σ sums / Σ targets.
 
     def _take(self, batches: Iterator[dict], n: int) -> list[dict]:
-        """The step's micro-batches, each with its `scale`; collective over the data-parallel group."""
-        if not self.reads_data:
-            return []
-        micro = [next(batches) for _ in range(n)]
-        units = torch.tensor(float(sum(self.objective.units(b) for b in micro)), device=self.layout.device)
-        if self.layout.data > 1:
-            dist.all_reduce(units, group=parallel_state.get_data_parallel_group())
-        self._units = int(units.item())
-        scale = torch.tensor(n * self.layout.data / max(self._units, 1), dtype=torch.float32)
+        """The step's micro-batches, each with its `scale` (and, for an objective that needs a reference pass, its
+        `reference`); collective over the data-parallel group (and the reference pass over the model)."""
+        micro = []
+        if self.reads_data:
+            micro = [next(batches) for _ in range(n)]
+            units = torch.tensor(float(sum(self.objective.units(b) for b in micro)), device=self.layout.device)
+            if self.layout.data > 1:
+                dist.all_reduce(units, group=parallel_state.get_data_parallel_group())
+            self._units = int(units.item())
+            scale = torch.tensor(n * self.layout.data / max(self._units, 1), dtype=torch.float32)
+            micro = [{**b, "scale": scale} for b in micro]
         self._sums = None
-        return [{**b, "scale": scale} for b in micro]
+        if self.objective.reference_pass:
+            self._reference(micro, n)
+        return micro
+
+    def _reference(self, micro: list[dict], n: int) -> None:
+        """DPO's reference under LoRA: each micro-batch's per-document log-probs by this model with its adapters off,
+        as its `reference` field (zeros on a first pipeline stage, which reads the batch but computes no loss)."""
+        from scalelm.model.lora import adapters_off
+
+        with adapters_off(self.engine.module):
+            values = self.forward_only(micro, n, self.objective.document_logps)
+        for batch, value in zip(micro, values):
+            batch["reference"] = value.cpu() if value is not None else torch.zeros(batch["labels"].shape)
+
+    def forward_only(self, micro: list[dict], n: int, fn) -> list[torch.Tensor | None]:
+        """`fn(logits, batch)` of each of the `n` micro-batches, the model in eval mode and without gradients: the
+        values on the ranks that compute the loss, None on the other pipeline stages; collective."""
+        if self.pipeline:
+            out: list[torch.Tensor] = []
+            self._capture = (fn, out)
+            try:
+                self.engine.eval_batch(self._pipeline_batches(micro), num_micro_batches=n)
+            finally:
+                self._capture = None
+            return out if self.computes_loss else [None] * len(micro)
+        self.engine.eval()
+        with torch.no_grad():
+            out = []
+            for batch in micro:
+                on_device = {k: v.to(self.layout.device) for k, v in batch.items() if torch.is_tensor(v)}
+                out.append(fn(self.engine(*model_inputs(on_device)), on_device))
+        self.engine.train()
+        return out
 
     def _micro_loss(self, batch: dict) -> torch.Tensor:
         on_device = {k: v.to(self.layout.device) for k, v in batch.items() if torch.is_tensor(v)}
@@ -168,6 +203,10 @@ class Engine:
 
     def _pipeline_loss(self, logits: torch.Tensor, targets: tuple[torch.Tensor, ...]) -> torch.Tensor:
         *fields, scale = targets
+        if self._capture is not None:  # forward_only: keep fn's value, and give DeepSpeed a loss to average
+            fn, out = self._capture
+            out.append(fn(logits, dict(zip(self._fields, fields))))
+            return torch.zeros((), device=logits.device)
         loss_sum, metrics = self.objective(logits, dict(zip(self._fields, fields)))
         self._add_metrics(metrics)
         return loss_sum * scale
@@ -179,7 +218,7 @@ class Engine:
 
     def _finish(self, loss: float) -> float:
         """Sets step_metrics: the step's target count and metrics (sums over the batch / targets); collective."""
-        self.step_metrics = {"targets": self._units if self.reads_data else None}
+        self.step_metrics = {self.objective.unit: self._units if self.reads_data else None}
         if not self.objective.metrics:
             return loss
         sums = self._sums if self.computes_loss and self._sums is not None else \

@@ -39,9 +39,17 @@ def load_finetune_config(path: str | Path | None, overrides: Sequence[str] = ())
 
 
 def check_data(cfg: Config, stage: str) -> None:
-    """Pretraining reads text shards, finetuning chat shards; anything else is a DataError naming the source."""
+    """Pretraining reads text shards, SFT chat shards and DPO preference shards; anything else is a DataError
+    naming the source."""
     for source in cfg.data.train:
-        chat = read_manifest(source, "train").chat is not None
+        shards = read_manifest(source, "train")
+        chat = shards.chat is not None
+        if stage == "finetune" and cfg.finetune.objective == "dpo" and not shards.pairs:
+            raise DataError(f"{source} holds {'chat' if chat else 'text'} shards, and finetune.objective=dpo trains on "
+                            f"preference pairs: write them with `scalelm shard --preference`")
+        if stage == "finetune" and cfg.finetune.objective != "dpo" and shards.pairs:
+            raise DataError(f"{source} holds preference pairs (`scalelm shard --preference`): train on them with "
+                            f"finetune.objective=dpo, or give SFT chat shards (`scalelm shard --chat`)")
         if stage == "pretrain" and chat:
             raise DataError(f"{source} holds chat shards (`scalelm shard --chat`): finetune on them with "
                             f"`scalelm finetune`")

@@ -46,6 +46,8 @@ class RunLog:
         if not self.active:
             return
         summary = (f"loss {record['loss']:.4f} lr {record['lr']:.2e} {record['tokens_per_s']:,.0f} tok/s"
+                   + (f" reward acc {100 * record['reward_accuracy']:.0f}%" if record.get("reward_accuracy") is not None
+                      else "")
                    + (f" MFU {100 * record['mfu']:.1f}% (PaLM)" if record["mfu"] is not None else ""))
         self.bar.update(1)
         self.bar.set_postfix_str(summary, refresh=False)
@@ -54,12 +56,23 @@ class RunLog:
             if self.lines:
                 self._say(f"step {record['step']}/{self.bar.total}: {summary}")
 
-    def eval(self, step: int, val_loss: float, perplexity: float, accuracy: float | None = None) -> None:
-        record = {"step": step, "val_loss": val_loss, "val_perplexity": perplexity, "val_accuracy": accuracy}
+    def eval(self, step: int, val_loss: float, perplexity: float, metrics: dict | None = None) -> None:
+        """After a validation: its loss, and its perplexity and next-token accuracy, or for DPO (whose loss is no
+        cross entropy) its reward accuracy and margin."""
+        metrics = metrics or {}
+        if "reward_accuracy" in metrics:
+            record = {"step": step, "val_loss": val_loss, "val_reward_accuracy": metrics["reward_accuracy"],
+                      "val_reward_margin": metrics["reward_margin"]}
+            line = (f"val loss {val_loss:.4f}, reward accuracy {100 * metrics['reward_accuracy']:.1f}%, margin "
+                    f"{metrics['reward_margin']:.3f}")
+        else:
+            accuracy = metrics.get("accuracy")
+            record = {"step": step, "val_loss": val_loss, "val_perplexity": perplexity, "val_accuracy": accuracy}
+            line = (f"val loss {val_loss:.4f}, perplexity {perplexity:.2f}"
+                    + (f", next-token accuracy {100 * accuracy:.1f}%" if accuracy is not None else ""))
         self.last = {**self.last, **record}
         if self.active:
-            self._say(f"step {step}: val loss {val_loss:.4f}, perplexity {perplexity:.2f}"
-                      + (f", next-token accuracy {100 * accuracy:.1f}%" if accuracy is not None else ""))
+            self._say(f"step {step}: {line}")
             self._write(record)
 
     def note(self, step: int, message: str) -> None:

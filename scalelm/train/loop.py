@@ -28,6 +28,7 @@ from scalelm.train.finetune import check_data
 from scalelm.train.guards import LossGuard
 from scalelm.train.log import RunLog
 from scalelm.train.objectives import objective_for
+from scalelm.train.score import run_reference
 from scalelm.train.signals import StopSignals
 
 
@@ -52,11 +53,15 @@ def train(cfg: Config, stage: str) -> dict:
     layout = init_distributed(cfg.parallel, cfg.train.seed)
     log = None
     try:
-        loader = loader_from_config(cfg, "train", layout.dp_rank, layout.data)
+        ckpt, manifest, notes = find_checkpoint(cfg, layout)
+        # DPO without LoRA: train.init_from's log-probs beside the shards, scored first when missing
+        reference, more = run_reference(cfg, stage, layout, vocab_size, manifest.get("reference") if ckpt else None)
+        notes += more
+        scored = reference["model"]["sha256"] if reference else None
+        loader = loader_from_config(cfg, "train", layout.dp_rank, layout.data, reference=scored)
         objective = objective_for(cfg, stage)
         engine = Engine(cfg, layout, build_model(cfg, layout, vocab_size, loader.documents), objective)
         run = {"step": 0, "consumed_tokens": 0, "guard": None}
-        ckpt, manifest, notes = find_checkpoint(cfg, layout)
         if ckpt is not None:
             run, more = load_checkpoint(cfg, layout, engine, loader, ckpt, manifest, tokenizer_sha)
             notes += more
@@ -72,7 +77,7 @@ def train(cfg: Config, stage: str) -> dict:
             log.note(run["step"], note)
         guard = LossGuard(cfg.train.max_bad_steps, cfg.train.spike_zscore, run["guard"])
         batches = _Traced(iter(loader))
-        validation = _Validation(cfg, layout) if cfg.train.eval_every else None
+        validation = _Validation(cfg, layout, scored) if cfg.train.eval_every else None
         tokens_per_step = cfg.train.global_batch_size * cfg.train.seq_len
         flops, peak = _flops(cfg, vocab_size), metrics.peak_flops(layout.device)
         saved_at = run["step"] if ckpt is not None else None
@@ -80,7 +85,7 @@ def train(cfg: Config, stage: str) -> dict:
         def save(step: int, why: str) -> None:
             nonlocal saved_at
             if saved_at != step:
-                done = save_checkpoint(cfg, layout, engine, step, run, loader.state_dict(), tokenizer_sha, base)
+                done = save_checkpoint(cfg, layout, engine, step, run, loader.state_dict(), tokenizer_sha, base, reference)
                 saved_at = step
                 log.note(step, f"saved {done['path']} ({why}; {done['bytes'] / 1e6:,.1f} MB in {done['seconds']:.1f} s)")
 
@@ -99,7 +104,7 @@ def train(cfg: Config, stage: str) -> dict:
                 if note:
                     log.note(step, note + batches.where())
                 if validation and (step % cfg.train.eval_every == 0 or step == cfg.train.steps):
-                    log.eval(step, *validation.run(engine), accuracy=engine.step_metrics.get("accuracy"))
+                    log.eval(step, *validation.run(engine), metrics=engine.step_metrics)
                 signalled, stop = signals.poll()
                 why = _save_reason(cfg, step, signalled, stop)
                 if why:  # after a skipped step too: the guard checked the weights were left as they were
@@ -165,8 +170,8 @@ class _Traced:
 class _Validation:
     """The validation loss on the same batches every time: the val loader is built once and rewound."""
 
-    def __init__(self, cfg: Config, layout):
-        self.loader = loader_from_config(cfg, "val", layout.dp_rank, layout.data)
+    def __init__(self, cfg: Config, layout, reference: str | None):
+        self.loader = loader_from_config(cfg, "val", layout.dp_rank, layout.data, reference)
         self.start, self.iters = self.loader.state_dict(), cfg.train.eval_iters
 
     def run(self, engine: Engine) -> tuple[float, float]:

@@ -1,6 +1,6 @@
-"""Objectives: what a run minimises, as a sum over its units (target tokens) that the engine normalises.
+"""Objectives: what a run minimises, as a sum over its units (target tokens, or pairs) that the engine normalises.
 
-    objective.units(batch)      -> n        the micro-batch's target tokens, from the batch alone
+    objective.units(batch)      -> n        the micro-batch's units (`objective.unit`), from the batch alone
     objective(logits, batch)    -> (loss_sum, metric_sums)
 
 The engine (parallel/engine.py) knows every micro-batch of a step before the first forward pass, so
@@ -51,6 +51,8 @@ class NextToken:
 
     fields = ("labels", "loss_mask")
     metrics = ("accuracy",)
+    unit = "targets"
+    reference_pass = False
 
     def units(self, batch: dict) -> int:
         mask = batch.get("loss_mask")
@@ -65,9 +67,11 @@ class NextToken:
         return losses.sum(), {"accuracy": hits.sum()}
 
 
-OBJECTIVES = {"sft": NextToken}
-
-
 def objective_for(cfg, stage: str):
-    """The objective of a run: pretraining's next token over every token, or finetune.objective."""
-    return NextToken() if stage == "pretrain" else OBJECTIVES[cfg.finetune.objective]()
+    """The objective of a run: pretraining's next token over every token, or finetune.objective (sft: the same over
+    the chat's targets; dpo: train/dpo.py, its reference the base without adapters under LoRA, else scored)."""
+    if stage == "finetune" and cfg.finetune.objective == "dpo":
+        from scalelm.train.dpo import DPO
+
+        return DPO(cfg.finetune.dpo, reference_pass=cfg.finetune.lora is not None)
+    return NextToken()

@@ -49,7 +49,8 @@ def forward_backward(overrides: list[str], seed: int = 0) -> dict:
         destroy_distributed()
 
 
-def train_steps(overrides: list[str], steps: int = 3, seed: int = 0, masked: bool = False, packed: bool = False) -> dict:
+def train_steps(overrides: list[str], steps: int = 3, seed: int = 0, masked: bool = False, packed: bool = False,
+                keep_group: bool = False) -> dict:
     """`steps` optimizer steps on fixed global batches; every rank reports the loss of each step, and
     the first data-parallel rank the whole gradients of the first step under single-process names.
 
@@ -59,16 +60,20 @@ def train_steps(overrides: list[str], steps: int = 3, seed: int = 0, masked: boo
     micro-batches and data-parallel ranks hold different numbers of target tokens. `packed`: besides, each
     sequence is a window of packed documents (position_ids, document_ids), as SFT batches are. With
     finetune.lora in the overrides, the adapters' B start from whole random values instead of zero (so A's
-    first gradients are not zero too), and rank 0 also reports every whole weight after training ("weights")."""
+    first gradients are not zero too), and rank 0 also reports every whole weight after training ("weights").
+    With finetune.objective=dpo the batches are packed preference pairs instead (`preference_batch`).
+    `keep_group`: leave the process group for another call (megatron's groups are made anew each time)."""
     from scalelm.config import validate
     from scalelm.model.build import build_model
     from scalelm.parallel.engine import Engine
+    from scalelm.train.objectives import objective_for
 
     cfg = tiny_config(overrides)
     layout = init_distributed(cfg.parallel, seed)
+    dpo = cfg.finetune.objective == "dpo"
     try:
         validate(cfg, world_size=layout.world)
-        engine = Engine(cfg, layout, build_model(cfg, layout, VOCAB, documents=packed))
+        engine = Engine(cfg, layout, build_model(cfg, layout, VOCAB, documents=packed or dpo), objective_for(cfg, "finetune"))
         if cfg.finetune.lora:
             for name, param in engine.named_parameters():
                 if name.endswith(".lora.b"):
@@ -81,12 +86,14 @@ def train_steps(overrides: list[str], steps: int = 3, seed: int = 0, masked: boo
         def micro_batches():
             tokens = torch.randint(0, LEARNABLE, (t.global_batch_size, t.seq_len + 1), generator=gen)
             batch = {"input_ids": tokens[:, :-1], "labels": tokens[:, 1:]}
-            if masked:
+            if dpo:
+                batch = preference_batch(t.global_batch_size, t.seq_len, gen, reference=cfg.finetune.lora is None)
+            if masked and not dpo:
                 density = torch.linspace(0.05, 0.95, t.global_batch_size)[torch.randperm(t.global_batch_size, generator=gen)]
                 mask = torch.rand(t.global_batch_size, t.seq_len, generator=gen) < density[:, None]
                 mask[:, -1] = True  # at least one target each
                 batch["loss_mask"] = mask
-            if packed:
+            if packed and not dpo:
                 from scalelm.data.packing import document_positions
 
                 for row in range(t.global_batch_size):  # 1 to 4 documents a window
@@ -110,7 +117,33 @@ def train_steps(overrides: list[str], steps: int = 3, seed: int = 0, masked: boo
         return {"losses": losses, "val": val, "lr": engine.lr, "grads": whole if layout.rank == 0 else None,
                 "metrics": engine.step_metrics, "weights": weights if layout.rank == 0 else None}
     finally:
-        destroy_distributed()
+        parallel_state.destroy_model_parallel() if keep_group else destroy_distributed()
+
+
+def preference_batch(rows: int, seq_len: int, gen: torch.Generator, reference: bool) -> dict:
+    """A batch of packed preference pairs as the loader makes them (data/packing.py): each window one or two pairs,
+    each side a prompt then a reply whose tokens are its targets, then padding; with `reference`, random reference
+    log-probs per document, as scored ones would be."""
+    import numpy as np
+
+    from scalelm.data.chat import ASSISTANT, LAST
+    from scalelm.data.packing import chat_window
+
+    windows = []
+    for _ in range(rows):
+        pairs = int(torch.randint(1, 3, (1,), generator=gen))
+        lengths = torch.randint(3, seq_len // (2 * pairs) + 1, (2 * pairs,), generator=gen)
+        flags = []
+        for n in lengths.tolist():
+            prompt = int(torch.randint(1, n, (1,), generator=gen))
+            flags += [0] * prompt + [ASSISTANT | LAST] * (n - prompt)
+        tokens = torch.randint(0, LEARNABLE, (int(lengths.sum()),), generator=gen)
+        window = chat_window(tokens.numpy(), np.asarray(flags, np.uint8), lengths.numpy(), seq_len, "assistant")
+        if reference:
+            window["reference"] = np.zeros(seq_len, np.float32)
+            window["reference"][: 2 * pairs] = (torch.randn(2 * pairs, generator=gen) * 2 - 3 * lengths).numpy()
+        windows.append(window)
+    return {k: torch.from_numpy(np.stack([w[k] for w in windows])) for k in windows[0]}
 
 
 def _whole_weights(engine, layout) -> dict[str, torch.Tensor]:
@@ -371,3 +404,9 @@ def frozen_weight_round_trip(overrides: list[str], root: str) -> dict:
         return {"saved": saved, "loaded": loaded, "entry": entry} if layout.rank == 0 else None
     finally:
         destroy_distributed()
+
+
+def dpo_steps(overrides: list[str], lora: list[str], steps: int = 3) -> dict:
+    """`train_steps` of DPO twice on these ranks, full finetuning (scored reference log-probs in the batch) and
+    LoRA with the `lora` overrides (the reference its adapters-off forward pass): {"full": ..., "lora": ...}."""
+    return {"full": train_steps(overrides, steps, keep_group=True), "lora": train_steps(overrides + lora, steps)}

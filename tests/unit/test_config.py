@@ -97,6 +97,13 @@ def test_derived_values():
     (["finetune.lora.alpha=0"], "finetune.lora.alpha=0.0 must be positive"),
     (["finetune.lora.dropout=1"], "finetune.lora.dropout=1.0 must be in [0, 1)"),
     (["finetune.lora=8"], "finetune.lora=8: expected a section of keys"),
+    (["finetune.objective=dpo", "finetune.dpo.beta=0"], "finetune.dpo.beta=0.0 must be positive"),
+    (["finetune.objective=dpo", "finetune.dpo.beta=-1"], "finetune.dpo.beta=-1.0 must be positive"),
+    (["finetune.objective=dpo", "finetune.dpo.loss=robust", "finetune.dpo.label_smoothing=0.5"],
+     "finetune.dpo.label_smoothing=0.5 must be in [0, 0.5)"),
+    (["finetune.objective=dpo", "finetune.dpo.label_smoothing=0.1"], "goes with finetune.dpo.loss=robust, not sigmoid"),
+    (["finetune.objective=dpo", "finetune.dpo.loss=kto"], "finetune.dpo.loss"),
+    (["finetune.objective=dpo", "finetune.dpo.sft_weight=-1"], "finetune.dpo.sft_weight=-1.0 must be 0 (off) or positive"),
 ])
 def test_errors_name_field_value_and_fix(override, message):
     with pytest.raises(ConfigError) as info:

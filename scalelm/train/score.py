@@ -1,0 +1,138 @@
+"""Reference log-probs for DPO of a fully finetuned policy: train.init_from scores every pair once, and they are
+stored beside the shards (data/reference.py), so no second model is held in memory while training.
+
+`scalelm score --config CFG` does it on its own; a DPO run without LoRA does it as its first stage when they are
+missing. Every window of every shard of data.train and data.val, both splits, is read in stored order and dealt
+round-robin to the data-parallel ranks; each runs it forward only, in the run's layout and precision, and each
+side's Σ log p over its targets is kept. Rank 0 writes them. A data-parallel rank short of windows at the end
+runs a copy with no targets, so every rank runs as many forward passes.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from scalelm.checkpoint import store
+from scalelm.config import Config
+from scalelm.data.files import sha256_file
+from scalelm.data.packing import ChatWindows
+from scalelm.data.reference import has_reference, manifest_sha256, write_reference
+from scalelm.data.shards import SPLITS, read_manifest, read_shard_fields
+from scalelm.errors import DataError
+from scalelm.parallel.topology import gather_objects
+from scalelm.train.dpo import document_logps
+
+
+def reference_model(cfg: Config) -> dict:
+    """{"path", "sha256"} of the model that scores: train.init_from's checkpoint, named by its manifest's hash."""
+    ckpt = store.resolve(Path(cfg.train.init_from)).resolve()
+    return {"path": str(ckpt), "sha256": sha256_file(ckpt / store.MANIFEST)}
+
+
+def reference_sources(cfg: Config) -> list[str]:
+    return list(dict.fromkeys([*cfg.data.train, *cfg.data.val]))
+
+
+def missing(cfg: Config, model: dict) -> list[str]:
+    return [s for s in reference_sources(cfg) if not has_reference(s, model["sha256"])]
+
+
+def score(cfg: Config, layout, vocab_size: int, model: dict, sources: list[str], log=print) -> None:
+    """Score `sources` with `model` (train.init_from) on this rank's layout; rank 0 writes. Collective."""
+    from scalelm.checkpoint.resume import init_weights
+    from scalelm.model.build import build_model
+    from scalelm.parallel.engine import Engine
+
+    tokenizer_sha = sha256_file(cfg.data.tokenizer) if cfg.data.tokenizer else None
+    engine = Engine(cfg, layout, build_model(cfg, layout, vocab_size, documents=True),
+                    train=False)
+    init_weights(cfg, engine, tokenizer_sha)
+    for source in sources:
+        started, values = time.perf_counter(), {}
+        for split in SPLITS:
+            values[split] = _score_split(cfg, layout, engine, read_manifest(source, split, tokenizer_sha))
+        if layout.rank == 0:
+            where = write_reference(source, model, {"precision": cfg.train.precision, "layout": {
+                "tensor": layout.tensor, "pipeline": layout.pipeline, "data": layout.data}}, values)
+            documents = sum(len(v) for split in values.values() for v in split.values())
+            log(f"scored {documents // 2:,} pairs of {source} with {model['path']} in {time.perf_counter() - started:.1f} s "
+                f"-> {where}")
+        torch.distributed.barrier()
+
+
+def _score_split(cfg: Config, layout, engine, shards) -> dict[str, np.ndarray]:
+    """{shard name: (documents,) float64} of one split, on rank 0 (empty elsewhere). Collective."""
+    if not shards.pairs:
+        raise DataError(f"{shards.source} holds no preference pairs: score shards written by `scalelm shard --preference`")
+    seq_len, batch = cfg.train.seq_len, cfg.train.micro_batch_size
+    windows = []  # (shard index, window index, ChatWindows)
+    for index, shard in enumerate(shards.shards):
+        fields = read_shard_fields(shard, {"tokens": shards.dtype, "flags": np.dtype(np.uint8)})
+        packed = ChatWindows(fields["tokens"], fields["flags"], shard.lengths, seq_len, "assistant", pairs=True)
+        windows += [(index, i, packed) for i in range(len(packed))]
+    mine = windows[layout.dp_rank::layout.data]
+    per_rank = -(-len(windows) // layout.data)
+    rows = [packed[i] for _, i, packed in mine]
+    rows += [{**rows[0], "loss_mask": np.zeros(seq_len, bool)}] * (per_rank - len(rows))  # no targets: discarded
+    rows += [rows[0]] * (-len(rows) % batch)
+    micro = [{k: torch.from_numpy(np.stack([r[k] for r in rows[i:i + batch]])) for k in rows[0]}
+             for i in range(0, len(rows), batch)]
+    found = engine.forward_only(micro, len(micro), lambda logits, b: document_logps(logits, b).double().cpu())
+    scored = {}  # (shard, document) -> value, from this rank's windows
+    if found and found[0] is not None:  # the ranks that compute the loss (on the pipeline, its last stage)
+        for k, (index, i, packed) in enumerate(mine):
+            value = found[k // batch][k % batch]
+            first, end = packed.starts[i], packed.starts[i + 1]
+            scored.update({(index, int(d)): float(value[d - first]) for d in range(first, end)})
+    every = {key: v for part in gather_objects(scored) for key, v in part.items()}
+    out = {}
+    for index, shard in enumerate(shards.shards):
+        out[shard.url.rsplit("/", 1)[-1]] = np.asarray([every[(index, d)] for d in range(len(shard.lengths))], np.float64)
+    return out
+
+
+def run_reference(cfg: Config, stage: str, layout, vocab_size: int, saved: dict | None) -> tuple[dict | None, list[str]]:
+    """The reference record of a DPO run without LoRA, {"model": {"path", "sha256"}, "manifests": {source: SHA-256
+    of its reference manifest}}, after scoring what is missing; None for any other run. `saved` is the record of the
+    checkpoint resumed from, whose files must be unchanged. Also notes for the log. Collective."""
+    if stage != "finetune" or cfg.finetune.objective != "dpo" or cfg.finetune.lora is not None:
+        return None, []
+    if saved is not None:
+        for source, sha in saved["manifests"].items():
+            if not has_reference(source, saved["model"]["sha256"]) or manifest_sha256(source, saved["model"]["sha256"]) != sha:
+                raise DataError(f"the reference log-probs of {source} by {saved['model']['path']} are not those this run "
+                                f"trained with (they were scored again, or removed): resume with the same ones, or start "
+                                f"a new run (checkpoint.dir)")
+        return saved, []
+    model, notes = reference_model(cfg), []
+    todo = missing(cfg, model)
+    if todo:
+        notes.append(f"scoring the reference log-probs of {', '.join(todo)} with train.init_from first")
+        score(cfg, layout, vocab_size, model, todo, log=notes.append)
+    return {"model": model, "manifests": {s: manifest_sha256(s, model["sha256"]) for s in reference_sources(cfg)}}, notes
+
+
+def score_command(cfg: Config, overwrite: bool) -> None:
+    """`scalelm score`: the reference log-probs of the config's preference shards by train.init_from, on this
+    launch's ranks; with `overwrite`, those already there are scored again. Collective."""
+    from scalelm.parallel.topology import destroy_distributed, init_distributed
+    from scalelm.train.loop import resolve_vocab_size
+
+    if cfg.finetune.lora is not None:
+        raise DataError("finetune.lora is set: a LoRA policy's reference is its base with the adapters off, computed "
+                        "during training, so there is nothing to score")
+    vocab_size = cfg.model.vocab_size = resolve_vocab_size(cfg)
+    model = reference_model(cfg)
+    todo = reference_sources(cfg) if overwrite else missing(cfg, model)
+    layout = init_distributed(cfg.parallel, cfg.train.seed)
+    try:
+        if not todo and layout.rank == 0:
+            print(f"nothing to score: every source has reference log-probs by {model['path']} (--overwrite scores again)")
+        if todo:
+            score(cfg, layout, vocab_size, model, todo, log=print if layout.rank == 0 else (lambda _: None))
+    finally:
+        destroy_distributed()
