@@ -20,8 +20,8 @@ def base(pipeline, *extra: str) -> list[str]:
     return [f"data.train={pipeline['shards']}", f"data.tokenizer={pipeline['tokenizer']}", *TINY, *extra]
 
 
+# one process resumes bit for bit in tests/e2e/test_finetune.py (and SIGTERM's resume in test_checkpoint.py)
 LAYOUTS = {
-    "single": (1, []),
     "tp2": (2, ["parallel.tensor=2"]),
     "pp2": (2, ["parallel.pipeline=2"]),
     "dp2-zero1": (2, ["parallel.zero_stage=1"]),
