@@ -202,9 +202,14 @@ class FinetuneConfig:
     """What `scalelm finetune` trains: the objective, which tokens of a conversation are its targets, and
     whether the whole model or low-rank adapters on a frozen one."""
 
-    objective: Literal["sft", "dpo"] = "sft"
+    objective: Literal["sft", "dpo", "reward"] = "sft"
     """sft: next-token cross entropy on the target tokens of chat shards (`scalelm shard --chat`); dpo: preference
-    pairs (`scalelm shard --preference`), the reference being the base (LoRA) or train.init_from's scored log-probs."""
+    pairs (`scalelm shard --preference`), the reference being the base (LoRA) or train.init_from's scored log-probs;
+    reward: a reward model (head: classification, num_labels: 1) on preference pairs, Bradley-Terry."""
+    head: Literal["lm", "classification"] = "lm"
+    """lm: next-token logits; classification: num_labels scores read at each document's last token (train/heads.py)."""
+    num_labels: int = 2
+    """The classification head's outputs: the classes, or 1 for a reward model's score."""
     dpo: DPOConfig = field(default_factory=DPOConfig)
     """DPO's settings (finetune.objective=dpo)."""
     train_on: Literal["assistant", "all", "last"] = "assistant"

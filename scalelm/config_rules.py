@@ -138,6 +138,7 @@ def validate(cfg: Config, world_size: int | None = None) -> Config:
         _check_lora(cfg)
     if cfg.finetune.objective == "dpo":
         _check_dpo(cfg)
+    _check_head(cfg)
 
     if world_size is not None:
         model_parallel = p.tensor * p.pipeline
@@ -172,6 +173,21 @@ def _check_lora(cfg: Config) -> None:
         raise ConfigError(f"finetune.lora.alpha={lora.alpha} must be positive (e.g. 2 x rank = {2 * lora.rank})")
     if not 0 <= lora.dropout < 1:
         raise ConfigError(f"finetune.lora.dropout={lora.dropout} must be in [0, 1)")
+
+
+def _check_head(cfg: Config) -> None:
+    f = cfg.finetune
+    if f.objective == "reward" and (f.head != "classification" or f.num_labels != 1):
+        raise ConfigError(f"finetune.objective=reward scores each reply with one number: set finetune.head=classification "
+                          f"and finetune.num_labels=1 (now head={f.head}, num_labels={f.num_labels})")
+    if f.head == "classification" and f.objective != "reward":
+        raise ConfigError(f"finetune.head=classification trains with finetune.objective=reward (a reward model on "
+                          f"preference pairs), not {f.objective}")
+    if f.num_labels < 1:
+        raise ConfigError(f"finetune.num_labels={f.num_labels} must be at least 1")
+    if f.head == "classification" and f.lora is not None:
+        raise ConfigError("finetune.lora with a classification head is not supported yet: train the whole model "
+                          "(finetune.lora: null)")
 
 
 def _check_dpo(cfg: Config) -> None:

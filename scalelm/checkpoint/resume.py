@@ -117,6 +117,12 @@ def _load_weights(cfg: Config, engine: Engine, ckpt: Path, manifest: dict, keys:
     (found at `base`, else where the checkpoint says); a LoRA run started from a plain checkpoint keeps its
     freshly initialised adapters. Collective."""
     params = engine.named_parameters()
+    saved_head = manifest["config"].get("finetune", {}).get("head", "lm")
+    if saved_head != cfg.finetune.head:  # a classification head on a language model: the head starts anew
+        if keys != ("param",):
+            raise CheckpointError(f"{ckpt} was saved with finetune.head={saved_head}, and this run has "
+                                  f"{cfg.finetune.head}: resume with the head it was saved with")
+        params = [(n, p) for n, p in params if not n.startswith("head.")]
     adapters = [(n, p) for n, p in params if lora.is_adapter(n)]
     saved_lora = manifest["config"].get("finetune", {}).get("lora")
     ours = to_dict(cfg)["finetune"]["lora"]

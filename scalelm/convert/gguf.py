@@ -43,6 +43,9 @@ def to_gguf(source: Path, out: Path, dtype: str = "f16", tokenizer: Path | None 
     if dtype not in DTYPES:
         raise ConversionError(f"--dtype {dtype}: GGUF export writes {', '.join(DTYPES)}")
     found = read_model(source, tokenizer, base=base)
+    if layouts.score_labels(found.weights):
+        raise ConversionError(f"{found.origin} has a classification head (finetune.head=classification), not a language "
+                              f"model's: GGUF holds causal LMs; export it with `scalelm convert to-hf`")
     if found.tokenizer is None:
         raise ConversionError(f"{found.origin} names no tokenizer, and a GGUF file carries one: pass --tokenizer PATH")
     model = found.model

@@ -1,7 +1,8 @@
 """`scalelm convert to-hf` and `from-hf`: a Hugging Face folder in the GPT-2 or Llama layout, and back.
 
     OUT_DIR/
-      config.json, generation_config.json     GPT2LMHeadModel or LlamaForCausalLM, fp32
+      config.json, generation_config.json     GPT2LMHeadModel or LlamaForCausalLM, fp32 (a classification head:
+                                              GPT2ForSequenceClassification or LlamaForSequenceClassification)
       model.safetensors                       (or model-0000K-of-0000N.safetensors + an index past 5 GB)
       tokenizer.model, tokenizer_config.json  the run's SentencePiece model, with the chat template
       special_tokens_map.json
@@ -51,7 +52,7 @@ def write_hf_folder(found: ScalelmModel, out: Path, what: str = "OUT_DIR") -> tu
     state = layouts.to_hf(model, found.weights)
     make_dir(out, what)
     ids = specials(found.tokenizer) if found.tokenizer else None
-    hf_config(model, ids).save_pretrained(out)
+    hf_config(model, ids, layouts.score_labels(found.weights)).save_pretrained(out)
     _generation_config(ids).save_pretrained(out)
     files = write_weights(out, state)
     if found.tokenizer:
@@ -75,8 +76,9 @@ def from_hf(hf_dir: Path, out: Path, verify: bool = True) -> dict:
     return report
 
 
-def hf_config(model: ModelConfig, ids=None):
-    """The transformers config of the model's layout."""
+def hf_config(model: ModelConfig, ids=None, num_labels: int | None = None):
+    """The transformers config of the model's layout: a causal LM, or with `num_labels` (a classification head)
+    GPT2ForSequenceClassification / LlamaForSequenceClassification."""
     from transformers import GPT2Config, LlamaConfig
 
     tokens = {"bos_token_id": ids.bos, "eos_token_id": ids.eos, "pad_token_id": ids.pad if ids.pad >= 0 else None} if ids else {}
@@ -87,7 +89,7 @@ def hf_config(model: ModelConfig, ids=None):
                             n_head=model.num_heads, n_inner=model.ffn_hidden_size, activation_function="gelu",
                             layer_norm_epsilon=model.norm_eps, resid_pdrop=model.dropout, embd_pdrop=model.dropout,
                             attn_pdrop=model.attention_dropout, **common)
-        config.architectures = ["GPT2LMHeadModel"]
+        config.architectures = ["GPT2ForSequenceClassification" if num_labels else "GPT2LMHeadModel"]
     else:
         config = LlamaConfig(hidden_size=model.hidden_size, intermediate_size=model.ffn_hidden_size,
                              num_hidden_layers=model.num_layers, num_attention_heads=model.num_heads,
@@ -97,7 +99,9 @@ def hf_config(model: ModelConfig, ids=None):
                              rope_parameters={"rope_type": "default", "rope_theta": model.rope_base}, hidden_act="silu",
                              attention_bias=model.bias, mlp_bias=model.bias, attention_dropout=model.attention_dropout,
                              **common)
-        config.architectures = ["LlamaForCausalLM"]
+        config.architectures = ["LlamaForSequenceClassification" if num_labels else "LlamaForCausalLM"]
+    if num_labels:
+        config.num_labels = num_labels
     return config
 
 

@@ -103,9 +103,16 @@ def to_hf(model: ModelConfig, weights: dict[str, torch.Tensor]) -> dict[str, tor
                 "transformer.ln_f.weight": w["norm.norm.weight"], "transformer.ln_f.bias": _bias(w, "norm.norm", model)}
     else:
         out |= {"model.embed_tokens.weight": word, "model.norm.weight": w["norm.norm.weight"]}
-    if not model.tie_embeddings:
+    if "head.score" in weights:  # a classification head: *ForSequenceClassification's `score`
+        out["score.weight"] = w["head.score"]
+    elif not model.tie_embeddings:
         out["lm_head.weight"] = w["head.linear.weight"][:V]
     return {name: t.contiguous() for name, t in out.items()}
+
+
+def score_labels(weights: dict[str, torch.Tensor]) -> int | None:
+    """The outputs of a classification head (finetune.head=classification) among `weights`, None for a language model."""
+    return weights["head.score"].shape[0] if "head.score" in weights else None
 
 
 def from_hf(model: ModelConfig, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -20,7 +20,9 @@ def probe_tokens(vocab_size: int, context: int) -> torch.Tensor:
 
 @torch.no_grad()
 def scalelm_logits(model: ModelConfig, weights: dict[str, torch.Tensor], tokens: torch.Tensor) -> torch.Tensor:
-    """scalelm's forward (megatron-core layers, one process) on `tokens` (b, s): logits (b, s, V), fp32."""
+    """scalelm's forward (megatron-core layers, one process) on `tokens` (b, s): logits (b, s, V), fp32; for a
+    classification head, the scores at the last token (b, num_labels)."""
+    from scalelm.convert.layouts import score_labels
     from scalelm.model.gpt import GPT
     from scalelm.model.spec import layer_spec, transformer_config
     from scalelm.parallel.topology import single_process
@@ -28,12 +30,14 @@ def scalelm_logits(model: ModelConfig, weights: dict[str, torch.Tensor], tokens:
     tc = transformer_config(model, ParallelConfig(), on_gpu=False)
     tc.perform_initialization = False  # every weight is loaded next: drawing random ones first would take minutes at 7B
     with single_process():
-        gpt = GPT(model, tc, layer_spec(on_gpu=False), model.vocab_size, seed=0)
+        gpt = GPT(model, tc, layer_spec(on_gpu=False), model.vocab_size, seed=0, num_labels=score_labels(weights))
         missing, unexpected = gpt.load_state_dict(weights, strict=False)
         missing = [k for k in missing if not k.endswith("_extra_state")]
         if missing or unexpected:
             raise ConversionError(f"the weights do not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
-        logits = gpt.eval()(tokens)  # (s, b, V_pad)
+        logits = gpt.eval()(tokens)  # (s, b, V_pad), or (s, b, num_labels)
+    if score_labels(weights):
+        return logits[-1].float()
     return logits.transpose(0, 1)[..., : model.vocab_size].float()
 
 
@@ -44,13 +48,23 @@ def hf_logits(hf_model, tokens: torch.Tensor) -> torch.Tensor:
 
 def check(model: ModelConfig, weights: dict[str, torch.Tensor], folder, target: float | None, what: str | None = None) -> dict:
     """Load the Hugging Face folder `folder` in fp32 and compare its logits with scalelm's forward of `weights`
-    on the probe batch; the report, or a ConversionError past `target`."""
-    from transformers import AutoModelForCausalLM
+    on the probe batch (a classification head's scores at the last token); the report, or a ConversionError past
+    `target`."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from scalelm.convert.layouts import score_labels
 
     tokens = probe_tokens(model.vocab_size, model.max_position_embeddings)
-    hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
-    return compare(scalelm_logits(model, weights, tokens), hf_logits(hf, tokens), target,
-                   what or f"{type(hf).__name__} (fp32)")
+    auto = AutoModelForSequenceClassification if score_labels(weights) else AutoModelForCausalLM
+    hf = auto.from_pretrained(folder, dtype=torch.float32)
+    pad = hf.config.pad_token_id
+    if score_labels(weights) and pad is not None:  # Hugging Face reads the last token that is not padding
+        tokens = torch.where(tokens == pad, (pad + 1) % model.vocab_size, tokens)
+    if score_labels(weights) and pad is None:  # without a pad id, Hugging Face scores one sequence at a time
+        theirs = torch.cat([hf_logits(hf, row[None]) for row in tokens])
+    else:
+        theirs = hf_logits(hf, tokens)
+    return compare(scalelm_logits(model, weights, tokens), theirs, target, what or f"{type(hf).__name__} (fp32)")
 
 
 def compare(ours: torch.Tensor, theirs: torch.Tensor, target: float | None, what: str) -> dict:

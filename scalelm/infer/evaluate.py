@@ -8,7 +8,8 @@ The target tokens are every token of text shards, and of chat shards those of fi
 On preference shards (`scalelm shard --preference`) the figures are DPO's instead: the policy's reward
 accuracy (the share of pairs whose chosen reply it prefers over the rejected one more than its reference
 does) and mean reward margin, against its reference: for a LoRA checkpoint the base, for a full one the
-reference log-probs it was trained with (they must be beside the shards).
+reference log-probs it was trained with (they must be beside the shards). A reward model
+(finetune.objective=reward) reports its own accuracy (chosen scored above rejected) and margin.
 
 The windows are those the loader cuts (seq_len + 1 tokens, stride seq_len), read unshuffled by one
 reader, so every layout and every engine sees the same tokens: a scalelm checkpoint is evaluated
@@ -42,10 +43,12 @@ class Preferences:
     metrics: dict
 
     def line(self, split: str) -> str:
-        m = self.metrics
+        m, where = self.metrics, f"over {self.pairs:,} {split} pairs in {self.windows} windows ({self.engine})"
+        if "score_chosen" in m:  # a reward model's own scores
+            return (f"accuracy {100 * m['accuracy']:.2f}%, margin {m['margin']:.4f} (chosen {m['score_chosen']:.4f}, "
+                    f"rejected {m['score_rejected']:.4f}; Bradley-Terry loss {self.loss:.6f}) {where}")
         return (f"reward accuracy {100 * m['reward_accuracy']:.2f}%, margin {m['reward_margin']:.4f} (chosen "
-                f"{m['reward_chosen']:.4f}, rejected {m['reward_rejected']:.4f}; DPO loss {self.loss:.6f}) over "
-                f"{self.pairs:,} {split} pairs in {self.windows} windows ({self.engine})")
+                f"{m['reward_chosen']:.4f}, rejected {m['reward_rejected']:.4f}; DPO loss {self.loss:.6f}) {where}")
 
 
 @dataclass
@@ -178,10 +181,15 @@ def evaluate_checkpoint(path: Path, sources: Sequence[str], split: str, windows:
 
 
 def _preference_objective(cfg, ckpt: Path, manifest: dict, sources: Sequence[str], split: str, loader: TokenLoader):
-    """(DPO objective, loader) for evaluating a checkpoint on preference pairs against its reference."""
+    """(objective, loader) for evaluating a checkpoint on preference pairs: DPO's against its reference, or a
+    reward model's Bradley-Terry."""
     from scalelm.train.dpo import DPO
 
     t = cfg.train
+    if cfg.finetune.head == "classification":  # a reward model: its scores alone
+        from scalelm.train.heads import Reward
+
+        return Reward(), loader
     if cfg.finetune.lora is not None:
         return DPO(cfg.finetune.dpo, reference_pass=True), loader
     reference = manifest.get("reference")

@@ -7,6 +7,7 @@ wraps a --chat prompt in the tokenizer's chat template, and makes a seed give th
 
 from __future__ import annotations
 
+import json
 import sys
 import tempfile
 from contextlib import contextmanager
@@ -39,6 +40,9 @@ def generate(model_path: Path, prompt: str, sampling: Sampling, chat: bool = Fal
 
     _check(sampling)
     with hf_folder(model_path, base) as folder:
+        if any(a.endswith("ForSequenceClassification") for a in json.loads((folder / "config.json").read_text())["architectures"]):
+            raise ConversionError(f"{model_path} is a classification model (finetune.head=classification): it scores "
+                                  f"text and generates none")
         tokenizer = AutoTokenizer.from_pretrained(folder)
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     if chat:

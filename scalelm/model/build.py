@@ -17,7 +17,7 @@ import torch
 from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
 
 from scalelm.config import Config
-from scalelm.model.gpt import GPT, Activations, Block, Embedding, FinalNorm, Head, recompute
+from scalelm.model.gpt import GPT, Activations, Block, Embedding, FinalNorm, Head, ScoreHead, recompute
 from scalelm.model.lora import apply_lora
 from scalelm.model.spec import layer_spec, transformer_config
 
@@ -32,7 +32,7 @@ def build_model(cfg: Config, layout, vocab_size: int, documents: bool = False) -
     full_recompute = cfg.train.activation_checkpointing == "full"
     if layout.pipeline == 1:
         model = GPT(cfg.model, tc, spec, vocab_size, cfg.train.seed, recompute_blocks=full_recompute,
-                    packed_attention=cfg.train.packed_attention)
+                    packed_attention=cfg.train.packed_attention, num_labels=num_labels(cfg))
     else:
         from scalelm.parallel.topology import deepspeed_topology
 
@@ -42,14 +42,21 @@ def build_model(cfg: Config, layout, vocab_size: int, documents: bool = False) -
     return model if lora is None else apply_lora(model, lora, cfg.train.seed)
 
 
+def num_labels(cfg: Config) -> int | None:
+    """The classification head's outputs (finetune.head=classification), None for the language model's head."""
+    return cfg.finetune.num_labels if cfg.finetune.head == "classification" else None
+
+
 def pipeline_layers(cfg: Config, tc, spec, vocab_size: int) -> list:
     """The GPT as DeepSpeed layer specs; a tied embedding is one weight shared by the first and last stage."""
     m, seed = cfg.model, cfg.train.seed
+    tied = m.tie_embeddings and num_labels(cfg) is None  # a score head ties nothing
     embed = (TiedLayerSpec("embedding", Embedding, m, tc, vocab_size, seed, tied_weight_attr="word.weight")
-             if m.tie_embeddings else LayerSpec(Embedding, m, tc, vocab_size, seed))
-    head = (TiedLayerSpec("embedding", Embedding, m, tc, vocab_size, seed, positions=False, forward_fn=_tied_logits,
-                          tied_weight_attr="word.weight")
-            if m.tie_embeddings else LayerSpec(Head, m, tc, vocab_size, seed))
+             if tied else LayerSpec(Embedding, m, tc, vocab_size, seed))
+    head = (LayerSpec(ScoreHead, m, tc, num_labels(cfg), seed) if num_labels(cfg)
+            else TiedLayerSpec("embedding", Embedding, m, tc, vocab_size, seed, positions=False, forward_fn=_tied_logits,
+                               tied_weight_attr="word.weight")
+            if tied else LayerSpec(Head, m, tc, vocab_size, seed))
     blocks = [LayerSpec(Block, m, tc, spec, i, seed, cfg.train.packed_attention) for i in range(1, m.num_layers + 1)]
     return [embed, *blocks, LayerSpec(FinalNorm, m, tc, seed), head]
 

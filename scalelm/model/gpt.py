@@ -1,6 +1,7 @@
 """The GPT decoder as a list of layers: embedding, megatron-core TransformerLayers, final norm, head.
 
     input_ids (b, s) ─Embedding─▶ (s, b, h) ─Block × L─▶ (s, b, h) ─FinalNorm─▶ ─Head─▶ logits (s, b, V/tp)
+                                                                                └ScoreHead─▶ scores (s, b, n)
 
 The model ends at the logits and knows no loss: an objective (scalelm.train.objectives) maps logits
 and a batch to a loss, so pretraining, SFT and later preference losses share one model.
@@ -186,6 +187,28 @@ class Head(nn.Module):
         return logits
 
 
+class ScoreHead(nn.Module):
+    """hidden (s[/tp], b, h) -> scores (s, b, num_labels), a score for every position (the objective reads each
+    document's last, train/heads.py): one linear layer without bias, Hugging Face's *ForSequenceClassification
+    `score`, whole on every tensor rank (its input is the same on every rank). Under sequence parallelism each
+    rank scores its part of the sequence and the parts are gathered; the weight's gradient then covers that
+    part only, so it is marked `sequence_parallel` and summed over the tensor group (parallel/grads.py)."""
+
+    def __init__(self, model: ModelConfig, tc: TransformerConfig, num_labels: int, seed: int):
+        super().__init__()
+        with layer_seed(seed, model.num_layers + 3):
+            self.score = nn.Parameter(torch.empty(num_labels, model.hidden_size))
+            tc.init_method(self.score)
+        self.sequence_parallel = tc.sequence_parallel
+        self.score.sequence_parallel = tc.sequence_parallel
+
+    def forward(self, x: Activations) -> torch.Tensor:
+        scores = torch.nn.functional.linear(split(x)[0], self.score)  # (s[/tp], b, num_labels)
+        if self.sequence_parallel:  # (s/tp, b, n) -> (s, b, n); each rank's gradient is its own part's
+            scores = tensor_parallel.gather_from_sequence_parallel_region(scores, tensor_parallel_output_grad=False)
+        return scores
+
+
 def zero_padding(weight: torch.Tensor, vocab_size: int) -> None:
     """Zero this tensor rank's rows of a (V_pad/tp, h) table that lie beyond the vocabulary. Their logits are
     masked, so their gradient is zero and AdamW leaves them at zero: exports drop nothing that is not zero."""
@@ -198,18 +221,20 @@ class GPT(nn.Module):
     """The layers in order, for runs without pipeline parallelism: token ids in, logits out."""
 
     def __init__(self, model: ModelConfig, tc: TransformerConfig, spec: ModuleSpec, vocab_size: int, seed: int,
-                 recompute_blocks: bool = False, packed_attention: str = "sdpa"):
+                 recompute_blocks: bool = False, packed_attention: str = "sdpa", num_labels: int | None = None):
         super().__init__()
         self.recompute_blocks = recompute_blocks  # full activation checkpointing: keep only block inputs
         self.embedding = Embedding(model, tc, vocab_size, seed)
         self.blocks = nn.ModuleList(Block(model, tc, spec, i, seed, packed_attention)
                                     for i in range(1, model.num_layers + 1))
         self.norm = FinalNorm(model, tc, seed)
-        self.head = None if model.tie_embeddings else Head(model, tc, vocab_size, seed)
+        self.head = (ScoreHead(model, tc, num_labels, seed) if num_labels
+                     else None if model.tie_embeddings else Head(model, tc, vocab_size, seed))
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
                 document_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """input_ids (b, s) -> logits (s, b, V/tp), the padding -inf. With position_ids and document_ids
+        """input_ids (b, s) -> logits (s, b, V/tp), the padding -inf (with `num_labels`: scores (s, b, num_labels),
+        ScoreHead's). With position_ids and document_ids
         (b, s), each document of a packed window is attended to, and positioned, on its own."""
         if (position_ids is None) != (document_ids is None):
             raise ValueError("packed documents need both position_ids and document_ids")

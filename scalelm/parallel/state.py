@@ -59,7 +59,8 @@ def single_process_name(name: str) -> str:
     if index == 0:
         return f"embedding.{rest}"
     kind = rest.split(".")[0]
-    return {"layer": f"blocks.{index - 1}.{rest}", "norm": f"norm.{rest}", "linear": f"head.{rest}"}[kind]
+    return {"layer": f"blocks.{index - 1}.{rest}", "norm": f"norm.{rest}", "linear": f"head.{rest}",
+            "score": f"head.{rest}"}[kind]
 
 
 def gather(param: torch.nn.Parameter, key: str, optimizer) -> torch.Tensor:

@@ -44,10 +44,11 @@ def check_data(cfg: Config, stage: str) -> None:
     for source in cfg.data.train:
         shards = read_manifest(source, "train")
         chat = shards.chat is not None
-        if stage == "finetune" and cfg.finetune.objective == "dpo" and not shards.pairs:
-            raise DataError(f"{source} holds {'chat' if chat else 'text'} shards, and finetune.objective=dpo trains on "
-                            f"preference pairs: write them with `scalelm shard --preference`")
-        if stage == "finetune" and cfg.finetune.objective != "dpo" and shards.pairs:
+        pairwise = cfg.finetune.objective in ("dpo", "reward")
+        if stage == "finetune" and pairwise and not shards.pairs:
+            raise DataError(f"{source} holds {'chat' if chat else 'text'} shards, and finetune.objective="
+                            f"{cfg.finetune.objective} trains on preference pairs: write them with `scalelm shard --preference`")
+        if stage == "finetune" and not pairwise and shards.pairs:
             raise DataError(f"{source} holds preference pairs (`scalelm shard --preference`): train on them with "
                             f"finetune.objective=dpo, or give SFT chat shards (`scalelm shard --chat`)")
         if stage == "pretrain" and chat:

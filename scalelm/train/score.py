@@ -74,11 +74,14 @@ def _score_split(cfg: Config, layout, engine, shards) -> dict[str, np.ndarray]:
         fields = read_shard_fields(shard, {"tokens": shards.dtype, "flags": np.dtype(np.uint8)})
         packed = ChatWindows(fields["tokens"], fields["flags"], shard.lengths, seq_len, "assistant", pairs=True)
         windows += [(index, i, packed) for i in range(len(packed))]
+    if not windows:  # an empty split (no val pairs)
+        return {shard.url.rsplit("/", 1)[-1]: np.empty(0, np.float64) for shard in shards.shards}
     mine = windows[layout.dp_rank::layout.data]
     per_rank = -(-len(windows) // layout.data)
     rows = [packed[i] for _, i, packed in mine]
-    rows += [{**rows[0], "loss_mask": np.zeros(seq_len, bool)}] * (per_rank - len(rows))  # no targets: discarded
-    rows += [rows[0]] * (-len(rows) % batch)
+    _, first, packed = windows[0]
+    blank = {**packed[first], "loss_mask": np.zeros(seq_len, bool)}  # no targets: its values are discarded
+    rows += [blank] * (per_rank - len(rows) + (-per_rank % batch))
     micro = [{k: torch.from_numpy(np.stack([r[k] for r in rows[i:i + batch]])) for k in rows[0]}
              for i in range(0, len(rows), batch)]
     found = engine.forward_only(micro, len(micro), lambda logits, b: document_logps(logits, b).double().cpu())

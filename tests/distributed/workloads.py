@@ -70,7 +70,7 @@ def train_steps(overrides: list[str], steps: int = 3, seed: int = 0, masked: boo
 
     cfg = tiny_config(overrides)
     layout = init_distributed(cfg.parallel, seed)
-    dpo = cfg.finetune.objective == "dpo"
+    dpo = cfg.finetune.objective in ("dpo", "reward")  # preference pairs
     try:
         validate(cfg, world_size=layout.world)
         engine = Engine(cfg, layout, build_model(cfg, layout, VOCAB, documents=packed or dpo), objective_for(cfg, "finetune"))
@@ -87,7 +87,8 @@ def train_steps(overrides: list[str], steps: int = 3, seed: int = 0, masked: boo
             tokens = torch.randint(0, LEARNABLE, (t.global_batch_size, t.seq_len + 1), generator=gen)
             batch = {"input_ids": tokens[:, :-1], "labels": tokens[:, 1:]}
             if dpo:
-                batch = preference_batch(t.global_batch_size, t.seq_len, gen, reference=cfg.finetune.lora is None)
+                batch = preference_batch(t.global_batch_size, t.seq_len, gen,
+                                         reference=cfg.finetune.objective == "dpo" and cfg.finetune.lora is None)
             if masked and not dpo:
                 density = torch.linspace(0.05, 0.95, t.global_batch_size)[torch.randperm(t.global_batch_size, generator=gen)]
                 mask = torch.rand(t.global_batch_size, t.seq_len, generator=gen) < density[:, None]
@@ -406,7 +407,8 @@ def frozen_weight_round_trip(overrides: list[str], root: str) -> dict:
         destroy_distributed()
 
 
-def dpo_steps(overrides: list[str], lora: list[str], steps: int = 3) -> dict:
-    """`train_steps` of DPO twice on these ranks, full finetuning (scored reference log-probs in the batch) and
-    LoRA with the `lora` overrides (the reference its adapters-off forward pass): {"full": ..., "lora": ...}."""
-    return {"full": train_steps(overrides, steps, keep_group=True), "lora": train_steps(overrides + lora, steps)}
+def pairwise_steps(overrides: list[str], variants: dict[str, list[str]], steps: int = 3) -> dict:
+    """`train_steps` once per variant on these ranks, each with the variant's overrides after `overrides` (for
+    DPO full and LoRA, and a reward model): {variant: train_steps' result}. One process group serves them all."""
+    names = list(variants)
+    return {name: train_steps(overrides + variants[name], steps, keep_group=name != names[-1]) for name in names}
