@@ -51,6 +51,8 @@ def shard(args: argparse.Namespace) -> None:
         return _shard_chat(args)
     if args.preference:
         return _shard_preference(args)
+    if args.labels:
+        return _shard_labelled(args)
     started = time.perf_counter()
     m = write_shards(args.inputs, args.tokenizer, args.out, shard_size=parse_size(args.shard_size),
                      val_fraction=args.val_fraction, workers=args.workers, overwrite=args.overwrite)
@@ -75,6 +77,21 @@ def _shard_chat(args: argparse.Namespace) -> None:
               f"assistant targets) in {len(s['shards'])} shards; {s['truncated']:,} cut between turns and "
               f"{s['dropped_overlong']:,} dropped as longer than --seq-len {args.seq_len}")
     print(f"-> {args.out}/ in {time.perf_counter() - started:.1f}s")
+
+
+def _shard_labelled(args: argparse.Namespace) -> None:
+    from scalelm.data.labelled_shards import write_labelled_shards
+    from scalelm.data.shards import parse_size
+
+    started = time.perf_counter()
+    m = write_labelled_shards(args.inputs, args.tokenizer, args.out, seq_len=args.seq_len,
+                              shard_size=parse_size(args.shard_size), val_fraction=args.val_fraction, overwrite=args.overwrite)
+    names = m["chat"]["labels"]
+    for split, s in m["splits"].items():
+        classes = ", ".join(f"{name} {n:,}" for name, n in zip(names, s["per_class"]))
+        print(f"{split}: {s['texts']:,} texts, {s['tokens']:,} tokens in {len(s['shards'])} shards ({classes}); "
+              f"{s['truncated']:,} cut to --seq-len {args.seq_len}")
+    print(f"{len(names)} classes -> {args.out}/ in {time.perf_counter() - started:.1f}s")
 
 
 def _shard_preference(args: argparse.Namespace) -> None:

@@ -177,12 +177,18 @@ def _check_lora(cfg: Config) -> None:
 
 def _check_head(cfg: Config) -> None:
     f = cfg.finetune
+    if f.objective in ("dpo", "reward") and f.train_on == "all":
+        raise ConfigError(f"finetune.train_on=all would count the prompt in each reply's log-prob, and "
+                          f"finetune.objective={f.objective} compares replies: use assistant (the default)")
     if f.objective == "reward" and (f.head != "classification" or f.num_labels != 1):
         raise ConfigError(f"finetune.objective=reward scores each reply with one number: set finetune.head=classification "
                           f"and finetune.num_labels=1 (now head={f.head}, num_labels={f.num_labels})")
-    if f.head == "classification" and f.objective != "reward":
-        raise ConfigError(f"finetune.head=classification trains with finetune.objective=reward (a reward model on "
-                          f"preference pairs), not {f.objective}")
+    if f.objective == "classify" and (f.head != "classification" or f.num_labels < 2):
+        raise ConfigError(f"finetune.objective=classify needs finetune.head=classification and finetune.num_labels of 2 "
+                          f"or more, the classes (now head={f.head}, num_labels={f.num_labels})")
+    if f.head == "classification" and f.objective not in ("reward", "classify"):
+        raise ConfigError(f"finetune.head=classification trains with finetune.objective=classify (labelled texts) or "
+                          f"reward (a reward model on preference pairs), not {f.objective}")
     if f.num_labels < 1:
         raise ConfigError(f"finetune.num_labels={f.num_labels} must be at least 1")
     if f.head == "classification" and f.lora is not None:

@@ -98,3 +98,21 @@ def write_pairs(folder: Path, n: int, seed: int = 0, name: str = "pairs.jsonl", 
                           for side, reply in (("chosen", chosen), ("rejected", rejected))}
             f.write(json.dumps(record) + "\n")
     return path
+
+
+def write_labelled(folder: Path, n: int, classes: tuple[str, ...] = ("comedy", "history", "tragedy"), seed: int = 0,
+                   name: str = "texts.jsonl") -> Path:
+    """n labelled texts as one .jsonl file ({text, label}), each two sentences whose words come mostly from its
+    class's own third of the corpus's words (the rest from all of them), so a classifier can learn the classes.
+    Returns the file."""
+    rng = random.Random(seed)
+    words = make_words(300, seed + 1)
+    pools = [words[i::len(classes)] for i in range(len(classes))]
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / name
+    with open(path, "w") as f:
+        for i in range(n):
+            k = rng.randrange(len(classes))
+            text = " ".join(make_sentence(rng, pools[k] if rng.random() < 0.8 else words) for _ in range(2))
+            f.write(json.dumps({"text": text, "label": classes[k]}) + "\n")
+    return path

@@ -119,6 +119,9 @@ def _load_weights(cfg: Config, engine: Engine, ckpt: Path, manifest: dict, keys:
     params = engine.named_parameters()
     saved_head = manifest["config"].get("finetune", {}).get("head", "lm")
     if saved_head != cfg.finetune.head:  # a classification head on a language model: the head starts anew
+        if saved_head == "classification":
+            raise CheckpointError(f"{ckpt} is a classification model (finetune.head=classification): it has no language "
+                                  f"model head to start from; start from the model it was finetuned from")
         if keys != ("param",):
             raise CheckpointError(f"{ckpt} was saved with finetune.head={saved_head}, and this run has "
                                   f"{cfg.finetune.head}: resume with the head it was saved with")

@@ -82,17 +82,24 @@ def check_fits(sets: list[ShardSet], seq_len: int, train_on: str) -> bool:
         raise DataError("chat shards and text shards cannot be blended: train on one kind at a time")
     if len({s.pairs for s in sets}) > 1:
         raise DataError("preference shards and chat shards cannot be blended: train on one kind at a time")
+    if len({s.labels is not None for s in sets}) > 1:
+        raise DataError("labelled texts and conversations cannot be blended: train on one kind at a time")
     for s in sets:
         if s.chat is None:
             continue
         where = f"{s.source} ({s.split})"
-        if s.chat["template_sha256"] != TEMPLATE_SHA256:
+        if s.labels is None and s.chat["template_sha256"] != TEMPLATE_SHA256:
             raise DataError(f"{where} was made with another chat template than this scalelm's: re-create it with "
                             f"`scalelm shard --chat`")
-        longest = max((n for shard in s.shards for n in shard.lengths), default=0)
+        sizes = [a + b for shard in s.shards for a, b in zip(shard.lengths[0::2], shard.lengths[1::2])] if s.pairs \
+            else [n for shard in s.shards for n in shard.lengths]  # a pair's two sides share a window
+        longest = max(sizes, default=0)
         if longest > seq_len:
-            raise DataError(f"{where} holds conversations of up to {longest} tokens, longer than train.seq_len={seq_len}: "
+            what = "preference pairs" if s.pairs else "texts" if s.labels is not None else "conversations"
+            raise DataError(f"{where} holds {what} of up to {longest} tokens, longer than train.seq_len={seq_len}: "
                             f"re-shard with --seq-len {seq_len} or raise train.seq_len")
+        if s.labels is not None:  # labelled texts: no template, no token targets
+            continue
         targets = s.chat["targets"]["last" if train_on == "last" else "assistant"] if train_on != "all" else s.tokens
         if s.tokens and targets == 0:
             raise DataError(f"{where}: no token is a target under finetune.train_on={train_on}: the masks are all "

@@ -195,7 +195,6 @@ class TokenLoader:
         self._batches = state["batches"]
         self._states = copy.deepcopy(state["workers"])
 
-
     def continue_from(self, states: Sequence[dict | None]) -> str:
         """Continue from states saved under another data-parallel size or worker count (one per saved
         data-parallel rank); returns what happened, for the log.
@@ -377,8 +376,9 @@ class _WindowStream:
             shard_index, lo, hi = segment
             fields, L = self._read(shard_index), self.layout.seq_len
             if self.shards.chat is not None:
-                windows = ChatWindows(fields["tokens"], fields["flags"], self.shards.shards[shard_index].lengths, L,
-                                      self.train_on, self.shards.pairs, fields.get("reference"))
+                shard = self.shards.shards[shard_index]
+                windows = ChatWindows(fields["tokens"], fields["flags"], shard.lengths, L, self.train_on,
+                                      self.shards.pairs, fields.get("reference"), shard.classes)
             else:
                 windows = TextWindows(fields["tokens"], L, self.shards.eos_id if self.document_mask else None)
             order = np.arange(lo, hi) if len(windows) else np.arange(0)

@@ -22,6 +22,10 @@ rejected sides; with reference log-probs (`reference`, one per document, data/re
 carries them, in the column of each document's id:
 
     reference     r0 r1 r2 r3 0 ...                 (L,) float32: document d's reference log-prob at column d
+
+and a window of labelled texts (data/labelled_shards.py) their classes, -1 past the last text:
+
+    classes       c0 c1 c2 -1 ...                   (L,) int64: document d's class at column d
 """
 
 from __future__ import annotations
@@ -68,10 +72,11 @@ class ChatWindows:
     """Window i of a chat shard: the i-th packed run of its conversations (`chat_window`)."""
 
     def __init__(self, tokens: np.ndarray, flags: np.ndarray, lengths: tuple[int, ...], seq_len: int, train_on: str,
-                 pairs: bool = False, reference: np.ndarray | None = None):
+                 pairs: bool = False, reference: np.ndarray | None = None, classes: tuple[int, ...] | None = None):
         self.tokens, self.flags, self.lengths = tokens, flags, np.asarray(lengths, np.int64)
         self.starts = pack(lengths, seq_len, pairs) if tokens.size else np.zeros(1, np.int64)  # a skipped bad shard is empty
         self.reference = reference  # (documents,) reference log-probs of a preference shard's sides, or None
+        self.classes = None if classes is None else np.asarray(classes, np.int64)  # labelled texts' classes
         self.bounds = np.concatenate([[0], np.cumsum(self.lengths)])[self.starts]  # token offset of each window
         self.seq_len, self.train_on = seq_len, train_on
 
@@ -85,6 +90,9 @@ class ChatWindows:
         if self.reference is not None:
             window["reference"] = np.zeros(self.seq_len, np.float32)
             window["reference"][: end - first] = self.reference[first:end]
+        if self.classes is not None:
+            window["classes"] = np.full(self.seq_len, -1, np.int64)
+            window["classes"][: end - first] = self.classes[first:end]
         return window
 
     def offset(self, i: int) -> int:

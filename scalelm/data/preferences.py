@@ -59,9 +59,9 @@ def to_pair(record: dict, where: str) -> Pair:
             raise DataError(f"{where}: 'system' is not text")
         prompt = [{"role": "system", "content": without_surrogates(system)[0]}] + prompt
     for name, reply in (("chosen", chosen), ("rejected", rejected)):
-        if not reply or reply[-1]["role"] != "assistant":
-            raise DataError(f"{where}: the {name} reply does not end with an assistant turn: a reply is what the "
-                            f"assistant says")
+        if not reply or reply[0]["role"] != "assistant" or reply[-1]["role"] != "assistant":
+            raise DataError(f"{where}: the {name} reply does not {'start' if reply and reply[-1]['role'] == 'assistant' else 'end'} "
+                            f"with an assistant turn: a reply is what the assistant says after the prompt")
     return prompt, chosen, rejected
 
 

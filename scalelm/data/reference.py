@@ -15,13 +15,14 @@ Values made for another shard set, or shards replaced since, are refused by thei
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
 from scalelm.data.files import make_dir, sha256_file
-from scalelm.data.shards import ShardSet
+from scalelm.data.shards import ShardSet, read_manifest
 from scalelm.errors import DataError
 
 FORMAT = "scalelm-reference"
@@ -37,29 +38,31 @@ def reference_dir(source: str | Path, model_sha256: str) -> Path:
 
 
 def has_reference(source: str | Path, model_sha256: str) -> bool:
+    """Whether reference log-probs by that model are stored beside the shards at `source`."""
     return (reference_dir(source, model_sha256) / MANIFEST).is_file()
 
 
 def write_reference(source: str | Path, model: dict, scored: dict, values: dict[str, dict[str, np.ndarray]]) -> Path:
     """Store `values` ({split: {shard name: (documents,) float64}}) by `model` ({"path", "sha256"}) for the shard
     set at `source`; `scored` says how (precision, layout). The manifest is written last."""
-    from scalelm.data.shards import read_manifest
-
-    out = make_dir(reference_dir(source, model["sha256"]))
+    out = reference_dir(source, model["sha256"])
+    tmp = make_dir(out.with_name(f".{out.name}.tmp"))  # the whole directory at once: an interrupted one is never read
+    for old in tmp.iterdir():
+        old.unlink()
     splits = {}
     for split, shards in values.items():
         entries = []
         for shard in read_manifest(source, split).shards:
-            name = shard.url.rsplit("/", 1)[-1]
-            file = out / (name.removesuffix(".tar") + ".npy")
-            np.save(file, np.asarray(shards[name], np.float64))
-            entries.append({"name": name, "sha256": shard.sha256, "documents": len(shard.lengths),
+            file = tmp / (shard.name.removesuffix(".tar") + ".npy")
+            np.save(file, np.asarray(shards[shard.name], np.float64))
+            entries.append({"name": shard.name, "sha256": shard.sha256, "documents": len(shard.lengths),
                             "file": file.name, "file_sha256": sha256_file(file)})
         splits[split] = entries
     manifest = {"format": FORMAT, "model": model, "scored": scored, "splits": splits}
-    tmp = out / f".{MANIFEST}.tmp"
-    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-    tmp.rename(out / MANIFEST)
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
     return out
 
 
@@ -74,16 +77,20 @@ def with_reference(shards: ShardSet, model_sha256: str) -> ShardSet:
     entries = {e["name"]: e for e in manifest["splits"].get(shards.split, [])}
     files = []
     for shard in shards.shards:
-        name = shard.url.rsplit("/", 1)[-1]
-        entry = entries.get(name)
+        entry = entries.get(shard.name)
         if entry is None or entry["sha256"] != shard.sha256 or entry["documents"] != len(shard.lengths):
-            raise DataError(f"{where} was scored on other shards than {shards.source} ({shards.split}, {name}) holds now: "
-                            f"score them again with `scalelm score --overwrite`")
-        files.append(str(where / entry["file"]))
+            raise DataError(f"{where} was scored on other shards than {shards.source} ({shards.split}, {shard.name}) "
+                            f"holds now: score them again with `scalelm score --overwrite`")
+        file = where / entry["file"]
+        if not file.is_file() or sha256_file(file) != entry["file_sha256"]:
+            raise DataError(f"{file} is missing or not the file its manifest lists (SHA-256): score again with "
+                            f"`scalelm score --overwrite`")
+        files.append(str(file))
     return replace(shards, reference=tuple(files))
 
 
 def read_reference_manifest(source: str | Path, model_sha256: str) -> dict:
+    """The manifest of the reference log-probs of `source` by that model; a DataError saying how to make them."""
     where = reference_dir(source, model_sha256)
     if not (where / MANIFEST).is_file():
         raise DataError(f"{source} has no reference log-probs by this model ({where} is missing): compute them with "
@@ -101,7 +108,10 @@ def manifest_sha256(source: str | Path, model_sha256: str) -> str:
 
 def load_values(file: str, documents: int) -> np.ndarray:
     """A shard's reference log-probs, checked for length."""
-    values = np.load(file)
+    try:
+        values = np.load(file)
+    except (OSError, ValueError) as e:
+        raise DataError(f"{file}: unreadable ({e}): score again with `scalelm score --overwrite`") from None
     if values.shape != (documents,):
         raise DataError(f"{file}: holds {values.shape} values, not one for each of {documents} documents: score again "
                         f"with `scalelm score --overwrite`")

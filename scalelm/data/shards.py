@@ -13,6 +13,8 @@ so the split is stable whatever the order or the number of cores.
 Chat shards (`kind: chat`, written by data/chat_shards.py) hold conversations instead: beside
 `{key}.tokens` a `{key}.flags` byte per token (what it is a target for, data/chat.py), and the
 manifest lists each shard's conversation lengths, from which the loader packs them into windows.
+Preference shards (data/preference_shards.py) are chat shards of pairs; labelled shards
+(data/labelled_shards.py) hold texts, the manifest listing each one's class beside its length.
 
 `write_shards` tokenizes on every core; `read_manifest` and `read_shard` are the reading side the
 loader uses, over local paths or any URL WebDataset opens (http(s)://, pipe:, gs://, ...).
@@ -118,11 +120,11 @@ class ShardSetWriter:
         return sum(self.split_documents.values())
 
     def write(self, split: str, tokens: np.ndarray, documents: int, flags: np.ndarray | None = None,
-              lengths: Sequence[int] | None = None) -> None:
+              lengths: Sequence[int] | None = None, classes: Sequence[int] | None = None) -> None:
         """One chunk: `documents` whole documents' tokens, each followed by EOS; or, for chat shards,
-        conversations back to back with their `flags` and `lengths`."""
+        conversations back to back with their `flags` and `lengths` (and for labelled texts their `classes`)."""
         if documents:
-            self.sinks[split].write(tokens, flags, lengths)
+            self.sinks[split].write(tokens, flags, lengths, classes)
             self.split_documents[split] += documents
 
     def close(self, splits: dict[str, dict] | None = None, **extra) -> dict:
@@ -146,7 +148,8 @@ class _ShardSink:
         self._writer: wds.TarWriter | None = None
         self._bytes = 0
 
-    def write(self, tokens: np.ndarray, flags: np.ndarray | None = None, lengths: Sequence[int] | None = None) -> None:
+    def write(self, tokens: np.ndarray, flags: np.ndarray | None = None, lengths: Sequence[int] | None = None,
+              classes: Sequence[int] | None = None) -> None:
         if self._writer is None or self._bytes >= self.shard_size:
             self._roll()
         entry = self.shards[-1]
@@ -154,6 +157,8 @@ class _ShardSink:
         if flags is not None:
             sample["flags"] = flags.astype(np.uint8).tobytes()
             entry.setdefault("lengths", []).extend(int(n) for n in lengths)
+        if classes is not None:
+            entry.setdefault("classes", []).extend(int(c) for c in classes)
         self._writer.write(sample)
         entry["chunks"] += 1
         entry["tokens"] += int(tokens.size)
@@ -212,6 +217,12 @@ class Shard:
     tokens: int
     sha256: str
     lengths: tuple[int, ...] | None = None  # chat shards: each conversation's tokens, in stored order
+    classes: tuple[int, ...] | None = None  # labelled texts: each text's class, in stored order
+
+    @property
+    def name(self) -> str:
+        """The shard's file name (train-000000.tar)."""
+        return self.url.rsplit("/", 1)[-1]
 
 
 @dataclass(frozen=True)
@@ -236,6 +247,11 @@ class ShardSet:
     def pairs(self) -> bool:
         """Preference shards (`scalelm shard --preference`): documents 2k and 2k + 1 are pair k's two sides."""
         return bool(self.chat and self.chat.get("pairs"))
+
+    @property
+    def labels(self) -> list[str] | None:
+        """Labelled texts (`scalelm shard --labels`): the class names, by class id; None for other shards."""
+        return self.chat.get("labels") if self.chat else None
 
 
 def join_url(source: str, name: str) -> str:
@@ -276,7 +292,8 @@ def read_manifest(source: str | Path, split: str, tokenizer_sha256: str | None =
         if split not in manifest["splits"]:
             raise DataError(f"{url}: has no {split!r} split (has {', '.join(manifest['splits'])})")
         shards = tuple(Shard(join_url(source, s["name"]), s["tokens"], s["sha256"],
-                             tuple(s["lengths"]) if "lengths" in s else None)
+                             tuple(s["lengths"]) if "lengths" in s else None,
+                             tuple(s["classes"]) if "classes" in s else None)
                        for s in manifest["splits"][split]["shards"])
         chat = manifest.get("chat")
         if chat is not None:

@@ -9,7 +9,8 @@ On preference shards (`scalelm shard --preference`) the figures are DPO's instea
 accuracy (the share of pairs whose chosen reply it prefers over the rejected one more than its reference
 does) and mean reward margin, against its reference: for a LoRA checkpoint the base, for a full one the
 reference log-probs it was trained with (they must be beside the shards). A reward model
-(finetune.objective=reward) reports its own accuracy (chosen scored above rejected) and margin.
+(finetune.objective=reward) reports its own accuracy (chosen scored above rejected) and margin, and a
+classifier (finetune.objective=classify) on labelled texts its accuracy, macro-F1 and confusion matrix.
 
 The windows are those the loader cuts (seq_len + 1 tokens, stride seq_len), read unshuffled by one
 reader, so every layout and every engine sees the same tokens: a scalelm checkpoint is evaluated
@@ -30,6 +31,41 @@ import torch
 from scalelm.checkpoint import store
 from scalelm.data.loader import TokenLoader
 from scalelm.errors import ConfigError, DataError
+
+
+@dataclass
+class Classification:
+    """A classifier's figures on labelled texts: the confusion matrix (rows the class, columns the prediction)."""
+
+    names: list[str]
+    confusion: list[list[int]]
+    windows: int
+    engine: str
+
+    @property
+    def texts(self) -> int:
+        return sum(map(sum, self.confusion))
+
+    @property
+    def accuracy(self) -> float:
+        return sum(self.confusion[i][i] for i in range(len(self.names))) / max(self.texts, 1)
+
+    @property
+    def macro_f1(self) -> float:
+        """The mean over classes of 2 TP / (2 TP + FP + FN); a class absent from both rows and columns counts 0."""
+        k = len(self.names)
+        scores = []
+        for i in range(k):
+            tp, row, column = self.confusion[i][i], sum(self.confusion[i]), sum(r[i] for r in self.confusion)
+            scores.append(2 * tp / (row + column) if row + column else 0.0)
+        return sum(scores) / k
+
+    def line(self, split: str) -> str:
+        width = max(len(n) for n in self.names)
+        rows = [f"  {name:>{width}}  " + " ".join(f"{n:6d}" for n in row) for name, row in zip(self.names, self.confusion)]
+        return (f"accuracy {100 * self.accuracy:.2f}%, macro-F1 {self.macro_f1:.4f} over {self.texts:,} {split} texts in "
+                f"{self.windows} windows ({self.engine})\nconfusion (rows: class, columns: predicted "
+                f"{', '.join(self.names)}):\n" + "\n".join(rows))
 
 
 @dataclass
@@ -159,6 +195,17 @@ def evaluate_checkpoint(path: Path, sources: Sequence[str], split: str, windows:
     validate(cfg, world_size=world)
     loader = windows_loader(sources, split, t.seq_len, t.micro_batch_size, manifest.get("tokenizer_sha256"))
     objective = None
+    head, labelled = cfg.finetune.head == "classification", loader.sets[0].labels is not None
+    if head and (labelled, loader.sets[0].pairs) != ((True, False) if cfg.finetune.objective == "classify" else (False, True)):
+        raise ConfigError(f"{ckpt} is a classification model ({cfg.finetune.objective}): evaluate it on "
+                          f"{'labelled texts (`scalelm shard --labels`)' if cfg.finetune.objective == 'classify' else 'preference pairs'}")
+    if labelled and not head:
+        raise ConfigError(f"{sources[0]} holds labelled texts, and {ckpt} has no classification head: evaluate a "
+                          f"classifier (finetune.objective=classify) on them")
+    if loader.sets[0].labels is not None:  # a classifier's figures
+        from scalelm.train.heads import Classify
+
+        objective = Classify()
     if loader.sets[0].pairs:  # DPO's figures against the policy's reference
         objective, loader = _preference_objective(cfg, ckpt, manifest, sources, split, loader)
     n = window_count(loader, windows, t.micro_batch_size * dp)
@@ -168,6 +215,11 @@ def evaluate_checkpoint(path: Path, sources: Sequence[str], split: str, windows:
                         train=False)
         init_weights(cfg, engine, manifest.get("tokenizer_sha256"), base)
         mine = (b for k, b in enumerate(islice(iter(loader), n // t.micro_batch_size)) if k % dp == layout.dp_rank)
+        if loader.sets[0].labels is not None:
+            labels = loader.sets[0].labels
+            names = labels + [str(i) for i in range(len(labels), cfg.finetune.num_labels)]  # classes the data lacks
+            return _classify(engine, objective, list(mine) if engine.reads_data else [], n // (t.micro_batch_size * dp),
+                             names, n, layout, t.precision)
         loss = engine.eval_loss(mine, n // (t.micro_batch_size * dp))
         engine_name = f"scalelm tensor {layout.tensor} x pipeline {layout.pipeline} x data {layout.data}, {t.precision}"
         if objective is not None:
@@ -198,3 +250,20 @@ def _preference_objective(cfg, ckpt: Path, manifest: dict, sources: Sequence[str
                           f"evaluate a DPO checkpoint (or a LoRA one, whose reference is its base)")
     return DPO(cfg.finetune.dpo, reference_pass=False), windows_loader(
         sources, split, t.seq_len, t.micro_batch_size, manifest.get("tokenizer_sha256"), reference["model"]["sha256"])
+
+
+def _classify(engine, objective, micro: list[dict], count: int, names: list[str], windows: int, layout,
+              precision: str) -> Classification | None:
+    """The confusion matrix of this rank's micro-batches' predictions, summed over ranks; on rank 0. Collective."""
+    from scalelm.parallel.topology import gather_objects
+
+    found = engine.forward_only(micro, count, objective.predictions)
+    mine = torch.cat([f for f in found if f is not None]) if found and found[0] is not None else torch.zeros(0, 2)
+    confusion = [[0] * len(names) for _ in names]
+    if layout.tp_rank == 0:  # every tensor rank computes the same predictions: count one
+        for predicted, cls in mine.tolist():
+            confusion[int(cls)][int(predicted)] += 1
+    every = gather_objects(confusion)
+    total = [[sum(rank[i][j] for rank in every) for j in range(len(names))] for i in range(len(names))]
+    engine_name = f"scalelm tensor {layout.tensor} x pipeline {layout.pipeline} x data {layout.data}, {precision}"
+    return Classification(names, total, windows, engine_name) if layout.rank == 0 else None

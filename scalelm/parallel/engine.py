@@ -168,22 +168,25 @@ class Engine:
 
     def forward_only(self, micro: list[dict], n: int, fn) -> list[torch.Tensor | None]:
         """`fn(logits, batch)` of each of the `n` micro-batches, the model in eval mode and without gradients: the
-        values on the ranks that compute the loss, None on the other pipeline stages; collective."""
+        values on the ranks that compute the loss, None on the other pipeline stages; collective. On the pipeline
+        the last stage gets the objective's fields of each batch, so `fn` may read those."""
         if self.pipeline:
             out: list[torch.Tensor] = []
             self._capture = (fn, out)
+            micro = [b if "scale" in b else {**b, "scale": torch.ones(())} for b in micro]  # the targets carry one
             try:
                 self.engine.eval_batch(self._pipeline_batches(micro), num_micro_batches=n)
             finally:
                 self._capture = None
             return out if self.computes_loss else [None] * len(micro)
+        training = self.engine.training
         self.engine.eval()
         with torch.no_grad():
             out = []
             for batch in micro:
                 on_device = {k: v.to(self.layout.device) for k, v in batch.items() if torch.is_tensor(v)}
                 out.append(fn(self.engine(*model_inputs(on_device)), on_device))
-        self.engine.train()
+        self.engine.train(training)
         return out
 
     def _micro_loss(self, batch: dict) -> torch.Tensor:

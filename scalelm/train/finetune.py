@@ -39,11 +39,19 @@ def load_finetune_config(path: str | Path | None, overrides: Sequence[str] = ())
 
 
 def check_data(cfg: Config, stage: str) -> None:
-    """Pretraining reads text shards, SFT chat shards and DPO preference shards; anything else is a DataError
-    naming the source."""
+    """Pretraining reads text shards, SFT chat shards, DPO and reward models preference shards, classifiers labelled
+    texts; anything else is a DataError naming the source."""
     for source in cfg.data.train:
         shards = read_manifest(source, "train")
         chat = shards.chat is not None
+        if stage == "finetune" and (cfg.finetune.objective == "classify") != (shards.labels is not None):
+            raise DataError(f"{source} holds {'labelled texts' if shards.labels is not None else 'no labelled texts'}, "
+                            f"and finetune.objective={cfg.finetune.objective}: classify trains on `scalelm shard "
+                            f"--labels` shards, and only it does")
+        if stage == "finetune" and shards.labels is not None and len(shards.labels) > cfg.finetune.num_labels:
+            raise DataError(f"{source} holds {len(shards.labels)} classes ({', '.join(shards.labels[:6])}"
+                            f"{', ...' if len(shards.labels) > 6 else ''}), more than finetune.num_labels="
+                            f"{cfg.finetune.num_labels}: set finetune.num_labels={len(shards.labels)}")
         pairwise = cfg.finetune.objective in ("dpo", "reward")
         if stage == "finetune" and pairwise and not shards.pairs:
             raise DataError(f"{source} holds {'chat' if chat else 'text'} shards, and finetune.objective="

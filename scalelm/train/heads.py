@@ -2,11 +2,13 @@
 every position, and a document's score is the one at its last token, as Hugging Face's *ForSequenceClassification
 reads the last token that is not padding.
 
+    classify, on labelled texts: z the text's scores (num_labels), c its class (batch["classes"], by document
+        column); loss = cross entropy of softmax(z) against c per text; metric: accuracy (argmax z = c)
     reward (Bradley-Terry), on preference pairs: s_c, s_r the scores of pair k's chosen and rejected sides
         (documents 2k and 2k + 1 of a packed window, data/packing.py); loss = -log σ(s_c - s_r) per pair
         metrics per pair: accuracy (s_c > s_r), margin s_c - s_r, the chosen and rejected scores
 
-The engine divides the sum over pairs by the pairs of the global batch, as for DPO.
+The engine divides the sum over texts (pairs) by the texts (pairs) of the global batch.
 """
 
 from __future__ import annotations
@@ -52,3 +54,30 @@ class Reward:
                        "score_rejected": rejected}
             metrics = {k: torch.where(real, v.float(), 0.0).sum() for k, v in metrics.items()}
         return torch.where(real, losses, 0.0).sum(), metrics
+
+
+class Classify:
+    """finetune.objective=classify: cross entropy of each labelled text's class."""
+
+    fields = ("document_ids", "classes")
+    metrics = ("accuracy",)
+    unit = "texts"
+    reference_pass = False
+
+    def units(self, batch: dict) -> int:
+        return int((batch["classes"] >= 0).sum())
+
+    def predictions(self, scores: torch.Tensor, batch: dict) -> torch.Tensor:
+        """(n, 2) int64: each text's predicted class and its class, for the evaluation's confusion matrix."""
+        classes = batch["classes"]
+        best = document_scores(scores, batch["document_ids"]).argmax(-1)
+        real = classes >= 0
+        return torch.stack([best[real], classes[real]], dim=1).cpu()
+
+    def __call__(self, scores: torch.Tensor, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        classes = batch["classes"]  # (b, L): each document's class at its id's column, -1 past the last text
+        logits = document_scores(scores, batch["document_ids"])  # (b, L, n)
+        losses = F.cross_entropy(logits.flatten(0, 1), classes.flatten().clamp(min=0), reduction="none")
+        real = classes.flatten() >= 0
+        hits = (logits.detach().argmax(-1).flatten() == classes.flatten()) & real
+        return torch.where(real, losses, 0.0).sum(), {"accuracy": hits.sum().float()}

@@ -57,14 +57,21 @@ class RunLog:
                 self._say(f"step {record['step']}/{self.bar.total}: {summary}")
 
     def eval(self, step: int, val_loss: float, perplexity: float, metrics: dict | None = None) -> None:
-        """After a validation: its loss, and its perplexity and next-token accuracy, or for DPO (whose loss is no
-        cross entropy) its reward accuracy and margin."""
+        """After a validation: its loss, and its perplexity and next-token accuracy; for DPO (whose loss is no cross
+        entropy) its reward accuracy and margin, for a reward model its accuracy and margin, for a classifier its
+        accuracy."""
         metrics = metrics or {}
         if "reward_accuracy" in metrics:
             record = {"step": step, "val_loss": val_loss, "val_reward_accuracy": metrics["reward_accuracy"],
                       "val_reward_margin": metrics["reward_margin"]}
             line = (f"val loss {val_loss:.4f}, reward accuracy {100 * metrics['reward_accuracy']:.1f}%, margin "
                     f"{metrics['reward_margin']:.3f}")
+        elif "margin" in metrics:  # a reward model
+            record = {"step": step, "val_loss": val_loss, "val_accuracy": metrics["accuracy"], "val_margin": metrics["margin"]}
+            line = f"val loss {val_loss:.4f}, accuracy {100 * metrics['accuracy']:.1f}%, margin {metrics['margin']:.3f}"
+        elif "texts" in metrics:  # a classifier
+            record = {"step": step, "val_loss": val_loss, "val_accuracy": metrics["accuracy"]}
+            line = f"val loss {val_loss:.4f}, accuracy {100 * metrics['accuracy']:.1f}%"
         else:
             accuracy = metrics.get("accuracy")
             record = {"step": step, "val_loss": val_loss, "val_perplexity": perplexity, "val_accuracy": accuracy}

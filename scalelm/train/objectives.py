@@ -70,13 +70,13 @@ class NextToken:
 def objective_for(cfg, stage: str):
     """The objective of a run: pretraining's next token over every token, or finetune.objective (sft: the same over
     the chat's targets; dpo: train/dpo.py, its reference the base without adapters under LoRA, else scored;
-    reward: train/heads.py, a classification head's Bradley-Terry loss)."""
+    reward and classify: train/heads.py, a classification head's Bradley-Terry loss or cross entropy)."""
     if stage == "finetune" and cfg.finetune.objective == "dpo":
         from scalelm.train.dpo import DPO
 
         return DPO(cfg.finetune.dpo, reference_pass=cfg.finetune.lora is not None)
-    if stage == "finetune" and cfg.finetune.objective == "reward":
-        from scalelm.train.heads import Reward
+    if stage == "finetune" and cfg.finetune.objective in ("reward", "classify"):
+        from scalelm.train.heads import Classify, Reward
 
-        return Reward()
+        return Reward() if cfg.finetune.objective == "reward" else Classify()
     return NextToken()

@@ -18,6 +18,7 @@ import torch
 
 from scalelm.checkpoint import store
 from scalelm.config import Config
+from scalelm.data.chat_shards import check_fits
 from scalelm.data.files import sha256_file
 from scalelm.data.packing import ChatWindows
 from scalelm.data.reference import has_reference, manifest_sha256, write_reference
@@ -48,8 +49,11 @@ def score(cfg: Config, layout, vocab_size: int, model: dict, sources: list[str],
     from scalelm.parallel.engine import Engine
 
     tokenizer_sha = sha256_file(cfg.data.tokenizer) if cfg.data.tokenizer else None
+    from scalelm.train.dpo import DPO
+
+    # DPO's objective: its fields (labels, loss_mask, document_ids) are what the last pipeline stage is handed
     engine = Engine(cfg, layout, build_model(cfg, layout, vocab_size, documents=True),
-                    train=False)
+                    DPO(cfg.finetune.dpo, reference_pass=False), train=False)
     init_weights(cfg, engine, tokenizer_sha)
     for source in sources:
         started, values = time.perf_counter(), {}
@@ -69,13 +73,14 @@ def _score_split(cfg: Config, layout, engine, shards) -> dict[str, np.ndarray]:
     if not shards.pairs:
         raise DataError(f"{shards.source} holds no preference pairs: score shards written by `scalelm shard --preference`")
     seq_len, batch = cfg.train.seq_len, cfg.train.micro_batch_size
+    check_fits([shards], seq_len, "assistant")
     windows = []  # (shard index, window index, ChatWindows)
     for index, shard in enumerate(shards.shards):
         fields = read_shard_fields(shard, {"tokens": shards.dtype, "flags": np.dtype(np.uint8)})
         packed = ChatWindows(fields["tokens"], fields["flags"], shard.lengths, seq_len, "assistant", pairs=True)
         windows += [(index, i, packed) for i in range(len(packed))]
     if not windows:  # an empty split (no val pairs)
-        return {shard.url.rsplit("/", 1)[-1]: np.empty(0, np.float64) for shard in shards.shards}
+        return {shard.name: np.empty(0, np.float64) for shard in shards.shards}
     mine = windows[layout.dp_rank::layout.data]
     per_rank = -(-len(windows) // layout.data)
     rows = [packed[i] for _, i, packed in mine]
@@ -94,7 +99,7 @@ def _score_split(cfg: Config, layout, engine, shards) -> dict[str, np.ndarray]:
     every = {key: v for part in gather_objects(scored) for key, v in part.items()}
     out = {}
     for index, shard in enumerate(shards.shards):
-        out[shard.url.rsplit("/", 1)[-1]] = np.asarray([every[(index, d)] for d in range(len(shard.lengths))], np.float64)
+        out[shard.name] = np.asarray([every[(index, d)] for d in range(len(shard.lengths))], np.float64)
     return out
 
 
@@ -125,6 +130,9 @@ def score_command(cfg: Config, overwrite: bool) -> None:
     from scalelm.parallel.topology import destroy_distributed, init_distributed
     from scalelm.train.loop import resolve_vocab_size
 
+    if cfg.finetune.objective != "dpo":
+        raise DataError(f"scalelm score computes DPO's reference log-probs, and finetune.objective={cfg.finetune.objective}: "
+                        f"set finetune.objective=dpo")
     if cfg.finetune.lora is not None:
         raise DataError("finetune.lora is set: a LoRA policy's reference is its base with the adapters off, computed "
                         "during training, so there is nothing to score")

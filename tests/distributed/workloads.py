@@ -61,7 +61,8 @@ def train_steps(overrides: list[str], steps: int = 3, seed: int = 0, masked: boo
     sequence is a window of packed documents (position_ids, document_ids), as SFT batches are. With
     finetune.lora in the overrides, the adapters' B start from whole random values instead of zero (so A's
     first gradients are not zero too), and rank 0 also reports every whole weight after training ("weights").
-    With finetune.objective=dpo the batches are packed preference pairs instead (`preference_batch`).
+    With finetune.objective=dpo or reward the batches are packed preference pairs instead (`preference_batch`), with
+    classify packed labelled texts (`labelled_batch`).
     `keep_group`: leave the process group for another call (megatron's groups are made anew each time)."""
     from scalelm.config import validate
     from scalelm.model.build import build_model
@@ -70,7 +71,7 @@ def train_steps(overrides: list[str], steps: int = 3, seed: int = 0, masked: boo
 
     cfg = tiny_config(overrides)
     layout = init_distributed(cfg.parallel, seed)
-    dpo = cfg.finetune.objective in ("dpo", "reward")  # preference pairs
+    dpo = cfg.finetune.objective in ("dpo", "reward", "classify")  # packed documents of their own kinds
     try:
         validate(cfg, world_size=layout.world)
         engine = Engine(cfg, layout, build_model(cfg, layout, VOCAB, documents=packed or dpo), objective_for(cfg, "finetune"))
@@ -86,7 +87,11 @@ def train_steps(overrides: list[str], steps: int = 3, seed: int = 0, masked: boo
         def micro_batches():
             tokens = torch.randint(0, LEARNABLE, (t.global_batch_size, t.seq_len + 1), generator=gen)
             batch = {"input_ids": tokens[:, :-1], "labels": tokens[:, 1:]}
-            if dpo:
+            from tests.distributed.post_training import labelled_batch, preference_batch
+
+            if cfg.finetune.objective == "classify":
+                batch = labelled_batch(t.global_batch_size, t.seq_len, gen, cfg.finetune.num_labels)
+            elif dpo:
                 batch = preference_batch(t.global_batch_size, t.seq_len, gen,
                                          reference=cfg.finetune.objective == "dpo" and cfg.finetune.lora is None)
             if masked and not dpo:
@@ -119,32 +124,6 @@ def train_steps(overrides: list[str], steps: int = 3, seed: int = 0, masked: boo
                 "metrics": engine.step_metrics, "weights": weights if layout.rank == 0 else None}
     finally:
         parallel_state.destroy_model_parallel() if keep_group else destroy_distributed()
-
-
-def preference_batch(rows: int, seq_len: int, gen: torch.Generator, reference: bool) -> dict:
-    """A batch of packed preference pairs as the loader makes them (data/packing.py): each window one or two pairs,
-    each side a prompt then a reply whose tokens are its targets, then padding; with `reference`, random reference
-    log-probs per document, as scored ones would be."""
-    import numpy as np
-
-    from scalelm.data.chat import ASSISTANT, LAST
-    from scalelm.data.packing import chat_window
-
-    windows = []
-    for _ in range(rows):
-        pairs = int(torch.randint(1, 3, (1,), generator=gen))
-        lengths = torch.randint(3, seq_len // (2 * pairs) + 1, (2 * pairs,), generator=gen)
-        flags = []
-        for n in lengths.tolist():
-            prompt = int(torch.randint(1, n, (1,), generator=gen))
-            flags += [0] * prompt + [ASSISTANT | LAST] * (n - prompt)
-        tokens = torch.randint(0, LEARNABLE, (int(lengths.sum()),), generator=gen)
-        window = chat_window(tokens.numpy(), np.asarray(flags, np.uint8), lengths.numpy(), seq_len, "assistant")
-        if reference:
-            window["reference"] = np.zeros(seq_len, np.float32)
-            window["reference"][: 2 * pairs] = (torch.randn(2 * pairs, generator=gen) * 2 - 3 * lengths).numpy()
-        windows.append(window)
-    return {k: torch.from_numpy(np.stack([w[k] for w in windows])) for k in windows[0]}
 
 
 def _whole_weights(engine, layout) -> dict[str, torch.Tensor]:
@@ -405,10 +384,3 @@ def frozen_weight_round_trip(overrides: list[str], root: str) -> dict:
         return {"saved": saved, "loaded": loaded, "entry": entry} if layout.rank == 0 else None
     finally:
         destroy_distributed()
-
-
-def pairwise_steps(overrides: list[str], variants: dict[str, list[str]], steps: int = 3) -> dict:
-    """`train_steps` once per variant on these ranks, each with the variant's overrides after `overrides` (for
-    DPO full and LoRA, and a reward model): {variant: train_steps' result}. One process group serves them all."""
-    names = list(variants)
-    return {name: train_steps(overrides + variants[name], steps, keep_group=name != names[-1]) for name in names}

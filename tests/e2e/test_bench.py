@@ -62,3 +62,10 @@ def test_lora_benchmark_prints_figures(tmp_path):
     for label in ("trainable parameters", "optimizer state", "checkpoint size"):  # deterministic, unlike the timings
         assert 0 < float(rows[label][2]) < 1 and 0 < float(rows[label][4]) < 1, out
     assert not any(tmp_path.iterdir())  # it cleans up after itself
+
+
+def test_dpo_benchmark_prints_figures():
+    out = run(BENCH / "dpo_throughput.py", "--steps", "3", "--pairs", "2000", "model.num_layers=2", "model.hidden_size=64",
+              "model.num_heads=4", "train.seq_len=512")
+    assert "packed" in out and "padded to longest" in out and "real tokens/s" in out
+    assert "reference pass" in out and "scoring a step's windows once" in out

@@ -17,6 +17,7 @@ from scalelm.train.log import read_records
 from scalelm.train.loop import train
 from scalelm.train.score import reference_model, score_command
 from tests.corpus import write_pairs
+from tests.distributed.post_training import score_run
 from tests.distributed.ranks import run_ranks
 from tests.distributed.workloads import pretrain_run
 from tests.launched import SFT_RUN as RUN
@@ -109,6 +110,42 @@ def test_score_scores_once_and_refuses_lora(pairs, sft_start, full, capsys):
     assert "nothing to score" in capsys.readouterr().out
     with pytest.raises(DataError, match="nothing to score"):
         score_command(load_finetune_config(None, dpo_run(pairs, sft_start, full, *LORA)), overwrite=False)
+
+
+def test_scoring_on_a_pipeline_and_two_data_ranks_gives_the_values_of_one_process(full, pairs, sft_start, tmp_path):
+    import shutil
+
+    import numpy as np
+
+    from scalelm.data.shards import SPLITS, read_manifest
+
+    model = reference_model(load_finetune_config(None, dpo_run(pairs, sft_start, full)))["sha256"][:16]
+    for name, (world, layout) in {"pp2": (2, ["parallel.pipeline=2"]), "dp2": (2, [])}.items():
+        copy = tmp_path / name
+        shutil.copytree(pairs, copy, ignore=shutil.ignore_patterns("reference"))
+        run_ranks(world, score_run, dpo_run(copy, sft_start, tmp_path / "log", *layout))
+        for split in SPLITS:
+            for shard in read_manifest(copy, split).shards:
+                file = shard.name.removesuffix(".tar") + ".npy"
+                ours, theirs = (np.load(root / "reference" / model / file) for root in (copy, pairs))
+                np.testing.assert_allclose(ours, theirs, atol=1e-5, rtol=0, err_msg=f"{name} {split} {file}")
+
+
+def test_reference_values_not_their_manifest_s_are_refused(full, pairs, sft_start, tmp_path):
+    import shutil
+
+    import numpy as np
+
+    from scalelm.data.reference import with_reference
+    from scalelm.data.shards import read_manifest
+
+    copy = tmp_path / "pairs"
+    shutil.copytree(pairs, copy)
+    model = reference_model(load_finetune_config(None, dpo_run(pairs, sft_start, full)))["sha256"]
+    file = next((copy / "reference" / model[:16]).glob("train-*.npy"))
+    np.save(file, np.load(file) + 1)
+    with pytest.raises(DataError, match="not the file its manifest lists"):
+        with_reference(read_manifest(copy, "train"), model)
 
 
 def test_objectives_and_shards_must_agree(pairs, chat, sft_start, tmp_path):

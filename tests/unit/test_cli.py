@@ -9,7 +9,8 @@ from scalelm.config import from_dict, load_config
 
 ROOT = Path(__file__).parents[2]
 COMMANDS = [["prepare"], ["tokenizer"], ["tokenizer", "train"], ["shard"], ["inspect"], ["config"], ["convert"],
-            ["convert", "to-hf"], ["convert", "from-hf"], ["convert", "to-gguf"], ["generate"], ["eval"]]
+            ["convert", "to-hf"], ["convert", "from-hf"], ["convert", "to-gguf"], ["generate"], ["eval"], ["score"],
+            ["finetune"]]
 
 
 @pytest.mark.parametrize("command", COMMANDS, ids=" ".join)
@@ -35,6 +36,7 @@ def test_top_level_help_lists_the_commands(capsys):
     (["shard", "{tmp}", "--tokenizer", "{tmp}/none.model", "--out", "{tmp}/s", "--shard-size", "big"], "not understood"),
     (["inspect", "{tmp}"], "manifest.json is missing"),
     (["config", "configs/tiny.yaml", "optim.lrr=1"], "did you mean optim.lr?"),
+    (["config", "configs/dpo-tiny.yaml", "finetune.dpo.beta=0"], "finetune.dpo.beta=0.0 must be positive"),
 ])
 def test_bad_input_is_one_line_and_status_2(argv, message, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(ROOT)

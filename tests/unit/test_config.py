@@ -104,6 +104,11 @@ def test_derived_values():
     (["finetune.objective=dpo", "finetune.dpo.label_smoothing=0.1"], "goes with finetune.dpo.loss=robust, not sigmoid"),
     (["finetune.objective=dpo", "finetune.dpo.loss=kto"], "finetune.dpo.loss"),
     (["finetune.objective=dpo", "finetune.dpo.sft_weight=-1"], "finetune.dpo.sft_weight=-1.0 must be 0 (off) or positive"),
+    (["finetune.objective=dpo", "finetune.train_on=all"], "finetune.train_on=all would count the prompt"),
+    (["finetune.objective=classify"], "finetune.objective=classify needs finetune.head=classification"),
+    (["finetune.head=classification", "finetune.num_labels=3"], "trains with finetune.objective=classify (labelled texts) or"),
+    (["finetune.objective=classify", "finetune.head=classification", "finetune.num_labels=3", "finetune.lora.rank=4"],
+     "finetune.lora with a classification head is not supported yet"),
 ])
 def test_errors_name_field_value_and_fix(override, message):
     with pytest.raises(ConfigError) as info:

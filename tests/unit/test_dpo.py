@@ -10,7 +10,8 @@ from scalelm.config import DPOConfig
 from scalelm.model.build import build_model
 from scalelm.parallel.topology import single_process
 from scalelm.train.dpo import DPO, document_logps, pairs_of
-from tests.distributed.workloads import LLAMA, VOCAB, preference_batch, tiny_config
+from tests.distributed.post_training import preference_batch
+from tests.distributed.workloads import LLAMA, VOCAB, tiny_config
 
 
 @pytest.mark.parametrize("architecture", [[], LLAMA], ids=["gpt3", "llama"])

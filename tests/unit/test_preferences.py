@@ -37,6 +37,9 @@ def test_every_form_reads_as_the_same_pair(record):
     ({"prompt": "hi", "chosen": [{"role": "user", "content": "a"}], "rejected": "b"}, "does not end with an assistant"),
     ({"prompt": [{"role": "narrator", "content": "x"}], "chosen": "a", "rejected": "b"}, "has the role 'narrator'"),
     ({"chosen": "a", "rejected": "b"}, "no 'prompt', and chosen is not a list"),
+    ({side: [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}, {"role": "user", "content": u},
+             {"role": "assistant", "content": "b"}] for side, u in (("chosen", "x"), ("rejected", "y"))},
+     "the chosen reply does not start with an assistant turn"),
 ])
 def test_a_record_that_is_no_pair_is_an_error_naming_file_and_line(record, message):
     with pytest.raises(DataError, match=message) as e:
@@ -98,6 +101,15 @@ def test_what_is_dropped_is_counted(shards, pipeline, tmp_path):
                                    val_fraction=0.0, workers=1, progress=False)["splits"]["train"]
     assert long["dropped_overlong"] > 0 and long["pairs"] + long["dropped_overlong"] == 90
     assert max(a + b for s in long["shards"] for a, b in zip(s["lengths"][0::2], s["lengths"][1::2])) <= 100
+
+
+def test_a_run_shorter_than_its_pairs_is_refused(shards):
+    from scalelm.data.loader import TokenLoader
+
+    longest = max(a + b for s in shards["manifest"]["splits"]["train"]["shards"]
+                  for a, b in zip(s["lengths"][0::2], s["lengths"][1::2]))
+    with pytest.raises(DataError, match=f"holds preference pairs of up to {longest} tokens, longer than train.seq_len=64"):
+        TokenLoader([shards["out"]], split="train", seq_len=64, micro_batch_size=1)
 
 
 def test_the_command_reports_and_refuses_when_nothing_is_left(pipeline, tmp_path):

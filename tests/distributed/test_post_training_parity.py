@@ -1,14 +1,16 @@
-"""Preference pairs train alike in every layout: DPO for a fully finetuned policy (reference log-probs scored
+"""Post-training objectives train alike in every layout: DPO for a fully finetuned policy (reference log-probs scored
 beforehand, handed in with the batch) and for a LoRA policy (its reference the same model with the adapters off, a
-forward pass of the engine's own), and a reward model (a score head, Bradley-Terry): the loss and reward figures
-at each step, the validation loss and the first step's gradients equal one process (fp32, CPU, gloo ranks), on
-packed windows of one or two pairs each, with DPO's SFT term on."""
+forward pass of the engine's own), a reward model (a score head, Bradley-Terry) and a classifier (a score head,
+cross entropy): the loss and figures at each step, the validation loss and the first step's gradients equal one
+process (fp32, CPU, gloo ranks), on packed windows of one or two pairs (one to three labelled texts) each, with
+DPO's SFT term on."""
 
 import pytest
 import torch
 
+from tests.distributed.post_training import pairwise_steps
 from tests.distributed.ranks import run_ranks
-from tests.distributed.workloads import LLAMA, pairwise_steps
+from tests.distributed.workloads import LLAMA
 
 DPO = ["finetune.objective=dpo", "finetune.dpo.beta=0.5", "finetune.dpo.sft_weight=0.1", "train.seq_len=32",
        "train.global_batch_size=8", "train.micro_batch_size=2", "optim.warmup_steps=1", "optim.lr=1e-2"]
@@ -17,7 +19,9 @@ LORA = ["finetune.lora.rank=4", "finetune.lora.alpha=8", "finetune.lora.targets=
 # weight whose gradient is near float noise (a pair's two last-token scores give many such) moves by the noise's
 # sign; at 1e-2 that shows in the validation figures (2e-5) after three steps, at 1e-3 it stays below 1e-5
 REWARD = ["finetune.objective=reward", "finetune.head=classification", "finetune.num_labels=1", "optim.lr=1e-3"]
-VARIANTS = {"full": [], "lora": LORA, "reward": REWARD}
+CLASSIFY = ["finetune.objective=classify", "finetune.head=classification", "finetune.num_labels=3", "optim.lr=1e-3"]
+VARIANTS = {"full": [], "lora": LORA, "reward": REWARD, "classify": CLASSIFY}
+UNITS = {"full": "pairs", "lora": "pairs", "reward": "pairs", "classify": "texts"}
 LAYOUTS = {
     "tp2": (2, ["parallel.tensor=2"]),
     "tp2-sp": (2, ["parallel.tensor=2", "parallel.sequence_parallel=true"]),
@@ -41,6 +45,8 @@ def test_the_figures_are_those_of_pairs(single):
         assert metrics["reward_margin"] == pytest.approx(metrics["reward_chosen"] - metrics["reward_rejected"], abs=1e-5)
     reward = single["reward"]["metrics"]
     assert reward["pairs"] > 8 and 0 <= reward["accuracy"] <= 1
+    classify = single["classify"]["metrics"]
+    assert classify["texts"] > 8 and 0 <= classify["accuracy"] <= 1  # eight windows of one to three texts
     assert reward["margin"] == pytest.approx(reward["score_chosen"] - reward["score_rejected"], abs=1e-5)
     assert all(".lora." in key for key in single["lora"]["grads"])
     assert not any(".lora." in key for key in single["full"]["grads"])
@@ -56,7 +62,7 @@ def test_dpo_matches_single_process(single, name):
             result = ranked[policy]
             assert result["losses"] == pytest.approx(expected["losses"], abs=1e-5), f"{policy}, rank {rank}"
             assert result["val"] == pytest.approx(expected["val"], abs=1e-5), f"{policy}, rank {rank}: validation"
-            if result["metrics"]["pairs"] is not None:  # ranks that read the batch (not a middle pipeline stage)
+            if result["metrics"][UNITS[policy]] is not None:  # ranks that read the batch (not a middle pipeline stage)
                 assert result["metrics"] == pytest.approx(expected["metrics"], abs=1e-5), f"{policy}, rank {rank}"
         if "zero3" not in name:
             for key, grad in expected["grads"].items():
