@@ -41,17 +41,7 @@ def write_chat_shards(inputs: Sequence[str | Path], tokenizer: str | Path, out: 
     """Encode the conversations in `inputs` into chat shards under `out`; returns the manifest."""
     if overlong not in ("truncate", "drop"):
         raise DataError(f"--overlong {overlong}: use truncate or drop")
-    if seq_len < 8:
-        raise DataError(f"--seq-len {seq_len}: use the run's train.seq_len (at least 8)")
-    if not 0.0 <= val_fraction < 1.0:
-        raise DataError(f"--val-fraction {val_fraction} must be in [0, 1)")
-    sp = load_tokenizer(tokenizer)
-    ChatEncoder(sp)  # the tokenizer must have the chat markers: say so before reading anything
-    files = conversation_files(inputs)
-    dtype = token_dtype(sp.vocab_size())
-    writer = ShardSetWriter(Path(out), dtype=dtype, vocab_size=sp.vocab_size(), eos_id=sp.eos_id(),
-                            tokenizer={"file": str(tokenizer), "sha256": sha256_file(tokenizer)},
-                            shard_size=shard_size, overwrite=overwrite)
+    files, dtype, writer = chat_writer(inputs, tokenizer, out, seq_len, val_fraction, shard_size, overwrite)
     counts = {split: {"conversations": 0, "truncated": 0, "dropped_overlong": 0, "assistant": 0, "last": 0}
               for split in SPLITS}
     jobs = ((batch, seq_len, overlong, val_fraction, dtype.str) for batch in _batches(read_conversations(files)))
@@ -71,6 +61,24 @@ def write_chat_shards(inputs: Sequence[str | Path], tokenizer: str | Path, out: 
               for split, c in counts.items()}
     chat = {"template_sha256": TEMPLATE_SHA256, "seq_len": seq_len, "overlong": overlong}
     return writer.close(splits, kind="chat", chat=chat, val_fraction=val_fraction, inputs=[str(p) for p in inputs])
+
+
+def chat_writer(inputs: Sequence[str | Path], tokenizer: str | Path, out: str | Path, seq_len: int, val_fraction: float,
+                shard_size: int, overwrite: bool) -> tuple[list[Path], np.dtype, ShardSetWriter]:
+    """The arguments of a chat-template shard set checked (`scalelm shard --chat` and `--preference`), and its
+    (input files, token dtype, writer)."""
+    if seq_len < 8:
+        raise DataError(f"--seq-len {seq_len}: use the run's train.seq_len (at least 8)")
+    if not 0.0 <= val_fraction < 1.0:
+        raise DataError(f"--val-fraction {val_fraction} must be in [0, 1)")
+    sp = load_tokenizer(tokenizer)
+    ChatEncoder(sp)  # the tokenizer must have the chat markers: say so before reading anything
+    files = conversation_files(inputs)
+    dtype = token_dtype(sp.vocab_size())
+    writer = ShardSetWriter(Path(out), dtype=dtype, vocab_size=sp.vocab_size(), eos_id=sp.eos_id(),
+                            tokenizer={"file": str(tokenizer), "sha256": sha256_file(tokenizer)},
+                            shard_size=shard_size, overwrite=overwrite)
+    return files, dtype, writer
 
 
 def check_fits(sets: list[ShardSet], seq_len: int, train_on: str) -> bool:

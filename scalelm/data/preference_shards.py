@@ -24,13 +24,10 @@ from typing import Sequence
 import numpy as np
 from tqdm import tqdm
 
-from scalelm.data.chat import ASSISTANT, TEMPLATE_SHA256, ChatEncoder
-from scalelm.data.chat_shards import encoder, init_encoder
-from scalelm.data.conversations import conversation_files
-from scalelm.data.files import sha256_file
+from scalelm.data.chat import ASSISTANT, TEMPLATE_SHA256
+from scalelm.data.chat_shards import chat_writer, encoder, init_encoder
 from scalelm.data.preferences import read_pairs
-from scalelm.data.shards import SPLITS, ShardSetWriter, is_val, token_dtype
-from scalelm.data.tokenizer import load_tokenizer
+from scalelm.data.shards import SPLITS, is_val
 from scalelm.data.workers import default_workers, imap_ordered
 from scalelm.errors import DataError
 
@@ -42,17 +39,7 @@ def write_preference_shards(inputs: Sequence[str | Path], tokenizer: str | Path,
                             shard_size: int = 256 << 20, val_fraction: float = 0.01, workers: int | None = None,
                             overwrite: bool = False, progress: bool = True) -> dict:
     """Encode the preference pairs in `inputs` into preference shards under `out`; returns the manifest."""
-    if seq_len < 8:
-        raise DataError(f"--seq-len {seq_len}: use the run's train.seq_len (at least 8)")
-    if not 0.0 <= val_fraction < 1.0:
-        raise DataError(f"--val-fraction {val_fraction} must be in [0, 1)")
-    sp = load_tokenizer(tokenizer)
-    ChatEncoder(sp)  # the tokenizer must have the chat markers: say so before reading anything
-    files = conversation_files(inputs)
-    dtype = token_dtype(sp.vocab_size())
-    writer = ShardSetWriter(Path(out), dtype=dtype, vocab_size=sp.vocab_size(), eos_id=sp.eos_id(),
-                            tokenizer={"file": str(tokenizer), "sha256": sha256_file(tokenizer)},
-                            shard_size=shard_size, overwrite=overwrite)
+    files, dtype, writer = chat_writer(inputs, tokenizer, out, seq_len, val_fraction, shard_size, overwrite)
     counts = {split: dict.fromkeys(("pairs", "targets", *DROPS), 0) for split in SPLITS}
     empty = {"empty": 0, "identical": 0}  # dropped before a split is known (a flawed pair is not hashed)
     jobs = ((batch, seq_len, val_fraction, dtype.str) for batch in _batches(read_pairs(files), empty))

@@ -6,18 +6,13 @@ import pytest
 import torch
 
 from tests.distributed.ranks import run_ranks
-from tests.distributed.workloads import LLAMA, train_steps
+from tests.distributed.workloads import FINETUNE_LAYOUTS, LLAMA, train_steps
 
 LORA = ["finetune.lora.rank=4", "finetune.lora.alpha=8",
         "finetune.lora.targets=[qkv,proj,fc1,fc2]", "optim.weight_decay=0.1", "optim.lr=5e-2"]
 BATCH = ["train.global_batch_size=8", "train.micro_batch_size=2", "optim.warmup_steps=1", "optim.lr=1e-2"]
 LAYOUTS = {
-    "tp2": (2, ["parallel.tensor=2"]),
-    "tp2-sp": (2, ["parallel.tensor=2", "parallel.sequence_parallel=true"]),
-    "pp2": (2, ["parallel.pipeline=2"]),
-    "dp2-zero1": (2, ["parallel.zero_stage=1"]),
-    "dp2-zero3": (2, ["parallel.zero_stage=3"]),
-    "tp2xpp2": (4, ["parallel.tensor=2", "parallel.pipeline=2"]),
+    **FINETUNE_LAYOUTS,
     # the first block's input comes from the frozen embedding: megatron's reentrant checkpoint must still train
     "pp2-recompute-full": (2, ["parallel.pipeline=2", "train.activation_checkpointing=full"]),
 }

@@ -10,6 +10,7 @@ import torch
 
 from tests.distributed.post_training import pairwise_steps
 from tests.distributed.ranks import run_ranks
+from tests.distributed.workloads import FINETUNE_LAYOUTS as LAYOUTS
 from tests.distributed.workloads import LLAMA
 
 DPO = ["finetune.objective=dpo", "finetune.dpo.beta=0.5", "finetune.dpo.sft_weight=0.1", "train.seq_len=32",
@@ -22,14 +23,6 @@ REWARD = ["finetune.objective=reward", "finetune.head=classification", "finetune
 CLASSIFY = ["finetune.objective=classify", "finetune.head=classification", "finetune.num_labels=3", "optim.lr=1e-3"]
 VARIANTS = {"full": [], "lora": LORA, "reward": REWARD, "classify": CLASSIFY}
 UNITS = {"full": "pairs", "lora": "pairs", "reward": "pairs", "classify": "texts"}
-LAYOUTS = {
-    "tp2": (2, ["parallel.tensor=2"]),
-    "tp2-sp": (2, ["parallel.tensor=2", "parallel.sequence_parallel=true"]),
-    "pp2": (2, ["parallel.pipeline=2"]),
-    "dp2-zero1": (2, ["parallel.zero_stage=1"]),
-    "dp2-zero3": (2, ["parallel.zero_stage=3"]),
-    "tp2xpp2": (4, ["parallel.tensor=2", "parallel.pipeline=2"]),
-}
 
 
 @pytest.fixture(scope="module")

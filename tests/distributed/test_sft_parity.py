@@ -6,17 +6,10 @@ import pytest
 import torch
 
 from tests.distributed.ranks import run_ranks
+from tests.distributed.workloads import FINETUNE_LAYOUTS as LAYOUTS
 from tests.distributed.workloads import LLAMA, train_steps
 
 BATCH = ["train.global_batch_size=8", "train.micro_batch_size=2", "optim.warmup_steps=1", "optim.lr=1e-2"]
-LAYOUTS = {
-    "tp2": (2, ["parallel.tensor=2"]),
-    "tp2-sp": (2, ["parallel.tensor=2", "parallel.sequence_parallel=true"]),
-    "pp2": (2, ["parallel.pipeline=2"]),
-    "dp2-zero1": (2, ["parallel.zero_stage=1"]),
-    "dp2-zero3": (2, ["parallel.zero_stage=3"]),
-    "tp2xpp2": (4, ["parallel.tensor=2", "parallel.pipeline=2"]),
-}
 
 
 @pytest.fixture(scope="module")

@@ -21,6 +21,15 @@ LEARNABLE = 50  # tokens are drawn from the first 50 ids: a distribution the mod
 # the tiny model in the Llama layout: RoPE, RMSNorm, SwiGLU, grouped-query attention, untied, no biases
 LLAMA = ["model.position_embedding=rope", "model.normalization=rmsnorm", "model.activation=swiglu",
          "model.num_kv_heads=2", "model.tie_embeddings=false", "model.bias=false"]
+# the layouts finetuning objectives are checked in against one process: (world size, overrides)
+FINETUNE_LAYOUTS = {
+    "tp2": (2, ["parallel.tensor=2"]),
+    "tp2-sp": (2, ["parallel.tensor=2", "parallel.sequence_parallel=true"]),
+    "pp2": (2, ["parallel.pipeline=2"]),
+    "dp2-zero1": (2, ["parallel.zero_stage=1"]),
+    "dp2-zero3": (2, ["parallel.zero_stage=3"]),
+    "tp2xpp2": (4, ["parallel.tensor=2", "parallel.pipeline=2"]),
+}
 TINY = ["model.num_layers=2", "model.hidden_size=64", "model.num_heads=4", "train.seq_len=16",
         "train.micro_batch_size=2", "train.global_batch_size=2", "train.precision=fp32"]
 
