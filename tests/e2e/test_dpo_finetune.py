@@ -82,11 +82,12 @@ def test_a_lora_policy_starts_from_its_base(pairs, sft_start, tmp_path):
     assert evaluated.pairs >= 8 and evaluated.metrics["reward_margin"] > 0
 
 
-def test_full_dpo_resumes_bit_exact_on_two_ranks(full, pairs, sft_start, tmp_path):
-    common = dpo_run(pairs, sft_start, tmp_path / "x", "optim.decay_steps=6", "parallel.tensor=2")
+def test_full_dpo_resumes_bit_exact(full, pairs, sft_start, tmp_path):
+    # one process: resuming in other layouts is the checkpoint code every run shares (test_checkpoint_resume.py)
+    common = dpo_run(pairs, sft_start, tmp_path / "x", "optim.decay_steps=6")
     straight = [o.replace(str(tmp_path / "x"), str(tmp_path / "straight")) for o in common] + ["train.steps=6"]
     first = [o.replace(str(tmp_path / "x"), str(tmp_path / "resumed")) for o in common] + ["train.steps=3"]
-    losses = [run_ranks(2, pretrain_run, leg, "finetune")[0] for leg in (straight, first, first[:-1] + ["train.steps=6"])]
+    losses = [run_ranks(1, pretrain_run, leg, "finetune")[0] for leg in (straight, first, first[:-1] + ["train.steps=6"])]
     assert len(losses[1]) == 3 and losses[2] == losses[0]  # every bit of every step's loss
 
 

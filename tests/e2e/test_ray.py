@@ -16,7 +16,8 @@ import pytest
 from scalelm.parallel.topology import free_port
 from tests.launched import SFT_RUN, TINY, steps_logged
 
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("ray")]
+# one worker runs the launcher tests (Ray and SLURM): their daemons take ports, and side by side they raced for them
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("launchers")]
 
 REPO = Path(__file__).resolve().parents[2]
 RAY = shutil.which("ray", path=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
