@@ -31,22 +31,25 @@ def ray_head():
     root = Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp"))  # short: Ray's socket paths under it must fit in 107 bytes
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
     # NOTE: a port is free when chosen but not reserved: a rank of a test running beside this one may take it
-    # before Ray's GCS binds it. Ray then fails at once, and starts again on other ports.
-    for attempt in range(3):
+    # before Ray binds it, and Ray then fails to start, or starts without a job server. Either way the head is
+    # stopped and started again on other ports.
+    problem = "not started"
+    for _ in range(3):
         dashboard = free_port()
+        # the agent's own ports too: its HTTP default (52365) is fixed, and was found taken
         started = subprocess.run([RAY, "start", "--head", "--num-cpus=2", f"--port={free_port()}",
-                                  "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", f"--temp-dir={root}"],
+                                  "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
+                                  f"--dashboard-agent-listen-port={free_port()}", f"--temp-dir={root}"],
                                  env=env, capture_output=True, text=True, timeout=300)
-        if started.returncode == 0 or "already in use" not in started.stderr + started.stdout or attempt == 2:
+        env["RAY_ADDRESS"] = f"http://127.0.0.1:{dashboard}"
+        # the job server and its agent come up after `ray start` returns
+        problem = f"ray start failed: {started.stderr[-2000:]}" if started.returncode else accepts_jobs(env, timeout_s=150)
+        if problem is None:
             break
         subprocess.run([RAY, "stop", "--force"], env=env, capture_output=True, timeout=120)
-    if started.returncode != 0:
-        pytest.fail(f"ray start failed: {started.stderr[-2000:]}", pytrace=False)
-    env["RAY_ADDRESS"] = f"http://127.0.0.1:{dashboard}"
-    problem = accepts_jobs(env, timeout_s=300)  # the job server and its agent come up after `ray start` returns
     if problem:
         logs = sorted(root.glob("session_*/logs/dashboard*.log"))
-        pytest.fail(f"Ray's job server took no job in 300 s: {problem[-1000:]} {logs[-1].read_text()[-1000:] if logs else ''}",
+        pytest.fail(f"no Ray head took a job in three tries: {problem[-1000:]} {logs[-1].read_text()[-1000:] if logs else ''}",
                     pytrace=False)
     yield env
     subprocess.run([RAY, "stop", "--force"], env=env, capture_output=True, timeout=120)
