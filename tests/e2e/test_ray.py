@@ -16,8 +16,7 @@ import pytest
 from scalelm.parallel.topology import free_port
 from tests.launched import SFT_RUN, TINY, steps_logged
 
-# one worker runs the launcher tests (Ray and SLURM): their daemons take ports, and side by side they raced for them
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("launchers")]
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("ray")]
 
 REPO = Path(__file__).resolve().parents[2]
 RAY = shutil.which("ray", path=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")

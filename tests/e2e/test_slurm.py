@@ -12,8 +12,7 @@ import pytest
 from tests.launched import SFT_RUN, TINY, steps_logged
 from tests.local_slurm import LocalSlurm, SlurmError
 
-# one worker runs the launcher tests (Ray and SLURM): their daemons take ports, and side by side they raced for them
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("launchers")]
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("slurm")]
 
 REPO = Path(__file__).resolve().parents[2]
 # Two tasks on the CPU: the script's GPU request is switched off, one core each.
