@@ -45,7 +45,7 @@ fi
 # sbatch was run in: a RANK or WORLD_SIZE left there would make every task a rank 0 of its own.
 unset RANK WORLD_SIZE LOCAL_RANK
 MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
-MASTER_PORT=$((20000 + SLURM_JOB_ID % 40000))
+MASTER_PORT=${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 40000))}  # a port given in the environment is kept
 export MASTER_ADDR MASTER_PORT
 echo "scalelm: job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on $SLURM_JOB_NUM_NODES node(s): $SLURM_JOB_NODELIST," \
      "$SLURM_NTASKS ranks, rank 0 at $MASTER_ADDR:$MASTER_PORT, $(date -Is)"

@@ -97,7 +97,9 @@ class LocalSlurm:
     # ---- jobs ----------------------------------------------------------------------------------------
 
     def sbatch(self, args: list[str], cwd: Path) -> int:
-        done = subprocess.run(["sbatch", "--parsable", *args], env=self.env, cwd=cwd, capture_output=True, text=True)
+        # a free rendezvous port: 20000 + job id (pretrain.sh's default) may be taken by a test running beside this one
+        env = {**self.env, "MASTER_PORT": str(free_port())}
+        done = subprocess.run(["sbatch", "--parsable", *args], env=env, cwd=cwd, capture_output=True, text=True)
         if done.returncode != 0:
             raise SlurmError(f"sbatch failed: {done.stderr.strip()}")
         return int(done.stdout.strip().split(";")[0])
