@@ -199,6 +199,17 @@ def pretrain_run(overrides: list[str], stage: str = "pretrain") -> list[float]:
     return [json.loads(line)["loss"] for line in records if '"loss"' in line]
 
 
+def straight_and_resumed(common: list[str], run: Path, steps: int) -> tuple[list[str], list[str]]:
+    """Two runs of `steps` steps of `common` (whose log.dir is `run`), in sibling directories: `straight` through,
+    saving a checkpoint halfway, and `resumed` from that checkpoint (in new processes, as after a crash). The
+    second's losses must be the first's second half, bit for bit."""
+    half = steps // 2
+    moved = {name: [o.replace(str(run), str(run.with_name(name))) for o in common] for name in ("straight", "resumed")}
+    midway = run.with_name("straight") / "checkpoints" / f"step-{half:08d}"
+    return (moved["straight"] + [f"train.steps={steps}", f"checkpoint.every={half}"],
+            moved["resumed"] + [f"train.steps={steps}", f"train.resume={midway}"])
+
+
 def reshard(overrides: list[str], source: str, target: str) -> None:
     """Load checkpoint `source` into the layout `overrides` give, and save it again into `target`."""
     from pathlib import Path

@@ -17,7 +17,7 @@ from scalelm.train.finetune import load_finetune_config
 from scalelm.train.loop import pretrain, train
 from tests.corpus import write_conversations
 from tests.distributed.ranks import run_ranks
-from tests.distributed.workloads import pretrain_run
+from tests.distributed.workloads import pretrain_run, straight_and_resumed
 from tests.launched import SFT_MODEL as MODEL
 from tests.launched import SFT_RUN as RUN
 
@@ -51,14 +51,12 @@ def test_finetune_trains_on_targets_and_validates_on_them(chat, start, tmp_path)
 @pytest.mark.parametrize("world, layout", [(1, []), (2, ["parallel.zero_stage=1"])], ids=["single", "dp2"])
 def test_finetune_resumes_bit_exact(chat, start, tmp_path, world, layout):
     common = sft(chat, start, tmp_path / "x", *layout, "model.dropout=0.1", "train.eval_every=0", "optim.decay_steps=6")
-    straight = [o.replace(str(tmp_path / "x"), str(tmp_path / "straight")) for o in common] + ["train.steps=6"]
-    first = [o.replace(str(tmp_path / "x"), str(tmp_path / "resumed")) for o in common] + ["train.steps=3"]
-    second = first[:-1] + ["train.steps=6"]
-    losses = [run_ranks(world, pretrain_run, leg, "finetune")[0] for leg in (straight, first, second)]
-    assert len(losses[1]) == 3 and losses[2] == losses[0]  # every bit of every step's loss
+    straight, resumed = straight_and_resumed(common, tmp_path / "x", 6)
+    losses = [run_ranks(world, pretrain_run, leg, "finetune")[0] for leg in (straight, resumed)]
+    assert len(losses[1]) == 3 and losses[1] == losses[0][3:]  # every bit of every step's loss
     if world > 1:  # and its checkpoint goes on in another layout, the loader continuing at the share it had read
-        (resharded,) = run_ranks(1, pretrain_run, second[:-1] + ["train.steps=7"], "finetune")
-        assert len(resharded) == 7 and resharded[:6] == losses[0]
+        (resharded,) = run_ranks(1, pretrain_run, resumed[:-2] + ["train.steps=7"], "finetune")
+        assert len(resharded) == 4 and resharded[:3] == losses[0][3:]
         events = (tmp_path / "resumed" / "events.log").read_text()
         assert "layout changed (tensor x pipeline x data 1x1x2 -> 1x1x1)" in events and "the loader continues" in events
 

@@ -15,7 +15,7 @@ from scalelm.errors import CheckpointError, ConfigError
 from scalelm.train.finetune import load_finetune_config
 from scalelm.train.loop import train
 from tests.distributed.ranks import run_ranks
-from tests.distributed.workloads import evaluate_run, pretrain_run
+from tests.distributed.workloads import evaluate_run, pretrain_run, straight_and_resumed
 from tests.launched import SFT_RUN as RUN
 
 pytestmark = [pytest.mark.slow]
@@ -52,16 +52,13 @@ def test_a_lora_checkpoint_holds_the_adapters_and_names_its_base(trained_lora, s
 def test_lora_resumes_bit_exact_and_reshards(chat, sft_start, tmp_path):
     common = lora_run(chat, sft_start, tmp_path / "x", "model.dropout=0.1", "finetune.lora.dropout=0.1",
                       "optim.decay_steps=6")
-    straight = [o.replace(str(tmp_path / "x"), str(tmp_path / "straight")) for o in common] + ["train.steps=6"]
-    first = [o.replace(str(tmp_path / "x"), str(tmp_path / "resumed")) for o in common] + ["train.steps=3"]
-    second = first[:-1] + ["train.steps=6"]
-    tp2 = ["parallel.tensor=2"]
-    losses = [run_ranks(2, pretrain_run, leg + tp2, "finetune")[0] for leg in (straight, first, second)]
-    assert len(losses[1]) == 3 and losses[2] == losses[0]  # every bit of every step's loss
+    straight, resumed = straight_and_resumed(common, tmp_path / "x", 6)
+    losses = [run_ranks(2, pretrain_run, leg + ["parallel.tensor=2"], "finetune")[0] for leg in (straight, resumed)]
+    assert len(losses[1]) == 3 and losses[1] == losses[0][3:]  # every bit of every step's loss
     assert losses[0][-1] < losses[0][0]
     # the tensor-parallel checkpoint goes on in one process
-    (resharded,) = run_ranks(1, pretrain_run, second[:-1] + ["train.steps=7"], "finetune")
-    assert len(resharded) == 7 and resharded[:6] == losses[0]
+    (resharded,) = run_ranks(1, pretrain_run, resumed[:-2] + ["train.steps=7"], "finetune")  # its own newest
+    assert len(resharded) == 4 and resharded[:3] == losses[0][3:]
     assert "layout changed (tensor x pipeline x data 2x1x1 -> 1x1x1)" in (tmp_path / "resumed" / "events.log").read_text()
 
 

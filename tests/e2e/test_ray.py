@@ -9,6 +9,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -67,6 +68,19 @@ def accepts_jobs(env: dict, timeout_s: float) -> str | None:
     return answer
 
 
+def submit(env: dict, *command: str, **popen) -> tuple[str, subprocess.Popen]:
+    """`ray job submit -- COMMAND` started: (its submission id, the process that follows it)."""
+    submission = f"scalelm-test-{uuid.uuid4().hex[:12]}"
+    return submission, subprocess.Popen([RAY, "job", "submit", f"--submission-id={submission}", "--", *command], env=env,
+                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
+
+
+def job_log(env: dict, submission: str) -> str:
+    """The job's whole output: `ray job submit` can stop following it before its last lines (ray-project/ray#48701),
+    `ray job logs` reads the file."""
+    return subprocess.run([RAY, "job", "logs", submission], env=env, capture_output=True, text=True, timeout=120).stdout
+
+
 def train_workers() -> list[int]:
     """Pids of the live Ray Train workers (Ray titles its actor processes ray::CLASS)."""
     pids = []
@@ -81,11 +95,10 @@ def train_workers() -> list[int]:
 
 def test_ray_job_trains_and_resumes_after_a_worker_is_killed(ray_head, pipeline, tmp_path):
     steps, run = 60, tmp_path / "run"
-    job = subprocess.Popen(
-        [RAY, "job", "submit", "--", sys.executable, "-m", "scalelm.launch.ray", "--config", str(REPO / "configs/tiny.yaml"),
-         "--workers", "2", "--max-failures", "2", f"data.train={pipeline['shards']}", f"data.tokenizer={pipeline['tokenizer']}",
-         f"log.dir={run}", f"train.steps={steps}", "checkpoint.every=10", *TINY],
-        env=ray_head, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    submission, job = submit(
+        ray_head, sys.executable, "-m", "scalelm.launch.ray", "--config", str(REPO / "configs/tiny.yaml"), "--workers", "2",
+        "--max-failures", "2", f"data.train={pipeline['shards']}", f"data.tokenizer={pipeline['tokenizer']}",
+        f"log.dir={run}", f"train.steps={steps}", "checkpoint.every=10", *TINY)
     try:
         deadline = time.monotonic() + 600
         while not (run / "checkpoints" / "step-00000010").is_dir():  # mid-run, with a checkpoint to resume from
@@ -98,7 +111,7 @@ def test_ray_job_trains_and_resumes_after_a_worker_is_killed(ray_head, pipeline,
     finally:
         job.kill()
     assert job.returncode == 0, log[-3000:]
-    assert f"done: step {steps}" in log
+    assert f"done: step {steps}" in job_log(ray_head, submission)
     assert steps_logged(run) == list(range(1, steps + 1))  # each step once, none lost
     events = (run / "events.log").read_text()
     resumed_at = int(events.split("resuming from ")[1].split("(step ")[1].split(")")[0])
@@ -109,11 +122,11 @@ def test_ray_job_trains_and_resumes_after_a_worker_is_killed(ray_head, pipeline,
 
 def test_ray_job_finetunes_when_asked(ray_head, chat, sft_start, tmp_path):
     run = tmp_path / "run"
-    done = subprocess.run(
-        [RAY, "job", "submit", "--", sys.executable, "-m", "scalelm.launch.ray", "finetune", "--config",
-         str(REPO / "configs/sft-tiny.yaml"), "--workers", "2", f"data.train={chat['shards']}",
-         f"train.init_from={sft_start}", f"log.dir={run}", *SFT_RUN, "train.steps=3", "train.eval_every=0"],
-        env=ray_head, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
-    assert "done: step 3" in done.stdout and steps_logged(run) == [1, 2, 3]
+    submission, job = submit(
+        ray_head, sys.executable, "-m", "scalelm.launch.ray", "finetune", "--config", str(REPO / "configs/sft-tiny.yaml"),
+        "--workers", "2", f"data.train={chat['shards']}", f"train.init_from={sft_start}", f"log.dir={run}", *SFT_RUN,
+        "train.steps=3", "train.eval_every=0")
+    log, _ = job.communicate(timeout=600)
+    assert job.returncode == 0, log[-3000:]
+    assert "done: step 3" in job_log(ray_head, submission) and steps_logged(run) == [1, 2, 3]
     assert "started from the weights of" in (run / "events.log").read_text()
