@@ -31,8 +31,8 @@ from scalelm.data.packing import chat_window, pack
 from scalelm.model.build import build_model
 from scalelm.parallel.engine import Engine
 from scalelm.parallel.topology import destroy_distributed, init_distributed
-from scalelm.train.dpo import document_logps
 from scalelm.train.objectives import objective_for
+from scalelm.train.pairs import document_logps
 
 VOCAB = 8000
 LORA = ["finetune.lora.rank=16", "finetune.lora.alpha=32"]

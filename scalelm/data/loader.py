@@ -41,45 +41,21 @@ so a resumed loader maps physical worker w to logical worker (w + k) % W.
 from __future__ import annotations
 
 import copy
-import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
 
-import numpy as np
 import torch
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader
 
 from scalelm.config import Config
 from scalelm.data.chat_shards import check_fits
 from scalelm.data.files import sha256_file
-from scalelm.data.packing import ChatWindows, TextWindows, window_count
-from scalelm.data.reference import load_values, with_reference
-from scalelm.data.shards import ShardSet, read_manifest, read_shard_fields
+from scalelm.data.reference import with_reference
+from scalelm.data.shards import read_manifest
+from scalelm.data.window_stream import Layout, ReaderDataset, WindowStream, window_counts
 from scalelm.errors import DataError
 
 STATE_VERSION = 2
-
-
-@dataclass(frozen=True)
-class Layout:
-    """What a loader's order depends on; a saved state only loads into a loader with the same layout."""
-
-    sources: tuple[str, ...]
-    split: str
-    weights: tuple[float, ...]
-    seq_len: int
-    micro_batch_size: int
-    dp_rank: int
-    dp_size: int
-    num_workers: int
-    seed: int
-    shuffle: bool
-
-    @property
-    def workers(self) -> int:
-        """Logical workers per rank (the main process counts as one when num_workers is 0)."""
-        return max(1, self.num_workers)
 
 
 class TokenLoader:
@@ -123,7 +99,7 @@ class TokenLoader:
                              micro_batch_size, dp_rank, dp_size, num_workers, seed, shuffle)
         readers = dp_size * self.layout.workers
         for s in self.sets:
-            windows = sum(_window_counts(s, seq_len))
+            windows = sum(window_counts(s, seq_len))
             if windows < readers:
                 raise DataError(
                     f"{s.source} ({split}) holds {windows} windows of train.seq_len + 1 = {seq_len + 1} tokens, fewer "
@@ -136,21 +112,25 @@ class TokenLoader:
     def windows(self) -> int:
         """The windows the sources hold (sequences of seq_len + 1 tokens, or packed conversations): one epoch,
         over all readers."""
-        return sum(sum(_window_counts(s, self.layout.seq_len)) for s in self.sets)
+        return sum(sum(window_counts(s, self.layout.seq_len)) for s in self.sets)
 
     def packing(self) -> str | None:
-        """For chat shards, how their conversations pack into windows, for the run's log."""
+        """For chat shards (conversations, preference pairs, labelled texts), how they pack into windows, for the
+        run's log."""
         if not self.chat:
             return None
-        conversations = sum(len(shard.lengths) for s in self.sets for shard in s.shards)
+        documents = sum(len(shard.lengths) for s in self.sets for shard in s.shards)
         windows, tokens = self.windows(), sum(s.tokens for s in self.sets)
-        truncated = sum(s.chat["truncated"] for s in self.sets)
-        return (f"packed {conversations:,} conversations into {windows:,} windows of {self.layout.seq_len} tokens "
-                f"({100 * tokens / max(windows * self.layout.seq_len, 1):.1f}% real tokens, the rest tail padding; "
-                f"{truncated:,} were cut between turns when sharded)")
+        truncated = sum(s.chat.get("truncated", 0) for s in self.sets)
+        first = self.sets[0]
+        what, count, cut = (("pairs", documents // 2, "") if first.pairs else
+                            ("texts", documents, f"; {truncated:,} were truncated when sharded") if first.labels is not None
+                            else ("conversations", documents, f"; {truncated:,} were cut between turns when sharded"))
+        return (f"packed {count:,} {what} into {windows:,} windows of {self.layout.seq_len} tokens "
+                f"({100 * tokens / max(windows * self.layout.seq_len, 1):.1f}% real tokens, the rest tail padding{cut})")
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        dataset = _ReaderDataset(self.sets, self.layout, self.on_bad_shard, list(self._states),
+        dataset = ReaderDataset(self.sets, self.layout, self.on_bad_shard, list(self._states),
                                  offset=self._batches % self.layout.workers, document_mask=self.document_mask,
                                  train_on=self.train_on)
         if self.layout.num_workers == 0:
@@ -218,7 +198,7 @@ class TokenLoader:
                 for worker, wstate in enumerate((state or {}).get("workers", [])):
                     if wstate is None:
                         continue
-                    reader = _WindowStream(shards, dp_rank * old.workers + worker, old.dp_size * old.workers,
+                    reader = WindowStream(shards, dp_rank * old.workers + worker, old.dp_size * old.workers,
                                            old, self.on_bad_shard, wstate["streams"][i])
                     here = (reader.epoch, reader.read_in_epoch() / reader.per_reader)
                     least = here if least is None else min(least, here)
@@ -227,7 +207,7 @@ class TokenLoader:
         for worker in range(self.layout.workers):
             streams = []
             for shards, (epoch, share) in zip(self.sets, progress):
-                reader = _WindowStream(shards, self.layout.dp_rank * self.layout.workers + worker,
+                reader = WindowStream(shards, self.layout.dp_rank * self.layout.workers + worker,
                                        self.layout.dp_size * self.layout.workers, self.layout, self.on_bad_shard, None)
                 reader.skip_to(epoch, round(share * reader.per_reader))
                 streams.append(reader.position())
@@ -262,145 +242,3 @@ def _normalise(source: str | Path) -> str:
 
 def _layout_dict(layout: Layout) -> dict:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in layout.__dict__.items()}
-
-
-def _window_counts(shards: ShardSet, seq_len: int) -> list[int]:
-    return [window_count(s, seq_len, shards.pairs) for s in shards.shards]
-
-
-# --------------------------------------------------------------------------- inside a worker
-
-
-class _ReaderDataset(IterableDataset):
-    """What one loader worker runs: its reader's blended window streams, batched."""
-
-    def __init__(self, sets: list[ShardSet], layout: Layout, on_bad_shard: str, states: list[dict | None], offset: int,
-                 document_mask: bool = False, train_on: str = "assistant"):
-        self.sets, self.layout, self.on_bad_shard, self.states, self.offset = sets, layout, on_bad_shard, states, offset
-        self.windows = {"document_mask": document_mask, "train_on": train_on}
-
-    def __iter__(self) -> Iterator[dict]:
-        info = get_worker_info()
-        physical = info.id if info is not None else 0
-        worker = (physical + self.offset) % self.layout.workers
-        reader = self.layout.dp_rank * self.layout.workers + worker
-        readers = self.layout.dp_size * self.layout.workers
-        state = self.states[worker] or {"streams": [None] * len(self.sets), "counts": [0] * len(self.sets)}
-        streams = [_WindowStream(s, reader, readers, self.layout, self.on_bad_shard, pos, **self.windows)
-                   for s, pos in zip(self.sets, state["streams"])]
-        counts = list(state["counts"])
-        weights = np.asarray(self.layout.weights)
-        while True:
-            windows, origins = [], []
-            for _ in range(self.layout.micro_batch_size):
-                # Deficit rule: the source furthest behind its share of the windows drawn so far.
-                i = int(np.argmax(weights * (sum(counts) + 1) - np.asarray(counts))) if len(streams) > 1 else 0
-                windows.append(streams[i].next_window())
-                origins.append(streams[i].origin)
-                counts[i] += 1
-            batch = {key: torch.from_numpy(np.stack([w[key] for w in windows])) for key in windows[0]}  # (B, L) each
-            yield {**batch, "origin": origins, "worker": worker,
-                   "state": {"streams": [s.position() for s in streams], "counts": list(counts)}}
-
-
-class _WindowStream:
-    """One reader's endless windows from one shard set; position (epoch, segment, window, bad shards)."""
-
-    def __init__(self, shards: ShardSet, reader: int, readers: int, layout: Layout, on_bad_shard: str,
-                 position: dict | None, document_mask: bool = False, train_on: str = "assistant"):
-        self.shards, self.layout, self.on_bad_shard = shards, layout, on_bad_shard
-        self.document_mask, self.train_on = document_mask, train_on
-        self.reader = reader
-        self.counts = _window_counts(shards, layout.seq_len)
-        self.per_reader = sum(self.counts) // readers
-        position = position or {"epoch": 0, "segment": 0, "window": 0, "bad_shards": []}
-        self.epoch, self.segment, self.window = position["epoch"], position["segment"], position["window"]
-        self.bad_shards: list[int] = list(position["bad_shards"])
-        self._segments_of: tuple[int, list] | None = None  # (epoch, segments)
-        self._loaded: tuple | None = None  # ((epoch, segment), windows, order)
-        self.origin = ""  # "SHARD@TOKEN_OFFSET" of the last window read
-
-    def position(self) -> dict:
-        return {"epoch": self.epoch, "segment": self.segment, "window": self.window, "bad_shards": list(self.bad_shards)}
-
-    def read_in_epoch(self) -> int:
-        """Windows read so far in the current epoch."""
-        return sum(hi - lo for _, lo, hi in self._segments(self.epoch)[: self.segment]) + self.window
-
-    def skip_to(self, epoch: int, windows: int) -> None:
-        """Move to `epoch` with its first `windows` windows (in reading order) counted as read."""
-        self.epoch, self.segment, self.window = epoch, 0, windows
-        for _, lo, hi in self._segments(epoch):
-            if self.window < hi - lo:
-                return
-            self.segment, self.window = self.segment + 1, self.window - (hi - lo)
-
-    def next_window(self) -> dict[str, np.ndarray]:
-        idle = 0  # segments and epoch ends passed without a window, to stop if every shard is bad
-        while True:
-            segments = self._segments(self.epoch)
-            if self.segment < len(segments):
-                windows, order = self._load(segments[self.segment])
-                if self.window < len(order):
-                    self.window += 1
-                    index = int(order[self.window - 1])
-                    self.origin = f"{self.shards.shards[segments[self.segment][0]].url}@{windows.offset(index)}"
-                    return windows[index]
-                self.segment, self.window = self.segment + 1, 0
-            else:
-                self.epoch, self.segment, self.window = self.epoch + 1, 0, 0
-            idle += 1
-            if idle > 2 * len(segments) + 2:
-                raise DataError(f"{self.shards.source} ({self.shards.split}): every shard given to this reader "
-                                f"(data-parallel rank {self.layout.dp_rank}) is bad: re-create them with `scalelm shard`")
-
-    def _segments(self, epoch: int) -> list[tuple[int, int, int]]:
-        """(shard, first window, end window) pieces of this reader's range in `epoch`, in reading order."""
-        if self._segments_of is None or self._segments_of[0] != epoch:
-            order = (np.random.default_rng([self.layout.seed, epoch]).permutation(len(self.counts))
-                     if self.layout.shuffle else range(len(self.counts)))
-            begin, end = self.reader * self.per_reader, (self.reader + 1) * self.per_reader
-            segments, offset = [], 0
-            for shard in order:
-                n = self.counts[shard]
-                lo, hi = max(begin, offset) - offset, min(end, offset + n) - offset
-                if lo < hi:
-                    segments.append((int(shard), lo, hi))
-                offset += n
-            self._segments_of = (epoch, segments)
-        return self._segments_of[1]
-
-    def _load(self, segment: tuple[int, int, int]) -> tuple[TextWindows | ChatWindows, np.ndarray]:
-        key = (self.epoch, self.segment)
-        if self._loaded is None or self._loaded[0] != key:
-            shard_index, lo, hi = segment
-            fields, L = self._read(shard_index), self.layout.seq_len
-            if self.shards.chat is not None:
-                shard = self.shards.shards[shard_index]
-                windows = ChatWindows(fields["tokens"], fields["flags"], shard.lengths, L, self.train_on,
-                                      self.shards.pairs, fields.get("reference"), shard.classes)
-            else:
-                windows = TextWindows(fields["tokens"], L, self.shards.eos_id if self.document_mask else None)
-            order = np.arange(lo, hi) if len(windows) else np.arange(0)
-            if self.layout.shuffle:
-                order = np.random.default_rng([self.layout.seed, self.epoch, shard_index, lo]).permutation(order)
-            self._loaded = (key, windows, order)
-        return self._loaded[1], self._loaded[2]
-
-    def _read(self, shard_index: int) -> dict[str, np.ndarray]:
-        """The shard's tokens (and flags, and reference log-probs); a bad shard under on_bad_shard=skip reads as
-        empty (warned about once)."""
-        fields = {"tokens": self.shards.dtype, **({"flags": np.dtype(np.uint8)} if self.shards.chat is not None else {})}
-        if shard_index not in self.bad_shards:
-            try:
-                read = read_shard_fields(self.shards.shards[shard_index], fields)
-                if self.shards.reference is not None:
-                    shard = self.shards.shards[shard_index]
-                    read["reference"] = load_values(self.shards.reference[shard_index], len(shard.lengths))
-                return read
-            except DataError as e:
-                if self.on_bad_shard != "skip":
-                    raise
-                warnings.warn(f"skipping bad shard: {e}", stacklevel=2)
-                self.bad_shards.append(shard_index)
-        return {name: np.empty(0, dtype) for name, dtype in fields.items()}

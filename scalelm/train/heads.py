@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from scalelm.train.dpo import pair_sizes, pairs_of
+from scalelm.train.pairs import pair_sizes, pairs_of
 
 
 def last_positions(document_ids: torch.Tensor) -> torch.Tensor:

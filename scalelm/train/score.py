@@ -2,19 +2,22 @@
 stored beside the shards (data/reference.py), so no second model is held in memory while training.
 
 `scalelm score --config CFG` does it on its own; a DPO run without LoRA does it as its first stage when they are
-missing. Every window of every shard of data.train and data.val, both splits, is read in stored order and dealt
-round-robin to the data-parallel ranks; each runs it forward only, in the run's layout and precision, and each
-side's Σ log p over its targets is kept. Rank 0 writes them. A data-parallel rank short of windows at the end
-runs a copy with no targets, so every rank runs as many forward passes.
+missing. Every shard of data.train and data.val, both splits, is read in stored order, one at a time; its windows
+are dealt round-robin to the data-parallel ranks, each runs them forward only, in the run's layout and precision,
+and each side's Σ log p over its targets is kept. Rank 0 writes them. A data-parallel rank short of windows at a
+shard's end runs a copy with no targets, so every rank runs as many forward passes.
 """
 
 from __future__ import annotations
 
+import gc
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from scalelm.checkpoint import store
 from scalelm.config import Config
@@ -25,7 +28,7 @@ from scalelm.data.reference import has_reference, manifest_sha256, write_referen
 from scalelm.data.shards import SPLITS, read_manifest, read_shard_fields
 from scalelm.errors import DataError
 from scalelm.parallel.topology import gather_objects
-from scalelm.train.dpo import document_logps
+from scalelm.train.pairs import document_logps
 
 
 def reference_model(cfg: Config) -> dict:
@@ -66,41 +69,47 @@ def score(cfg: Config, layout, vocab_size: int, model: dict, sources: list[str],
             log(f"scored {documents // 2:,} pairs of {source} with {model['path']} in {time.perf_counter() - started:.1f} s "
                 f"-> {where}")
         torch.distributed.barrier()
+    del engine  # before the run builds its own
+    gc.collect()
 
 
 def _score_split(cfg: Config, layout, engine, shards) -> dict[str, np.ndarray]:
-    """{shard name: (documents,) float64} of one split, on rank 0 (empty elsewhere). Collective."""
+    """{shard name: (documents,) float64} of one split, shard by shard (one in memory at a time). Collective."""
     if not shards.pairs:
         raise DataError(f"{shards.source} holds no preference pairs: score shards written by `scalelm shard --preference`")
+    check_fits([shards], cfg.train.seq_len, "assistant")
+    quiet = layout.rank != 0 or not sys.stderr.isatty()
+    with tqdm(total=len(shards.shards), desc=f"score {shards.split}", unit=" shard", disable=quiet) as bar:
+        out = {}
+        for shard in shards.shards:
+            out[shard.name] = _score_shard(cfg, layout, engine, shards, shard)
+            bar.update(1)
+    return out
+
+
+def _score_shard(cfg: Config, layout, engine, shards, shard) -> np.ndarray:
+    """(documents,) float64: each side's Σ log p over its targets, on every rank. Its windows are dealt round-robin
+    to the data-parallel ranks, each padded with copies without targets to as many micro-batches. Collective."""
     seq_len, batch = cfg.train.seq_len, cfg.train.micro_batch_size
-    check_fits([shards], seq_len, "assistant")
-    windows = []  # (shard index, window index, ChatWindows)
-    for index, shard in enumerate(shards.shards):
-        fields = read_shard_fields(shard, {"tokens": shards.dtype, "flags": np.dtype(np.uint8)})
-        packed = ChatWindows(fields["tokens"], fields["flags"], shard.lengths, seq_len, "assistant", pairs=True)
-        windows += [(index, i, packed) for i in range(len(packed))]
-    if not windows:  # an empty split (no val pairs)
-        return {shard.name: np.empty(0, np.float64) for shard in shards.shards}
-    mine = windows[layout.dp_rank::layout.data]
-    per_rank = -(-len(windows) // layout.data)
-    rows = [packed[i] for _, i, packed in mine]
-    _, first, packed = windows[0]
-    blank = {**packed[first], "loss_mask": np.zeros(seq_len, bool)}  # no targets: its values are discarded
+    fields = read_shard_fields(shard, {"tokens": shards.dtype, "flags": np.dtype(np.uint8)})
+    packed = ChatWindows(fields["tokens"], fields["flags"], shard.lengths, seq_len, "assistant", pairs=True)
+    if not len(packed):  # an empty shard (a split without pairs)
+        return np.empty(0, np.float64)
+    mine = list(range(layout.dp_rank, len(packed), layout.data))
+    per_rank = -(-len(packed) // layout.data)
+    rows = [packed[i] for i in mine]
+    blank = {**packed[0], "loss_mask": np.zeros(seq_len, bool)}  # no targets: its values are discarded
     rows += [blank] * (per_rank - len(rows) + (-per_rank % batch))
     micro = [{k: torch.from_numpy(np.stack([r[k] for r in rows[i:i + batch]])) for k in rows[0]}
              for i in range(0, len(rows), batch)]
     found = engine.forward_only(micro, len(micro), lambda logits, b: document_logps(logits, b).double().cpu())
-    scored = {}  # (shard, document) -> value, from this rank's windows
+    scored = {}  # document -> value, from this rank's windows
     if found and found[0] is not None:  # the ranks that compute the loss (on the pipeline, its last stage)
-        for k, (index, i, packed) in enumerate(mine):
-            value = found[k // batch][k % batch]
-            first, end = packed.starts[i], packed.starts[i + 1]
-            scored.update({(index, int(d)): float(value[d - first]) for d in range(first, end)})
-    every = {key: v for part in gather_objects(scored) for key, v in part.items()}
-    out = {}
-    for index, shard in enumerate(shards.shards):
-        out[shard.name] = np.asarray([every[(index, d)] for d in range(len(shard.lengths))], np.float64)
-    return out
+        for k, i in enumerate(mine):
+            value, first = found[k // batch][k % batch], packed.starts[i]
+            scored.update({int(d): float(value[d - first]) for d in range(first, packed.starts[i + 1])})
+    every = {d: v for part in gather_objects(scored) for d, v in part.items()}
+    return np.asarray([every[d] for d in range(len(shard.lengths))], np.float64)
 
 
 def run_reference(cfg: Config, stage: str, layout, vocab_size: int, saved: dict | None) -> tuple[dict | None, list[str]]:

@@ -9,7 +9,8 @@ import torch
 from scalelm.config import DPOConfig
 from scalelm.model.build import build_model
 from scalelm.parallel.topology import single_process
-from scalelm.train.dpo import DPO, document_logps, pairs_of
+from scalelm.train.dpo import DPO
+from scalelm.train.pairs import document_logps, pairs_of
 from tests.distributed.post_training import preference_batch
 from tests.distributed.workloads import LLAMA, VOCAB, tiny_config
 

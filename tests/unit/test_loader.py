@@ -295,11 +295,11 @@ def test_every_sequence_says_where_it_starts(pipeline):
 
 def epoch_progress(ld: TokenLoader) -> list[tuple[int, float]]:
     """(epoch, share of its range read) of each of a loader's logical workers."""
-    from scalelm.data.loader import _WindowStream
+    from scalelm.data.window_stream import WindowStream
 
     out = []
     for worker, state in enumerate(ld._states):
-        reader = _WindowStream(ld.sets[0], ld.layout.dp_rank * ld.layout.workers + worker,
+        reader = WindowStream(ld.sets[0], ld.layout.dp_rank * ld.layout.workers + worker,
                                ld.layout.dp_size * ld.layout.workers, ld.layout, "error", state["streams"][0])
         out.append((reader.epoch, reader.read_in_epoch() / reader.per_reader))
     return out
