@@ -191,9 +191,6 @@ def _check_head(cfg: Config) -> None:
                           f"reward (a reward model on preference pairs), not {f.objective}")
     if f.num_labels < 1:
         raise ConfigError(f"finetune.num_labels={f.num_labels} must be at least 1")
-    if f.head == "classification" and f.lora is not None:
-        raise ConfigError("finetune.lora with a classification head is not supported yet: train the whole model "
-                          "(finetune.lora: null)")
 
 
 def _check_dpo(cfg: Config) -> None:

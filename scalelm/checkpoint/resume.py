@@ -7,7 +7,8 @@ loading it would silently change the math. The weights and AdamW's moments load 
 (they are stored whole); RNG streams and the loader position continue exactly when the layout is
 the one that saved them, and otherwise restart as the notes say.
 
-A LoRA checkpoint holds the adapters alone: its frozen weights load from its base (checkpoint/base.py),
+A LoRA checkpoint holds what it trains alone, the adapters (and a classification head): its frozen weights load
+from its base (checkpoint/base.py),
 which must be train.init_from's (the same SHA-256), and its adapters must be the config's (finetune.lora).
 """
 
@@ -137,8 +138,8 @@ def _load_weights(cfg: Config, engine: Engine, ckpt: Path, manifest: dict, keys:
                                   f"the merged model (scalelm convert to-hf) to start from")
         base_ckpt, base_manifest = base_checkpoint.locate(manifest["base"], base, str(ckpt), flag)
         _check_weights(base_ckpt, base_manifest, "the base ")
-        _load_tensors(engine, base_ckpt, base_manifest, [(n, p) for n, p in params if not lora.is_adapter(n)], ("param",))
-        params = adapters
+        _load_tensors(engine, base_ckpt, base_manifest, [(n, p) for n, p in params if not lora.is_trained(n)], ("param",))
+        params = [(n, p) for n, p in params if lora.is_trained(n)]  # the adapters, and a classification head
     elif keys != ("param",) and (saved_lora is None) != (ours is None):
         raise CheckpointError(f"{ckpt} was saved {'without' if saved_lora is None else 'with'} LoRA adapters and this "
                               f"run has finetune.lora={ours}: resume with the setting it was saved with, or set "

@@ -56,6 +56,9 @@ def to_gguf_lora(source: Path, out: Path, dtype: str = "f32", base: Path | None 
     if dtype not in DTYPES:
         raise ConversionError(f"--dtype {dtype}: a GGUF LoRA adapter is written as {' or '.join(DTYPES)}")
     found, adapters, settings = read_lora(source, base, tokenizer, tokenizer_needed=False)  # an adapter holds no vocabulary
+    if any(name in lora_math.WHOLE for name in adapters):
+        raise ConversionError(f"{source} has a classification head (finetune.head=classification): llama.cpp's LoRA "
+                              f"adapters are for language models; export it with `scalelm convert to-hf` or `to-peft`")
     model = found.model
     tensors = gguf_adapter(model, adapters, settings)
     out = Path(out)

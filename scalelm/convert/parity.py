@@ -54,9 +54,16 @@ def check(model: ModelConfig, weights: dict[str, torch.Tensor], folder, target: 
 
     from scalelm.convert.layouts import score_labels
 
-    tokens = probe_tokens(model.vocab_size, model.max_position_embeddings)
     auto = AutoModelForSequenceClassification if score_labels(weights) else AutoModelForCausalLM
     hf = auto.from_pretrained(folder, dtype=torch.float32)
+    return check_loaded(model, weights, hf, target, what or f"{type(hf).__name__} (fp32)")
+
+
+def check_loaded(model: ModelConfig, weights: dict[str, torch.Tensor], hf, target: float | None, what: str) -> dict:
+    """`check` of a loaded transformers (or PEFT) model."""
+    from scalelm.convert.layouts import score_labels
+
+    tokens = probe_tokens(model.vocab_size, model.max_position_embeddings)
     pad = hf.config.pad_token_id
     if score_labels(weights) and pad is not None:  # Hugging Face reads the last token that is not padding
         tokens = torch.where(tokens == pad, (pad + 1) % model.vocab_size, tokens)
@@ -64,7 +71,7 @@ def check(model: ModelConfig, weights: dict[str, torch.Tensor], folder, target: 
         theirs = torch.cat([hf_logits(hf, row[None]) for row in tokens])
     else:
         theirs = hf_logits(hf, tokens)
-    return compare(scalelm_logits(model, weights, tokens), theirs, target, what or f"{type(hf).__name__} (fp32)")
+    return compare(scalelm_logits(model, weights, tokens), theirs, target, what)
 
 
 def compare(ours: torch.Tensor, theirs: torch.Tensor, target: float | None, what: str) -> dict:

@@ -2,11 +2,14 @@
 
     OUT_DIR/
       adapter_config.json          PEFT's LoraConfig: LORA, CAUSAL_LM, r, lora_alpha, target_modules, use_rslora
+                                   (a classifier: SEQ_CLS, modules_to_save ["score"])
       adapter_model.safetensors    base_model.model.<module>.lora_A.weight (r, in), .lora_B.weight (out, r), fp32
+                                   (a classifier: and base_model.model.score.weight, its head)
       base/                        the base checkpoint's Hugging Face folder, as `scalelm convert to-hf` writes it
 
     base = AutoModelForCausalLM.from_pretrained("OUT_DIR/base")
     model = PeftModel.from_pretrained(base, "OUT_DIR")          # or vLLM: LoRARequest("name", 1, "OUT_DIR")
+    # a classifier: AutoModelForSequenceClassification.from_pretrained("OUT_DIR/base", num_labels=N), then the same
 
 The adapter goes with the weights it was trained on, so the base is always written beside it (an adapter is
 nothing without it, and `base/` is exactly that base); `base_model_name_or_path` stays null, because no path
@@ -72,10 +75,12 @@ def to_peft(source: Path, out: Path, base: Path | None = None, tokenizer: Path |
 
 
 def peft_adapter(model: ModelConfig, adapters: dict[str, torch.Tensor], lora: LoRAConfig) -> tuple[dict, dict[str, torch.Tensor]]:
-    """(adapter_config.json's content, adapter_model.safetensors' tensors) of whole scalelm adapters."""
+    """(adapter_config.json's content, adapter_model.safetensors' tensors) of whole scalelm adapters (with a
+    classification head trained beside them: SEQ_CLS, the head as PEFT's modules_to_save `score`)."""
     layout = layouts.hf_layout(model)
-    pairs = hf_adapters(model, adapters, lora)
-    state = {}
+    head = adapters.get("head.score")
+    pairs = hf_adapters(model, {k: v for k, v in adapters.items() if k not in lora_math.WHOLE}, lora)
+    state = {} if head is None else {f"{PREFIX}score.weight": head}
     for module, (a, b) in pairs.items():
         state[f"{PREFIX}{module}.lora_A.weight"] = a
         state[f"{PREFIX}{module}.lora_B.weight"] = b
@@ -83,10 +88,11 @@ def peft_adapter(model: ModelConfig, adapters: dict[str, torch.Tensor], lora: Lo
     # NOTE: PEFT matches an entry by the whole module name or its end after a dot; GPT-2 has two c_proj, so its
     # entries keep their parent's name, while Llama's are the bare names everyone (and vLLM's packing) expects
     names = [m.rsplit(".", 1)[-1] for m in modules] if layout == layouts.LLAMA else modules
-    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": None, "inference_mode": True,
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM" if head is None else "SEQ_CLS", "base_model_name_or_path": None,
+              "inference_mode": True,
               "r": lora.rank, "lora_alpha": int(lora.alpha) if float(lora.alpha).is_integer() else lora.alpha,
               "lora_dropout": lora.dropout, "use_rslora": lora.rslora, "target_modules": names, "bias": "none",
-              "fan_in_fan_out": layout == layouts.GPT2, "modules_to_save": None, "use_dora": False,
+              "fan_in_fan_out": layout == layouts.GPT2, "modules_to_save": None if head is None else ["score"], "use_dora": False,
               "init_lora_weights": True, "layers_to_transform": None, "layers_pattern": None, "rank_pattern": {},
               "alpha_pattern": {}}
     return config, {name: t.float().contiguous() for name, t in state.items()}
@@ -126,16 +132,19 @@ def hf_adapters(model: ModelConfig, adapters: dict[str, torch.Tensor], lora: LoR
 
 
 def check(model: ModelConfig, merged: dict[str, torch.Tensor], out: Path) -> dict:
-    """Logits of PeftModel (OUT/base with the adapter of OUT, fp32) against scalelm's forward of the merged weights."""
-    from transformers import AutoModelForCausalLM
+    """Logits of PeftModel (OUT/base with the adapter of OUT, fp32) against scalelm's forward of the merged weights
+    (a classifier's: OUT/base as *ForSequenceClassification, the scores at the last token)."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     try:
         from peft import PeftModel
     except ImportError:
         raise ConversionError("the parity check loads the adapter with peft, which is not installed: pip install peft, "
                               "or pass --no-verify") from None
-    tokens = parity.probe_tokens(model.vocab_size, model.max_position_embeddings)
-    hf = AutoModelForCausalLM.from_pretrained(out / BASE, dtype=torch.float32)
+    labels = layouts.score_labels(merged)
+    if labels:  # the base's head is a language model's: PEFT puts the trained `score` in its place
+        hf = AutoModelForSequenceClassification.from_pretrained(out / BASE, dtype=torch.float32, num_labels=labels)
+    else:
+        hf = AutoModelForCausalLM.from_pretrained(out / BASE, dtype=torch.float32)
     adapted = PeftModel.from_pretrained(hf, out, is_trainable=False)
-    return parity.compare(parity.scalelm_logits(model, merged, tokens), parity.hf_logits(adapted, tokens), HF_TARGET,
-                          f"PeftModel on {type(hf).__name__} (fp32)")
+    return parity.check_loaded(model, merged, adapted, HF_TARGET, f"PeftModel on {type(hf).__name__} (fp32)")

@@ -65,15 +65,16 @@ class _Read:
 
 def read_lora(path: Path, base: Path | None = None, tokenizer: Path | None = None, verify: bool = True,
               tokenizer_needed: bool = True, _found: _Read | None = None) -> tuple[ScalelmModel, dict[str, torch.Tensor], LoRAConfig]:
-    """(the base model, the whole adapters, their settings) of the LoRA checkpoint at `path`; `base`
-    overrides the base's path the checkpoint names (its SHA-256 must match)."""
+    """(the base model, the whole adapters, their settings) of the LoRA checkpoint at `path`, the adapters with a
+    classification head trained beside them (lora.WHOLE) if it has one; `base` overrides the base's path the
+    checkpoint names (its SHA-256 must match)."""
     found = _found or _read_checkpoint(Path(path), tokenizer, verify, tokenizer_needed)
     if found.lora is None:
         raise CheckpointError(f"{found.model.origin} holds no LoRA adapters (it was not trained with finetune.lora)")
     base_ckpt, _ = base_checkpoint.locate(found.lora["base"], base, found.model.origin, "--base PATH")
     base_model = _read_checkpoint(base_ckpt, tokenizer or found.model.tokenizer, verify, tokenizer_needed).model
-    adapters = {k: v for k, v in found.model.weights.items() if lora.is_adapter(k)}
-    _check_adapters(adapters, base_model, found)
+    adapters = {k: v for k, v in found.model.weights.items() if lora.is_trained(k)}
+    _check_adapters({k: v for k, v in adapters.items() if lora.is_adapter(k)}, base_model, found)
     base_model.tokenizer = found.model.tokenizer or base_model.tokenizer
     return base_model, adapters, found.lora["settings"]
 

@@ -2,7 +2,8 @@
 
     Y = W X + b + scale · B A dropout(X)        A (r, in), B (out, r), scale = alpha / r (rsLoRA: alpha / sqrt r)
 
-The base is frozen (no gradient, so no optimizer state and no weight decay); A starts as nn.Linear's weights
+The base is frozen (no gradient, so no optimizer state and no weight decay), except a classification head's
+`score`, which is new to the base and trains whole (WHOLE); A starts as nn.Linear's weights
 do (uniform, ±1/sqrt(in)) and B at zero, so training starts from the base model exactly. An adapter is a
 child `lora` of the linear it adapts (`blocks.3.layer.self_attention.linear_qkv.lora.a`), added to its output
 by a forward hook, and split over tensor ranks the way its base is:
@@ -62,6 +63,15 @@ def scale(lora: LoRAConfig) -> float:
 
 def is_adapter(name: str) -> bool:
     return name.endswith(SUFFIXES)
+
+
+# trained whole beside the adapters: a classification head (finetune.head), new to the base (PEFT's modules_to_save)
+WHOLE = ("head.score",)
+
+
+def is_trained(name: str) -> bool:
+    """What a LoRA run trains and its checkpoint holds, by single-process name: the adapters and WHOLE."""
+    return is_adapter(name) or name in WHOLE
 
 
 def adapted(name: str) -> str:
@@ -148,13 +158,14 @@ def adapters_off(model: nn.Module) -> Iterator[None]:
 
 
 def apply_lora(model: nn.Module, lora: LoRAConfig, seed: int) -> nn.Module:
-    """Freeze every weight of `model` (a GPT or a PipelineModule of its layers) and adapt the `lora.targets` of
-    each transformer layer it holds. Each adapter's A is drawn whole from (seed, layer, target) alone, so every
-    layout starts from the single-process adapters. Returns `model`."""
-    from scalelm.model.gpt import Block
+    """Freeze every weight of `model` (a GPT or a PipelineModule of its layers) but a classification head's and
+    adapt the `lora.targets` of each transformer layer it holds. Each adapter's A is drawn whole from (seed, layer,
+    target) alone, so every layout starts from the single-process adapters. Returns `model`."""
+    from scalelm.model.gpt import Block, ScoreHead
 
-    for param in model.parameters():
-        param.requires_grad_(False)
+    for module in model.modules():
+        for param in module.parameters(recurse=False):
+            param.requires_grad_(isinstance(module, ScoreHead))
     for block in (m for m in model.modules() if isinstance(m, Block)):
         layer = block.layer.layer_number
         for index, target in enumerate(TARGETS):
@@ -168,8 +179,10 @@ def apply_lora(model: nn.Module, lora: LoRAConfig, seed: int) -> nn.Module:
 
 
 def merge(weights: dict[str, torch.Tensor], adapters: dict[str, torch.Tensor], lora: LoRAConfig) -> dict[str, torch.Tensor]:
-    """Whole base weights with whole adapters merged in: W + scale · B A for each adapted weight."""
-    merged = dict(weights)
+    """Whole base weights with whole adapters merged in: W + scale · B A for each adapted weight. A classification
+    head among `adapters` (WHOLE) replaces the base's language-model head."""
+    whole = {name: t for name, t in adapters.items() if name in WHOLE}
+    merged = {name: t for name, t in weights.items() if not (whole and name.startswith("head."))} | whole
     for name in adapters:
         if name.endswith(".lora.a"):
             weight = adapted(name)

@@ -125,8 +125,10 @@ def _lora_note(cfg: Config, vocab_size: int) -> str:
 
     lora, total = cfg.finetune.lora, metrics.parameter_count(cfg.model, padded_vocab_size(vocab_size))
     trainable = adapter_parameters(cfg.model, lora)
-    return (f"LoRA rank {lora.rank} on {', '.join(lora.targets)}: {trainable:,} trainable parameters, "
-            f"{100 * trainable / total:.2f}% of the frozen base's {total:,}")
+    head = cfg.finetune.num_labels * cfg.model.hidden_size if cfg.finetune.head == "classification" else 0
+    return (f"LoRA rank {lora.rank} on {', '.join(lora.targets)}: {trainable + head:,} trainable parameters"
+            + (f" ({head:,} of them the classification head's)" if head else "")
+            + f", {100 * (trainable + head) / total:.2f}% of the frozen base's {total:,}")
 
 
 def _save_reason(cfg: Config, step: int, signalled: bool, stop: bool) -> str | None:

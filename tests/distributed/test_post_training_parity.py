@@ -1,9 +1,9 @@
 """Post-training objectives train alike in every layout: DPO for a fully finetuned policy (reference log-probs scored
 beforehand, handed in with the batch) and for a LoRA policy (its reference the same model with the adapters off, a
-forward pass of the engine's own), a reward model (a score head, Bradley-Terry) and a classifier (a score head,
-cross entropy): the loss and figures at each step, the validation loss and the first step's gradients equal one
-process (fp32, CPU, gloo ranks), on packed windows of one or two pairs (one to three labelled texts) each, with
-DPO's SFT term on."""
+forward pass of the engine's own), a reward model (a score head, Bradley-Terry; trained whole, and with LoRA on the
+rest) and a classifier (a score head, cross entropy): the loss and figures at each step, the validation loss and the
+first step's gradients equal one process (fp32, CPU, gloo ranks), on packed windows of one or two pairs (one to three
+labelled texts) each, with DPO's SFT term on."""
 
 import pytest
 import torch
@@ -21,8 +21,8 @@ LORA = ["finetune.lora.rank=4", "finetune.lora.alpha=8", "finetune.lora.targets=
 # sign; at 1e-2 that shows in the validation figures (2e-5) after three steps, at 1e-3 it stays below 1e-5
 REWARD = ["finetune.objective=reward", "finetune.head=classification", "finetune.num_labels=1", "optim.lr=1e-3"]
 CLASSIFY = ["finetune.objective=classify", "finetune.head=classification", "finetune.num_labels=3", "optim.lr=1e-3"]
-VARIANTS = {"full": [], "lora": LORA, "reward": REWARD, "classify": CLASSIFY}
-UNITS = {"full": "pairs", "lora": "pairs", "reward": "pairs", "classify": "texts"}
+VARIANTS = {"full": [], "lora": LORA, "reward": REWARD, "lora-reward": LORA + REWARD, "classify": CLASSIFY}
+UNITS = {"full": "pairs", "lora": "pairs", "reward": "pairs", "lora-reward": "pairs", "classify": "texts"}
 
 
 @pytest.fixture(scope="module")
@@ -44,6 +44,9 @@ def test_the_figures_are_those_of_pairs(single):
     assert all(".lora." in key for key in single["lora"]["grads"])
     assert not any(".lora." in key for key in single["full"]["grads"])
     assert "head.score" in single["reward"]["grads"] and not any(k.startswith("head.linear") for k in single["reward"]["grads"])
+    # LoRA on a reward model: the adapters and the head train, nothing else
+    assert all(".lora." in key or key == "head.score" for key in single["lora-reward"]["grads"])
+    assert "head.score" in single["lora-reward"]["grads"]
 
 
 @pytest.mark.parametrize("name", LAYOUTS)

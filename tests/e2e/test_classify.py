@@ -72,3 +72,30 @@ def test_more_classes_than_the_head_has_are_refused(classifier, sft_start, tmp_p
                                       f"log.dir={tmp_path}", *RUN, *CLASSIFY, "finetune.num_labels=2"])
     with pytest.raises(DataError, match="holds 3 classes .* more than finetune.num_labels=2"):
         train(cfg, "finetune")
+
+
+def test_a_lora_classifier_trains_its_adapters_and_head_and_exports_to_peft(classifier, sft_start, tmp_path):
+    from scalelm.convert.gguf_lora import to_gguf_lora
+    from scalelm.convert.peft import to_peft
+    from scalelm.errors import ConversionError
+
+    run = tmp_path / "run"
+    train(load_finetune_config(None, [f"data.train={classifier['texts']}", f"train.init_from={sft_start}", f"log.dir={run}",
+                                      "train.eval_every=0", "train.steps=30", *RUN, *CLASSIFY, "optim.lr=1e-2",
+                                      "finetune.lora.rank=8", "finetune.lora.alpha=32",
+                                      "finetune.lora.targets=[qkv,proj,fc1,fc2]"]), "finetune")
+    ckpt = store.resolve(run / "checkpoints")
+    saved = set(store.read_manifest(ckpt)["tensors"])
+    assert "head.score" in saved and all(".lora." in name for name in saved - {"head.score"})  # the base is not saved
+    events = (run / "events.log").read_text()
+    assert "(192 of them the classification head's)" in events and " texts into " in events  # 3 classes x 64
+    # loaded in-framework: the base's body, then the adapters and the head from the checkpoint
+    result = evaluate_checkpoint(ckpt, [str(classifier["texts"])], "val", None, ["train.micro_batch_size=1"])
+    assert result.accuracy > 0.5  # chance is a third
+    assert to_hf(ckpt, tmp_path / "hf")["parity"]["max_abs_diff"] <= 1e-4  # merged: a *ForSequenceClassification
+    report = to_peft(ckpt, tmp_path / "peft")  # checked in PeftModel on the base as *ForSequenceClassification
+    assert report["parity"]["max_abs_diff"] <= 1e-4 and "ForSequenceClassification" in report["parity"]["what"]
+    config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert config["task_type"] == "SEQ_CLS" and config["modules_to_save"] == ["score"]
+    with pytest.raises(ConversionError, match="has a classification head"):
+        to_gguf_lora(ckpt, tmp_path / "adapter.gguf")

@@ -107,8 +107,6 @@ def test_derived_values():
     (["finetune.objective=dpo", "finetune.train_on=all"], "finetune.train_on=all would count the prompt"),
     (["finetune.objective=classify"], "finetune.objective=classify needs finetune.head=classification"),
     (["finetune.head=classification", "finetune.num_labels=3"], "trains with finetune.objective=classify (labelled texts) or"),
-    (["finetune.objective=classify", "finetune.head=classification", "finetune.num_labels=3", "finetune.lora.rank=4"],
-     "finetune.lora with a classification head is not supported yet"),
 ])
 def test_errors_name_field_value_and_fix(override, message):
     with pytest.raises(ConfigError) as info:
