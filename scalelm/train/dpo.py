@@ -18,8 +18,8 @@ last pipeline stage like any other. Per document d, over its targets (the reply'
                                                                 cross entropy, per pair (RPO, Pang et al. 2024)
 
 The engine divides the sum over pairs by the pairs of the global batch. Metrics, per pair: the reward
-accuracy (β c > β r), the reward margin β Δ, the chosen and rejected rewards β c and β r, and the policy's
-log-probs of each side.
+accuracy (β c > β r), the reward margin β Δ, the chosen and rejected rewards β c and β r, the policy's
+log-probs of each side, and whether the policy finds the chosen reply the likelier (logp(2k) > logp(2k+1)).
 
 The reference is the model with its LoRA adapters off (`reference_pass`: the engine fills
 batch["reference"] from a forward pass of its own before the step) or, for full finetuning, log-probs
@@ -32,39 +32,15 @@ import torch
 import torch.nn.functional as F
 
 from scalelm.config import DPOConfig
-from scalelm.train.objectives import token_losses
-
-
-def document_sums(values: torch.Tensor, batch: dict) -> torch.Tensor:
-    """(b, L) per-token `values` summed per document: column d holds document d's sum over its targets."""
-    mask = batch["loss_mask"].to(values.dtype)
-    return torch.zeros_like(values).scatter_add_(1, batch["document_ids"], values * mask)
-
-
-def document_logps(logits: torch.Tensor, batch: dict) -> torch.Tensor:
-    """(b, L) float32: each document's Σ log p of its target labels, in the column of its id; logits (s, b, V/tp)
-    split over tensor ranks, consumed (see token_losses)."""
-    return document_sums(-token_losses(logits, batch["labels"]).t(), batch)
-
-
-def pairs_of(per_document: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(b, L) per-document values -> (chosen, rejected), each (b, L // 2): pair k's at column k."""
-    b, length = per_document.shape
-    sides = per_document[:, : length // 2 * 2].reshape(b, length // 2, 2)
-    return sides[..., 0], sides[..., 1]
-
-
-def pair_sizes(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """(chosen, rejected) target counts of each pair slot, (b, L // 2) each; a slot past a row's pairs has zeros."""
-    ones = torch.ones(batch["loss_mask"].shape, dtype=torch.float32, device=batch["loss_mask"].device)
-    return pairs_of(document_sums(ones, batch))
+from scalelm.train.pairs import document_logps, pair_sizes, pairs_of
 
 
 class DPO:
     """finetune.objective=dpo: one of DPO's losses over the micro-batch's pairs (see the module docstring)."""
 
     fields = ("labels", "loss_mask", "document_ids", "reference")
-    metrics = ("reward_accuracy", "reward_margin", "reward_chosen", "reward_rejected", "logps_chosen", "logps_rejected")
+    metrics = ("reward_accuracy", "reward_margin", "reward_chosen", "reward_rejected", "logps_chosen", "logps_rejected",
+               "chosen_likelier")
     unit = "pairs"
 
     def __init__(self, dpo: DPOConfig, reference_pass: bool):
@@ -92,7 +68,8 @@ class DPO:
             rewards_chosen, rewards_rejected = beta * chosen.detach(), beta * rejected.detach()
             metrics = {"reward_accuracy": (rewards_chosen > rewards_rejected), "reward_margin": rewards_chosen - rewards_rejected,
                        "reward_chosen": rewards_chosen, "reward_rejected": rewards_rejected,
-                       "logps_chosen": logp_chosen.detach(), "logps_rejected": logp_rejected.detach()}
+                       "logps_chosen": logp_chosen.detach(), "logps_rejected": logp_rejected.detach(),
+                       "chosen_likelier": logp_chosen.detach() > logp_rejected.detach()}
             metrics = {k: torch.where(real, v.float(), 0.0).sum() for k, v in metrics.items()}
         return torch.where(real, losses, 0.0).sum(), metrics
 
@@ -109,3 +86,16 @@ class DPO:
         if kind == "robust":
             return (-(1 - eps) * F.logsigmoid(delta) + eps * F.logsigmoid(-delta)) / (1 - 2 * eps)
         raise ValueError(f"finetune.dpo.loss={kind!r}: use sigmoid, ipo, hinge or robust")
+
+
+class Likelihoods(DPO):
+    """A model on preference pairs without a reference (one not trained with DPO, in `scalelm eval`): DPO's figures
+    against a reference of zeros, so that its rewards are β logp and what counts is `chosen_likelier`."""
+
+    fields = tuple(f for f in DPO.fields if f != "reference")
+
+    def __init__(self, dpo: DPOConfig):
+        super().__init__(dpo, reference_pass=False)
+
+    def __call__(self, logits: torch.Tensor, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        return super().__call__(logits, {**batch, "reference": torch.zeros_like(batch["loss_mask"], dtype=torch.float32)})

@@ -19,7 +19,7 @@ from scalelm.train.score import reference_model, score_command
 from tests.corpus import write_pairs
 from tests.distributed.post_training import score_run
 from tests.distributed.ranks import run_ranks
-from tests.distributed.workloads import pretrain_run
+from tests.distributed.workloads import pretrain_run, straight_and_resumed
 from tests.launched import SFT_RUN as RUN
 
 pytestmark = [pytest.mark.slow]
@@ -54,7 +54,7 @@ def full(pairs, sft_start, tmp_path_factory):
 
 def test_a_full_policy_scores_its_reference_first_and_starts_from_it(full, pairs, sft_start):
     events = (full / "events.log").read_text()
-    assert "scoring the reference log-probs" in events and "scored " in events
+    assert "scoring the reference log-probs" in events and "scored " in events and " pairs into " in events
     model = reference_model(load_finetune_config(None, dpo_run(pairs, sft_start, full)))
     manifest = read_reference_manifest(pairs, model["sha256"])
     assert manifest["model"] == model and set(manifest["splits"]) == {"train", "val"}
@@ -85,10 +85,9 @@ def test_a_lora_policy_starts_from_its_base(pairs, sft_start, tmp_path):
 def test_full_dpo_resumes_bit_exact(full, pairs, sft_start, tmp_path):
     # one process: resuming in other layouts is the checkpoint code every run shares (test_checkpoint_resume.py)
     common = dpo_run(pairs, sft_start, tmp_path / "x", "optim.decay_steps=6")
-    straight = [o.replace(str(tmp_path / "x"), str(tmp_path / "straight")) for o in common] + ["train.steps=6"]
-    first = [o.replace(str(tmp_path / "x"), str(tmp_path / "resumed")) for o in common] + ["train.steps=3"]
-    losses = [run_ranks(1, pretrain_run, leg, "finetune")[0] for leg in (straight, first, first[:-1] + ["train.steps=6"])]
-    assert len(losses[1]) == 3 and losses[2] == losses[0]  # every bit of every step's loss
+    straight, resumed = straight_and_resumed(common, tmp_path / "x", 6)
+    losses = [run_ranks(1, pretrain_run, leg, "finetune")[0] for leg in (straight, resumed)]
+    assert len(losses[1]) == 3 and losses[1] == losses[0][3:]  # every bit of every step's loss
 
 
 def test_reference_log_probs_scored_again_are_refused_on_resume(full, pairs, sft_start, tmp_path):
@@ -157,7 +156,6 @@ def test_objectives_and_shards_must_agree(pairs, chat, sft_start, tmp_path):
 
 
 def test_eval_reports_rewards_against_the_reference(full, pairs, sft_start):
-    from scalelm.errors import ConfigError
     from scalelm.infer.evaluate import evaluate_checkpoint
 
     validated = [r for r in read_records(full) if "val_loss" in r][-1]
@@ -166,6 +164,8 @@ def test_eval_reports_rewards_against_the_reference(full, pairs, sft_start):
     assert result.pairs > 0 and 0 <= result.metrics["reward_accuracy"] <= 1
     assert result.metrics["reward_margin"] == pytest.approx(
         result.metrics["reward_chosen"] - result.metrics["reward_rejected"], abs=1e-5)
-    assert result.line("val").startswith("reward accuracy ")
-    with pytest.raises(ConfigError, match="was not trained with DPO"):
-        evaluate_checkpoint(sft_start, [str(pairs)], "val", None)
+    assert result.line("val").startswith("reward accuracy ") and 0 <= result.metrics["chosen_likelier"] <= 1
+    start = evaluate_checkpoint(sft_start, [str(pairs)], "val", None)  # no reference: its own log-probs alone
+    assert start.pairs == result.pairs and start.metrics["reward_accuracy"] == start.metrics["chosen_likelier"]
+    assert start.metrics["logps_chosen"] != result.metrics["logps_chosen"]  # trained: the policy moved
+    assert "no reference" in start.line("val") and "reward accuracy" not in start.line("val")

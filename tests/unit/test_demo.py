@@ -4,7 +4,7 @@ import tarfile
 
 import pytest
 
-from scalelm.data import demo
+from scalelm.data import demo, demo_sets
 from scalelm.errors import DataError
 
 
@@ -50,9 +50,53 @@ def test_conversations_from_the_plays(tmp_path):
     texts.mkdir()
     (texts / "shkspr-hamlet_gut.txt").write_text("ACT I.\n\nBer.\nWho's there?\n\nFran.\nNay, answer me: stand,\n"
                                                  "and unfold yourself.\n\nExit.\nBer.\n\nBer.\nLong live the King!\n")
-    counts = demo.demo_conversations(texts, tmp_path / "out")
+    counts = demo_sets.demo_conversations(texts, tmp_path / "out")
     lines = [json.loads(line)["messages"] for line in (tmp_path / "out" / "conversations.jsonl").read_text().splitlines()]
     assert counts == {"plays": 1, "speeches": 3, "conversations": 2}
     assert lines[0] == [{"role": "system", "content": "Hamlet. You are Fran."}, {"role": "user", "content": "Ber: Who's there?"},
                         {"role": "assistant", "content": "Nay, answer me: stand,\nand unfold yourself."}]
     assert lines[1][1]["content"].startswith("Fran: Nay") and lines[1][2]["content"] == "Long live the King!"
+
+
+def write_play(texts, stem, speeches):
+    texts.mkdir(exist_ok=True)
+    body = "".join(f"\n\n{who}.\n{said}" for who, said in speeches)
+    (texts / f"shkspr-{stem}_gut.txt").write_text("ACT I." + body)
+
+
+def test_pairs_put_the_real_reply_against_two_of_its_words_swapped(tmp_path):
+    import json
+
+    texts = tmp_path / "texts"
+    write_play(texts, "hamlet", [("Ber", "Who's there?"), ("Fran", "Nay, answer me: stand,\nand unfold yourself now."),
+                                 ("Ber", "Long live the King!"), ("Fran", "Bernardo?")])
+    counts = demo_sets.demo_pairs(texts, tmp_path / "out")
+    pairs = [json.loads(line) for line in (tmp_path / "out" / "pairs.jsonl").read_text().splitlines()]
+    assert counts == {"plays": 1, "speeches": 4, "pairs": 2}  # "Bernardo?" has too few words to shuffle
+    first = pairs[0]
+    assert first["prompt"] == [{"role": "system", "content": "Hamlet. You are Fran."},
+                               {"role": "user", "content": "Ber: Who's there?"}]
+    chosen, rejected = first["chosen"][0]["content"], first["rejected"][0]["content"]
+    assert chosen == "Nay, answer me: stand,\nand unfold yourself now." and rejected != chosen
+    differ = [(a, b) for a, b in zip(chosen.split(), rejected.split()) if a != b]
+    assert len(differ) == 2 and differ[0] == differ[1][::-1]  # two neighbours of one line, swapped
+    assert [len(line.split()) for line in rejected.split("\n")] == [4, 4]
+    assert demo_sets.swap_words("a a a", seed="x") == "a a a"  # nothing to swap
+    assert demo_sets.demo_pairs(texts, tmp_path / "again") == counts
+    assert (tmp_path / "again" / "pairs.jsonl").read_text() == (tmp_path / "out" / "pairs.jsonl").read_text()
+
+
+def test_passages_are_balanced_and_labelled_with_their_play(tmp_path):
+    import json
+
+    texts = tmp_path / "texts"
+    long = "a speech of some length, " * 4
+    write_play(texts, "hamlet", [("Ham", f"{long}{i}") for i in range(5)] + [("Hor", "Short.")])
+    write_play(texts, "tempest", [("Pro", f"{long}{i}") for i in range(3)])
+    counts = demo_sets.demo_passages(texts, tmp_path / "out", plays=("hamlet", "tempest"))
+    records = [json.loads(line) for line in (tmp_path / "out" / "texts.jsonl").read_text().splitlines()]
+    assert counts == {"plays": 2, "texts": 6, "per_play": 3}
+    assert [r["label"] for r in records] == ["Hamlet"] * 3 + ["Tempest"] * 3
+    assert [r["text"][-1] for r in records[:3]] == ["0", "1", "3"]  # taken evenly through the play, names left out
+    with pytest.raises(DataError, match="lacks Macbeth"):
+        demo_sets.demo_passages(texts, tmp_path / "out", plays=("hamlet", "macbeth"))

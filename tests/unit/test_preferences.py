@@ -103,6 +103,17 @@ def test_what_is_dropped_is_counted(shards, pipeline, tmp_path):
     assert max(a + b for s in long["shards"] for a, b in zip(s["lengths"][0::2], s["lengths"][1::2])) <= 100
 
 
+def test_sharding_again_drops_the_reference_log_probs_of_the_shards_it_replaces(shards, pipeline, tmp_path):
+    out = tmp_path / "shards"
+    write_preference_shards([shards["raw"]], pipeline["tokenizer"], out, workers=1, progress=False)
+    (out / "reference" / "0123456789abcdef").mkdir(parents=True)  # as `scalelm score` leaves them
+    with pytest.raises(DataError, match="already holds shards"):
+        write_preference_shards([shards["raw"]], pipeline["tokenizer"], out, workers=1, progress=False)
+    assert (out / "reference").is_dir()  # refused: nothing touched
+    write_preference_shards([shards["raw"]], pipeline["tokenizer"], out, workers=1, progress=False, overwrite=True)
+    assert not (out / "reference").exists()
+
+
 def test_a_run_shorter_than_its_pairs_is_refused(shards):
     from scalelm.data.loader import TokenLoader
 
