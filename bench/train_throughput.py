@@ -1,6 +1,7 @@
 """Training throughput on this machine's CPU, or its first GPU when it has one: `scalelm pretrain` (one process)
-next to a plain-PyTorch loop of the same model, batch and data (under autocast in bf16/fp16). The ratio is the
-framework's own overhead (DeepSpeed engine, loader, metrics); 1.0 means none.
+next to a plain-PyTorch loop of the same model, batch and data (under autocast in bf16/fp16), and next to that loop
+on a GPT of the same shape written in plain PyTorch (bench/plain_gpt.py). The first ratio is the framework's own
+overhead (DeepSpeed engine, loader, metrics), the second adds what megatron-core's layers cost; 1.0 means none.
 
     python bench/train_throughput.py [--config configs/tiny.yaml] [--steps 40] [key=value ...]
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import tempfile
 import time
 import warnings
@@ -19,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from scalelm.config import load_config
 from scalelm.data.loader import loader_from_config
@@ -29,6 +32,9 @@ from scalelm.parallel.topology import destroy_distributed, init_distributed
 from scalelm.train.loop import pretrain
 from scalelm.train.objectives import token_losses
 from scalelm.train.schedule import lr_scheduler
+
+sys.path.insert(0, str(Path(__file__).parent))
+from plain_gpt import PlainGPT  # noqa: E402
 
 VOCAB = 8000
 
@@ -43,13 +49,20 @@ def synthetic_shards(out: Path, tokens: int) -> None:
     writer.close()
 
 
-def plain_pytorch(cfg, steps: int) -> float:
-    """The same GPT, AdamW, schedule, clipping and loader, driven by hand: no DeepSpeed."""
+def plain_pytorch(cfg, steps: int, own_model: bool = False) -> float:
+    """AdamW, the schedule, clipping and the loader driven by hand, no DeepSpeed, on scalelm's GPT (megatron-core
+    layers) or, with `own_model`, on bench/plain_gpt.py's GPT of the same shape (torch.nn layers)."""
     layout = init_distributed(cfg.parallel, cfg.train.seed)
     try:
         device, on_gpu = layout.device, layout.device.type == "cuda"
-        tc = transformer_config(cfg.model, cfg.parallel, on_gpu=on_gpu)
-        model = GPT(cfg.model, tc, layer_spec(on_gpu=on_gpu), VOCAB, cfg.train.seed).to(device)
+        if own_model:
+            torch.manual_seed(cfg.train.seed)
+            model = PlainGPT(cfg.model, VOCAB, cfg.train.seq_len).to(device)
+            losses = lambda ids, labels: F.cross_entropy(model(ids).flatten(0, 1).float(), labels.flatten())  # noqa: E731
+        else:
+            tc = transformer_config(cfg.model, cfg.parallel, on_gpu=on_gpu)
+            model = GPT(cfg.model, tc, layer_spec(on_gpu=on_gpu), VOCAB, cfg.train.seed).to(device)
+            losses = lambda ids, labels: token_losses(model(ids), labels).mean()  # noqa: E731
         half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.precision)  # fp16: no loss scaling, speed only
         o = cfg.optim
         optimizer = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
@@ -63,7 +76,7 @@ def plain_pytorch(cfg, steps: int) -> float:
             for _ in range(accum):
                 batch = next(batches)
                 with torch.autocast(device.type, dtype=half, enabled=half is not None):
-                    loss = token_losses(model(batch["input_ids"].to(device)), batch["labels"].to(device)).mean()
+                    loss = losses(batch["input_ids"].to(device), batch["labels"].to(device))
                 (loss / accum).backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip)
             optimizer.step()
@@ -93,21 +106,24 @@ def main() -> None:
                                         "data.num_workers=0", *args.overrides])
         # NOTE: plain, scalelm, plain again: a drift of the machine's speed over the run (caches, other
         # load) then shows as a gap between the two plain figures instead of hiding in the ratio.
-        plain_before = plain_pytorch(cfg, args.steps)
+        plain_before, own_before = plain_pytorch(cfg, args.steps), plain_pytorch(cfg, args.steps, own_model=True)
         pretrain(cfg)
         records = [json.loads(line) for line in (tmp / "run" / "metrics.jsonl").read_text().splitlines()]
         ours = statistics.median(r["tokens_per_s"] for r in records[5:])
         mfu = statistics.median(r["mfu"] for r in records[5:]) if records[-1]["mfu"] is not None else None
-        plain_after = plain_pytorch(cfg, args.steps)
-        plain = (plain_before + plain_after) / 2
+        own_after, plain_after = plain_pytorch(cfg, args.steps, own_model=True), plain_pytorch(cfg, args.steps)
+        plain, own = (plain_before + plain_after) / 2, (own_before + own_after) / 2
     m, t = cfg.model, cfg.train
     print(f"{Path(args.config).name}: {m.num_layers} layers x {m.hidden_size}, seq {t.seq_len}, "
           f"global batch {t.global_batch_size} (micro {t.micro_batch_size}), {t.precision}, "
           + (f"{torch.cuda.get_device_name()}" if torch.cuda.is_available() else f"{torch.get_num_threads()} threads")
           + ", 1 process")
     print(f"  scalelm pretrain     {ours:10,.0f} tokens/s" + (f", MFU {mfu:.1%} (PaLM)" if mfu is not None else ""))
-    print(f"  plain PyTorch loop   {plain:10,.0f} tokens/s (before {plain_before:,.0f}, after {plain_after:,.0f})")
-    print(f"  ratio                {ours / plain:10.2f}")
+    print(f"  plain PyTorch loop   {plain:10,.0f} tokens/s (before {plain_before:,.0f}, after {plain_after:,.0f}), "
+          f"scalelm's GPT")
+    print(f"  plain PyTorch GPT    {own:10,.0f} tokens/s (before {own_before:,.0f}, after {own_after:,.0f}), "
+          f"torch.nn layers (bench/plain_gpt.py)")
+    print(f"  ratio                {ours / plain:10.2f} against the loop, {ours / own:.2f} against the plain GPT")
 
 
 if __name__ == "__main__":

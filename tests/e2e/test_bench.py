@@ -28,7 +28,7 @@ def test_tokenize_benchmark_prints_figures(pipeline):
 def test_train_benchmark_prints_figures():
     out = run(BENCH / "train_throughput.py", "--steps", "8", "model.num_layers=2", "model.hidden_size=64",
               "model.num_heads=4", "train.seq_len=32")
-    assert "scalelm pretrain" in out and "plain PyTorch loop" in out and "ratio" in out
+    assert "scalelm pretrain" in out and "plain PyTorch loop" in out and "plain PyTorch GPT" in out and "ratio" in out
 
 
 def test_checkpoint_benchmark_prints_figures(tmp_path):
