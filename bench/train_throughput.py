@@ -58,11 +58,14 @@ def plain_pytorch(cfg, steps: int, own_model: bool = False) -> float:
         if own_model:
             torch.manual_seed(cfg.train.seed)
             model = PlainGPT(cfg.model, VOCAB, cfg.train.seq_len).to(device)
-            losses = lambda ids, labels: F.cross_entropy(model(ids).flatten(0, 1).float(), labels.flatten())  # noqa: E731
         else:
             tc = transformer_config(cfg.model, cfg.parallel, on_gpu=on_gpu)
             model = GPT(cfg.model, tc, layer_spec(on_gpu=on_gpu), VOCAB, cfg.train.seed).to(device)
-            losses = lambda ids, labels: token_losses(model(ids), labels).mean()  # noqa: E731
+
+        def losses(ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+            if own_model:  # (b, s, V) logits
+                return F.cross_entropy(model(ids).flatten(0, 1).float(), labels.flatten())
+            return token_losses(model(ids), labels).mean()  # (s, b, V) logits
         half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.precision)  # fp16: no loss scaling, speed only
         o = cfg.optim
         optimizer = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,

@@ -88,8 +88,8 @@ def peft_adapter(model: ModelConfig, adapters: dict[str, torch.Tensor], lora: Lo
     # NOTE: PEFT matches an entry by the whole module name or its end after a dot; GPT-2 has two c_proj, so its
     # entries keep their parent's name, while Llama's are the bare names everyone (and vLLM's packing) expects
     names = [m.rsplit(".", 1)[-1] for m in modules] if layout == layouts.LLAMA else modules
-    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM" if head is None else "SEQ_CLS", "base_model_name_or_path": None,
-              "inference_mode": True,
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM" if head is None else "SEQ_CLS",
+              "base_model_name_or_path": None, "inference_mode": True,
               "r": lora.rank, "lora_alpha": int(lora.alpha) if float(lora.alpha).is_integer() else lora.alpha,
               "lora_dropout": lora.dropout, "use_rslora": lora.rslora, "target_modules": names, "bias": "none",
               "fan_in_fan_out": layout == layouts.GPT2, "modules_to_save": None if head is None else ["score"], "use_dora": False,
