@@ -176,6 +176,9 @@ class CheckpointConfig:
     """Steps between checkpoints (one is also written at the end and on SIGTERM/SIGUSR1)."""
     keep: int = 3
     """Newest checkpoints kept; older ones are deleted."""
+    background: bool = True
+    """Write checkpoints in the background: training waits only while the state is copied to host memory
+    (one snapshot, kept for the next save); false writes while training waits, one tensor in memory at a time."""
 
 
 @dataclass

@@ -243,9 +243,9 @@ class Engine:
         """This rank's parameters under single-process names, in the order every rank of a stage agrees on."""
         return state.named_parameters(self.engine.module)
 
-    def gather(self, param: torch.nn.Parameter, key: str) -> torch.Tensor:
-        """The whole fp32 `key` state (param / exp_avg / exp_avg_sq) of `param`; collective."""
-        return state.gather(param, key, self.optimizer)
+    def gather(self, param: torch.nn.Parameter, key: str, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The whole fp32 `key` state (param / exp_avg / exp_avg_sq) of `param`, into `out` if given; collective."""
+        return state.gather(param, key, self.optimizer, out)
 
     def whole_shape(self, param: torch.nn.Parameter) -> tuple[int, ...]:
         return state.whole_shape(param)

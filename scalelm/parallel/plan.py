@@ -37,6 +37,9 @@ whole (under 1e5 elements, its persistence threshold), the hidden states the pip
 the gradient norm's fp64 copy of one gradient, and the communication libraries' own buffers. The CUDA
 context, NCCL's buffers and the allocator's fragmentation are what HEADROOM leaves free.
 
+Host memory is counted apart from the GPU's: with checkpoint.background, the copy each rank writes its share
+of a checkpoint from (snapshot_bytes).
+
 A GPU and the CPU runs the model is checked on differ in three ways. On a GPU, DeepSpeed's buckets are
 allocated whole when made (torch.empty of B elements) and AdamW is fused (no temporaries). On the CPU only the
 pages written count (a bucket holds at most Ψ gradients), AdamW runs tensor by tensor (torch has no fused or
@@ -86,6 +89,7 @@ class Memory:
     moments: dict[str, list[Term]]
     in_flight: int
     activations: dict[str, float]  # this stage's activations under each train.activation_checkpointing
+    snapshot: float  # host memory, not the GPU's: a checkpoint's copy with checkpoint.background, else 0
 
     def moment_bytes(self, name: str) -> float:
         return sum(term.bytes for term in self.moments[name])
@@ -326,7 +330,18 @@ def stage_memory(cfg: Config, data: int, micro_batches: int, stage: str, on_gpu:
             moments["reduce"].append(Term("gradient partition", psi / d * w, f"1/{d}, accumulated until the step"))
         moments["step"] = [Term("gradient partition", psi / d * w, f"the reduced 1/{d}"),
                            Term("fp32 gradient", 4 * psi / d, "its flat copy AdamW steps on"), *adam_temporaries]
-    return Memory(stage, held, moments, in_flight, activations)
+    return Memory(stage, held, moments, in_flight, activations, snapshot_bytes(cfg, psi, d, vocab))
+
+
+def snapshot_bytes(cfg: Config, psi: float, data: int, vocab: int) -> float:
+    """The host memory a checkpoint saved in the background keeps (checkpoint/saver.py), on a rank holding `psi`
+    trained parameters: the fp32 weight and two moments of the whole parameters it writes. Each is written whole
+    by one of the stage's tensor x data ranks, the least loaded: about 1/(t·d) of the stage's psi·t, and at least
+    the largest, the embedding or the head (which LoRA does not save). 0 without checkpoint.background."""
+    if not cfg.checkpoint.background:
+        return 0
+    largest = vocab * cfg.model.hidden_size if cfg.finetune.lora is None else 0
+    return 12 * max(psi / data, largest)
 
 
 def layouts_that_fit(cfg: Config, world: int, gpus_per_node: int, gpu_bytes: float, limit: int = 3) -> list[tuple[str, Plan]]:
@@ -382,6 +397,8 @@ def describe(p: Plan, nodes: int, gpus_per_node: int, gpu: str, mfu: float) -> l
                                         for name in mem.moments if name != mem.peak_moment),
         "  activations without recomputation {:.2f} GiB, with full recomputation {:.2f} GiB".format(
             mem.activations["none"] / GiB, mem.activations["full"] / GiB),
+        *([f"host memory per GPU: {mem.snapshot / GiB:.2f} GiB pinned, the copy a checkpoint is written from in the "
+           f"background, kept between saves (checkpoint.background)"] if mem.snapshot else []),
         f"compute: {p.flops_per_step / 1e15:,.1f} PFLOP per step; at {mfu:.0%} MFU about {step:,.2f} s per step, "
         f"{t.global_batch_size * t.seq_len / step:,.0f} tokens/s",
     ]

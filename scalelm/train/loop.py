@@ -14,7 +14,7 @@ import torch
 from scalelm.checkpoint import store
 from scalelm.checkpoint.base import base_of
 from scalelm.checkpoint.resume import find_checkpoint, init_weights, load_checkpoint
-from scalelm.checkpoint.save import save_checkpoint
+from scalelm.checkpoint.saver import Checkpoints
 from scalelm.config import Config, validate
 from scalelm.data.files import sha256_file
 from scalelm.data.loader import loader_from_config
@@ -80,16 +80,9 @@ def train(cfg: Config, stage: str) -> dict:
         validation = _Validation(cfg, layout, scored) if cfg.train.eval_every else None
         tokens_per_step = cfg.train.global_batch_size * cfg.train.seq_len
         flops, peak = _flops(cfg, vocab_size), metrics.peak_flops(layout.device)
-        saved_at = run["step"] if ckpt is not None else None
-
-        def save(step: int, why: str) -> None:
-            nonlocal saved_at
-            if saved_at != step:
-                done = save_checkpoint(cfg, layout, engine, step, run, loader.state_dict(), tokenizer_sha, base, reference)
-                saved_at = step
-                log.note(step, f"saved {done['path']} ({why}; {done['bytes'] / 1e6:,.1f} MB in {done['seconds']:.1f} s)")
-
-        with StopSignals(layout.device) as signals:
+        checkpoints = Checkpoints(cfg, layout, engine, {"tokenizer_sha256": tokenizer_sha, "base": base, "reference": reference},
+                                  log.note, newest=run["step"] if ckpt is not None else None)
+        with checkpoints, StopSignals(layout.device) as signals:
             for step in range(run["step"] + 1, cfg.train.steps + 1):
                 started, lr = time.perf_counter(), engine.lr
                 loss = engine.train_step(batches.for_step())
@@ -99,19 +92,22 @@ def train(cfg: Config, stage: str) -> dict:
                 try:
                     note = guard.check(step, loss, engine.step_applied)
                 except TrainingError as e:
-                    raise TrainingError(f"{e} (newest checkpoint: {_checkpoint_name(cfg, saved_at)})") from None
+                    checkpoints.wait()
+                    raise TrainingError(f"{e} (newest checkpoint: {_checkpoint_name(cfg, checkpoints.newest)})") from None
                 run = {"step": step, "consumed_tokens": run["consumed_tokens"] + tokens_per_step, "guard": guard.state()}
                 if note:
                     log.note(step, note + batches.where())
                 if validation and (step % cfg.train.eval_every == 0 or step == cfg.train.steps):
                     log.eval(step, *validation.run(engine), metrics=engine.step_metrics)
+                checkpoints.poll()  # a save in the background moves on
                 signalled, stop = signals.poll()
                 why = _save_reason(cfg, step, signalled, stop)
                 if why:  # after a skipped step too: the guard checked the weights were left as they were
-                    save(step, why)
+                    checkpoints.save(step, run, loader.state_dict(), why, wait=why != "checkpoint.every")
                 if stop:
                     raise Stopped(f"stopped by SIGTERM after step {step}; newest checkpoint: "
-                                  f"{_checkpoint_name(cfg, saved_at)}; run the same command to resume")
+                                  f"{_checkpoint_name(cfg, checkpoints.newest)}; run the same command to resume")
+            checkpoints.wait()  # a run resumed at its last step saves nothing, and may have nothing to wait for
         return (log.last or {"step": run["step"]}) if layout.rank == 0 else None
     finally:
         if log is not None:

@@ -1,13 +1,15 @@
 """Checkpoints on real ranks: N steps + resume + N steps is the 2N-step run, bit for bit, in every
 layout; and a checkpoint of one layout loads into another with every tensor intact."""
 
+import re
+
 import pytest
 import torch
 from safetensors import safe_open
 
 from scalelm.checkpoint import store
 from tests.distributed.ranks import run_ranks
-from tests.distributed.workloads import pretrain_run, reshard, straight_and_resumed
+from tests.distributed.workloads import full_disk_run, pretrain_run, reshard, straight_and_resumed
 
 N = 3
 TINY = ["model.num_layers=2", "model.hidden_size=64", "model.num_heads=4", "train.seq_len=32",
@@ -39,6 +41,18 @@ def test_resume_is_bit_exact(pipeline, tmp_path, name):
     assert len(losses[0]) == 2 * N and len(losses[1]) == N
     assert losses[1] == losses[0][N:]  # exactly: every bit of every step's loss
     assert store.committed(tmp_path / "resumed" / "checkpoints")[0].name == f"step-{2 * N:08d}"
+
+
+def test_a_full_disk_on_one_rank_is_the_same_error_on_every_rank_while_writing_in_the_background(pipeline, tmp_path):
+    overrides = base(pipeline, "parallel.tensor=2", f"log.dir={tmp_path}", "train.steps=6", "checkpoint.every=2")
+    results = run_ranks(2, full_disk_run, overrides, 1, 4)
+    assert results[0]["error"] == results[1]["error"]
+    assert re.fullmatch(r"could not save the checkpoint of step 4: rank 1: No space left on device \(.*model-00001"
+                        r"\.safetensors\); the previous checkpoint is still the newest", results[0]["error"])
+    # training went on during the write, and stopped at the next step once both ranks were done (or at the next save)
+    assert results[0]["steps"] in ([1, 2, 3, 4, 5], [1, 2, 3, 4, 5, 6])
+    assert [p.name for p in store.committed(tmp_path / "checkpoints")] == ["step-00000002"]
+    assert store.resolve(tmp_path / "checkpoints").name == "step-00000002"
 
 
 def read_all(ckpt) -> dict[str, torch.Tensor]:

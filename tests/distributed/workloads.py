@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -197,6 +198,34 @@ def pretrain_run(overrides: list[str], stage: str = "pretrain") -> list[float]:
     train(cfg, stage)
     records = (Path(cfg.log.dir) / "metrics.jsonl").read_text().splitlines()
     return [json.loads(line)["loss"] for line in records if '"loss"' in line]
+
+
+def full_disk_run(overrides: list[str], full_on: int, step: int) -> dict:
+    """pretrain_run, but the disk is full for rank `full_on` when it writes step `step`'s checkpoint: the error every
+    rank raised, and the last step it trained."""
+    import json
+
+    from scalelm.checkpoint import store
+    from scalelm.errors import CheckpointError
+
+    write = store.TensorWriter.write
+
+    def disk_full(self, name, tensor):
+        if f"step-{step:08d}" in str(self.path):
+            raise OSError(28, "No space left on device", str(self.path))
+        write(self, name, tensor)
+
+    if int(os.environ["RANK"]) == full_on:
+        store.TensorWriter.write = disk_full
+    steps = []
+    try:
+        pretrain_run(overrides)
+    except CheckpointError as e:
+        log_dir = next(o.removeprefix("log.dir=") for o in overrides if o.startswith("log.dir="))
+        if (Path(log_dir) / "metrics.jsonl").is_file():  # rank 0's
+            steps = [json.loads(line)["step"] for line in (Path(log_dir) / "metrics.jsonl").read_text().splitlines()]
+        return {"error": str(e), "steps": steps}
+    return {"error": None, "steps": steps}
 
 
 def straight_and_resumed(common: list[str], run: Path, steps: int) -> tuple[list[str], list[str]]:

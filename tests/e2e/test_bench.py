@@ -34,7 +34,8 @@ def test_train_benchmark_prints_figures():
 def test_checkpoint_benchmark_prints_figures(tmp_path):
     out = run(BENCH / "checkpoint_throughput.py", "--repeats", "1", "--dir", tmp_path, "model.num_layers=2",
               "model.hidden_size=64", "model.num_heads=4", "train.seq_len=32")
-    assert "scalelm save_checkpoint" in out and "torch.save of the same tensors" in out and "GB/s" in out
+    assert "scalelm, blocking: training waits" in out and "scalelm, background: training waits" in out
+    assert "scalelm, background: the write" in out and "torch.save of the same tensors" in out and "GB/s" in out
     assert not any(tmp_path.iterdir())  # it cleans up after itself
 
 

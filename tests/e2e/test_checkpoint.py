@@ -5,9 +5,11 @@ that are not what they claim to be."""
 import json
 import os
 import pickle
+import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -18,6 +20,7 @@ from safetensors import safe_open
 from scalelm.checkpoint import store
 from scalelm.config import load_config
 from scalelm.errors import CheckpointError, TrainingError
+from scalelm.parallel.plan import plan
 from scalelm.train.loop import pretrain
 
 TINY = ["model.num_layers=2", "model.hidden_size=64", "model.num_heads=4", "train.seq_len=32",
@@ -117,16 +120,21 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-def test_sigkill_in_the_middle_of_a_save_leaves_the_previous_checkpoint(pipeline, tmp_path):
+@pytest.mark.parametrize("background", [True, False], ids=["background", "blocking"])
+def test_sigkill_in_the_middle_of_a_save_leaves_the_previous_checkpoint(pipeline, tmp_path, background):
     run = tmp_path / "run"
-    args = overrides(pipeline, run, "train.steps=6", "checkpoint.every=2")
+    args = overrides(pipeline, run, "train.steps=6", "checkpoint.every=2", f"checkpoint.background={background}")
     proc = subprocess.Popen([sys.executable, "-c", SLOW_SAVE, *pretrain_cli(args)], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, env=clean_env())
     try:
         wait_for(lambda: any((run / "checkpoints" / "step-00000004.tmp").glob("*.safetensors")), "the second save", proc)
+        if background:  # killed while training goes on beside the write
+            wait_for(lambda: len(steps_logged(run)) >= 5, "a step during the save", proc)
     finally:
         proc.kill()
         proc.wait()
+    if not background:
+        assert len(steps_logged(run)) == 4  # training waited for the save
     ckpts = run / "checkpoints"
     assert [p.name for p in store.committed(ckpts)] == ["step-00000002"]
     assert (ckpts / "latest").read_text().strip() == "step-00000002"
@@ -173,7 +181,9 @@ def test_a_checkpoint_of_another_model_is_refused_and_so_is_mixing_runs(pipeline
         train_here(monkeypatch, overrides(pipeline, run, "train.steps=4", "train.resume=none"))
 
 
-def test_a_save_that_cannot_write_is_one_clear_error_and_the_previous_checkpoint_stays(pipeline, tmp_path, monkeypatch):
+@pytest.mark.parametrize("background", [True, False], ids=["background", "blocking"])
+def test_a_save_that_cannot_write_is_one_clear_error_and_the_previous_checkpoint_stays(pipeline, tmp_path, monkeypatch,
+                                                                                     background):
     run = tmp_path / "run"
     write = store.TensorWriter.write
 
@@ -185,9 +195,51 @@ def test_a_save_that_cannot_write_is_one_clear_error_and_the_previous_checkpoint
     monkeypatch.setattr(store.TensorWriter, "write", disk_full)
     with pytest.raises(CheckpointError, match=r"could not save the checkpoint of step 4: rank 0: No space left on device "
                                               r"\(.*model-00000.safetensors\); the previous checkpoint is still the newest"):
-        train_here(monkeypatch, overrides(pipeline, run, "train.steps=6", "checkpoint.every=2"))
+        train_here(monkeypatch, overrides(pipeline, run, "train.steps=6", "checkpoint.every=2",
+                                          f"checkpoint.background={background}"))
     assert [p.name for p in store.committed(run / "checkpoints")] == ["step-00000002"]
     assert store.resolve(run / "checkpoints").name == "step-00000002"
+    trained = [r["step"] for r in steps_logged(run)]  # in the background, the error comes once the write has failed
+    assert trained in ([[1, 2, 3, 4, 5], [1, 2, 3, 4, 5, 6]] if background else [[1, 2, 3, 4]])
+
+
+def test_steps_train_while_a_checkpoint_is_written_and_it_holds_the_state_of_its_step(pipeline, tmp_path, monkeypatch):
+    from scalelm.parallel.engine import Engine
+
+    steps_done, trained_on = [0], threading.Event()
+    train_step = Engine.train_step
+
+    def counted(self, batches):
+        loss = train_step(self, batches)
+        steps_done[0] += 1
+        if steps_done[0] == 3:
+            trained_on.set()
+        return loss
+
+    write, waited = store.TensorWriter.write, []
+
+    def held(self, name, tensor):  # step 2's files are written only once step 3 has trained (or 120 s have gone)
+        if "step-00000002.tmp" in str(self.path) and not waited:
+            waited.append(trained_on.wait(timeout=120))
+        write(self, name, tensor)
+
+    monkeypatch.setattr(Engine, "train_step", counted)
+    monkeypatch.setattr(store.TensorWriter, "write", held)
+    args = overrides(pipeline, tmp_path / "background", "train.steps=4", "checkpoint.every=2")
+    train_here(monkeypatch, args)
+    assert waited == [True]  # the write of step 2 was under way while step 3 trained
+
+    monkeypatch.setattr(store.TensorWriter, "write", write)
+    train_here(monkeypatch, [a.replace("background", "blocking") for a in args] + ["checkpoint.background=false"])
+    for step in (2, 4):  # the same bytes, so the snapshot is the state of its step, not of the steps trained after it
+        files = [store.read_manifest(store.step_dir(tmp_path / mode / "checkpoints", step))["files"]
+                 for mode in ("background", "blocking")]
+        assert files[0] == files[1] and len(files[0]) == 3
+    events = (tmp_path / "background" / "events.log").read_text()
+    note = re.search(r"step 2: saved .*step-00000002 \(checkpoint.every; 1\.\d MB; training waited [\d.]+ s for the "
+                     r"snapshot \((1\.\d) MB in host memory on rank 0\), written in the background in [\d.]+ s\)", events)
+    planned = plan(load_config(str(tmp_path / "background" / "config.yaml")), 1).memory.snapshot
+    assert note and float(note.group(1)) == pytest.approx(planned / 1e6, abs=0.05)  # what `scalelm plan` says
 
 
 def poison(monkeypatch, bad_steps: set[int], micro_batches: int) -> None:

@@ -206,3 +206,16 @@ def test_lora_activations_keep_the_adapters_inputs_and_intermediates_not_the_fro
     # dropout: a one-byte mask of each adapter's input on a GPU (1 + 1 + 1 + 4), and proj's dropped-out copy
     cfg.finetune.lora.dropout = 0.1
     assert layer_activations(cfg.model, cfg, 2, "none") == pytest.approx(sbh * (2 * (16 + 4 * 16 / 2048) + 7 + 2))
+
+
+def test_a_checkpoint_in_the_background_holds_twelve_bytes_a_parameter_in_host_memory_split_over_its_writers():
+    cfg = load_config(str(ROOT / "configs" / "gpt3-125m.yaml"), ["model.vocab_size=50257"])
+    one = plan(cfg, 1)
+    assert one.memory.snapshot == pytest.approx(12 * one.parameters)
+    assert "1.40 GiB pinned" in "\n".join(describe(one, 1, 1, "h100", 0.4))
+    eight = plan(cfg, 8)  # eight data-parallel writers, but one of them writes the 38.6M-parameter embedding whole
+    assert eight.memory.snapshot == pytest.approx(12 * 50304 * 768)
+    cfg.checkpoint.background = False
+    blocking = plan(cfg, 1)
+    assert blocking.memory.snapshot == 0 and "host memory" not in "\n".join(describe(blocking, 1, 1, "h100", 0.4))
+    assert blocking.memory.total == one.memory.total  # host memory, not the GPU's
