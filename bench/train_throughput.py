@@ -3,20 +3,25 @@ next to a plain-PyTorch loop of the same model, batch and data (under autocast i
 on a GPT of the same shape written in plain PyTorch (bench/plain_gpt.py). The first ratio is the framework's own
 overhead (DeepSpeed engine, loader, metrics), the second adds what megatron-core's layers cost; 1.0 means none.
 
-    python bench/train_throughput.py [--config configs/tiny.yaml] [--steps 40] [key=value ...]
+    python bench/train_throughput.py [--shapes tiny,6x256,125m] [--precisions fp32,bf16] [--steps N] [key=value ...]
 
-Prints figures only. Tokens/s is the median over the steps after the first five.
+Shapes: tiny (configs/tiny.yaml: 4 layers x 192, seq 128), 6x256 (6 layers x 256, seq 256) and 125m
+(configs/gpt3-125m.yaml at seq 512, batch 2 x 1). key=value overrides apply to every shape. Prints one row per
+shape and precision; tokens/s is the median over the steps after the first five (of 40, 30 and 10 by default).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import statistics
 import sys
 import tempfile
 import time
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -67,9 +72,13 @@ def plain_pytorch(cfg, steps: int, own_model: bool = False) -> float:
                 return F.cross_entropy(model(ids).flatten(0, 1).float(), labels.flatten())
             return token_losses(model(ids), labels).mean()  # (s, b, V) logits
         half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.precision)  # fp16: no loss scaling, speed only
+        if half is not None and not own_model and not on_gpu:
+            # NOTE: megatron's linear layers leave autocast in their backward on the CPU (it re-enters only CUDA's),
+            # so here the loop trains half-precision weights themselves: less work than scalelm's fp32 master copies
+            model, half = model.to(half), None
         o = cfg.optim
         optimizer = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
-                                      weight_decay=o.weight_decay)
+                                      weight_decay=o.weight_decay, fused=True)  # as scalelm's
         scheduler = lr_scheduler(optimizer, o)
         batches = iter(loader_from_config(cfg, "train", layout.dp_rank, layout.data))
         accum = cfg.train.global_batch_size // cfg.train.micro_batch_size
@@ -93,40 +102,62 @@ def plain_pytorch(cfg, steps: int, own_model: bool = False) -> float:
         destroy_distributed()
 
 
+# name: (config, overrides, steps)
+SHAPES = {"tiny": ("tiny.yaml", [], 40),
+          "6x256": ("tiny.yaml", ["model.num_layers=6", "model.hidden_size=256", "model.num_heads=8", "train.seq_len=256"], 30),
+          "125m": ("gpt3-125m.yaml", ["train.seq_len=512", "train.micro_batch_size=1", "train.global_batch_size=2"], 10)}
+
+
+def measure(config: Path, overrides: list[str], steps: int, tmp: Path, run: Path) -> tuple:
+    """(config, scalelm eager and compiled, plain loop, plain GPT tokens/s, each plain figure (before, after))."""
+    cfg = load_config(config, [f"data.train={tmp / 'shards'}", "data.tokenizer=null", f"model.vocab_size={VOCAB}",
+                               f"train.steps={steps}", "train.eval_every=0", f"log.dir={run}", "log.every=1",
+                               "log.tensorboard=false", "data.num_workers=0", "train.resume=none",
+                               *overrides])
+    # NOTE: plain, scalelm, plain again: a drift of the machine's speed over the run (caches, other
+    # load) then shows as a gap between the two plain figures instead of hiding in the ratio.
+    loop, own = [plain_pytorch(cfg, steps)], [plain_pytorch(cfg, steps, own_model=True)]
+    ours = [scalelm(cfg, run), scalelm(replace(cfg, train=replace(cfg.train, compile=True)), run.with_name(run.name + "-compiled"))]
+    own.append(plain_pytorch(cfg, steps, own_model=True))
+    loop.append(plain_pytorch(cfg, steps))
+    return cfg, ours, statistics.mean(loop), statistics.mean(own), (loop, own)
+
+
+def scalelm(cfg, run: Path) -> float:
+    """`scalelm pretrain`'s median tokens/s after the first five steps."""
+    with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):  # its progress lines
+        pretrain(replace(cfg, log=replace(cfg.log, dir=str(run)), checkpoint=replace(cfg.checkpoint, dir=str(run / "checkpoints"))))
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return statistics.median(r["tokens_per_s"] for r in records[5:])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default=str(Path(__file__).parents[1] / "configs" / "tiny.yaml"))
-    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--shapes", default=",".join(SHAPES), help=f"of {', '.join(SHAPES)}")
+    parser.add_argument("--precisions", default="fp32,bf16")
+    parser.add_argument("--steps", type=int, default=None, help="steps of every run (default: the shape's)")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
+    configs = Path(__file__).parents[1] / "configs"
+    print(("GPU " + torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {torch.get_num_threads()} threads")
+          + ", 1 process; tokens/s (plain figures: the mean of a run before scalelm's and one after)")
+    print(f"  {'shape':<30} {'precision':<9} {'scalelm':>9} {'plain loop':>11} {'plain GPT':>10}  "
+          f"{'vs loop':>7} {'vs GPT':>7}  {'compiled':>9} {'vs GPT':>7}  plain runs (loop; GPT)")
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         synthetic_shards(tmp / "shards", 4_000_000)
-        cfg = load_config(args.config, [f"data.train={tmp / 'shards'}", "data.tokenizer=null",
-                                        f"model.vocab_size={VOCAB}", f"train.steps={args.steps}", "train.eval_every=0",
-                                        f"log.dir={tmp / 'run'}", "log.every=1", "log.tensorboard=false",
-                                        "data.num_workers=0", *args.overrides])
-        # NOTE: plain, scalelm, plain again: a drift of the machine's speed over the run (caches, other
-        # load) then shows as a gap between the two plain figures instead of hiding in the ratio.
-        plain_before, own_before = plain_pytorch(cfg, args.steps), plain_pytorch(cfg, args.steps, own_model=True)
-        pretrain(cfg)
-        records = [json.loads(line) for line in (tmp / "run" / "metrics.jsonl").read_text().splitlines()]
-        ours = statistics.median(r["tokens_per_s"] for r in records[5:])
-        mfu = statistics.median(r["mfu"] for r in records[5:]) if records[-1]["mfu"] is not None else None
-        own_after, plain_after = plain_pytorch(cfg, args.steps, own_model=True), plain_pytorch(cfg, args.steps)
-        plain, own = (plain_before + plain_after) / 2, (own_before + own_after) / 2
-    m, t = cfg.model, cfg.train
-    print(f"{Path(args.config).name}: {m.num_layers} layers x {m.hidden_size}, seq {t.seq_len}, "
-          f"global batch {t.global_batch_size} (micro {t.micro_batch_size}), {t.precision}, "
-          + (f"{torch.cuda.get_device_name()}" if torch.cuda.is_available() else f"{torch.get_num_threads()} threads")
-          + ", 1 process")
-    print(f"  scalelm pretrain     {ours:10,.0f} tokens/s" + (f", MFU {mfu:.1%} (PaLM)" if mfu is not None else ""))
-    print(f"  plain PyTorch loop   {plain:10,.0f} tokens/s (before {plain_before:,.0f}, after {plain_after:,.0f}), "
-          f"scalelm's GPT")
-    print(f"  plain PyTorch GPT    {own:10,.0f} tokens/s (before {own_before:,.0f}, after {own_after:,.0f}), "
-          f"torch.nn layers (bench/plain_gpt.py)")
-    print(f"  ratio                {ours / plain:10.2f} against the loop, {ours / own:.2f} against the plain GPT")
+        for shape in args.shapes.split(","):
+            config, overrides, steps = SHAPES[shape]
+            for precision in args.precisions.split(","):
+                cfg, (ours, compiled), loop, own, (loops, owns) = measure(
+                    configs / config, [*overrides, f"train.precision={precision}", *args.overrides], args.steps or steps, tmp,
+                    tmp / f"{shape}-{precision}")
+                m, t = cfg.model, cfg.train
+                name = f"{shape}: {m.num_layers}x{m.hidden_size}, seq {t.seq_len}, batch {t.global_batch_size}"
+                print(f"  {name:<30} {precision:<9} {ours:9,.0f} {loop:11,.0f} {own:10,.0f}  {ours / loop:7.2f} "
+                      f"{ours / own:7.2f}  {compiled:9,.0f} {compiled / own:7.2f}  "
+                      f"{' '.join(f'{x:,.0f}' for x in loops)}; {' '.join(f'{x:,.0f}' for x in owns)}", flush=True)
 
 
 if __name__ == "__main__":

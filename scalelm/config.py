@@ -145,6 +145,9 @@ class TrainConfig:
     """Training precision; bf16 and fp16 keep fp32 master weights, fp16 adds dynamic loss scaling."""
     activation_checkpointing: Literal["none", "selective", "full"] = "none"
     """Recompute activations in backward: none, selective (attention core) or full (whole layers)."""
+    compile: bool = False
+    """Compile each transformer layer with torch.compile (inductor; a C++ compiler on the CPU): the first steps
+    take longer while it compiles, the rest run fused kernels. Off: megatron-core's layers run eagerly."""
     packed_attention: Literal["sdpa", "flex"] = "sdpa"
     """Attention kernel for packed documents: sdpa with a boolean block mask (any device, attention dropout), or
     flex attention's block mask (compiled on a GPU, skips masked blocks; no attention dropout)."""

@@ -5,6 +5,7 @@
                              builds its stage's share
 
 With finetune.lora the built model's weights are frozen and adapters added to its linears (model/lora.py).
+With train.compile each transformer layer is compiled by torch.compile, one graph per layer.
 
 Training, evaluation, scoring and the conversion's parity check all start here; the engine
 (parallel/engine.py) then wraps the module it is given, with or without an optimizer. The module
@@ -39,7 +40,11 @@ def build_model(cfg: Config, layout, vocab_size: int, documents: bool = False) -
         model = PipelineModule(pipeline_layers(cfg, tc, spec, vocab_size), topology=deepspeed_topology(layout),
                                partition_method="type:Block", activation_checkpoint_interval=int(full_recompute),
                                activation_checkpoint_func=_recompute, checkpointable_layers=["Block"])
-    return model if lora is None else apply_lora(model, lora, cfg.train.seed)
+    model = model if lora is None else apply_lora(model, lora, cfg.train.seed)
+    if cfg.train.compile:
+        for block in (module for module in model.modules() if isinstance(module, Block)):
+            block.compile()  # in place: the parameters keep their names, so checkpoints do not see it
+    return model
 
 
 def num_labels(cfg: Config) -> int | None:

@@ -182,9 +182,26 @@ class Head(nn.Module):
         width = logits.shape[-1]
         first = parallel_state.get_tensor_model_parallel_rank() * width  # this rank's first vocabulary id
         if first + width > self.vocab_size:
-            padding = torch.arange(first, first + width, device=logits.device) >= self.vocab_size
-            logits = logits.masked_fill(padding, float("-inf"))
+            logits = _MaskPadding.apply(logits, max(0, self.vocab_size - first))
         return logits
+
+
+class _MaskPadding(torch.autograd.Function):
+    """logits[..., start:] = -inf in place, and their gradient 0: the padding columns only are written, where
+    masked_fill would copy the logits, the step's largest tensor, forward and backward (16% of a tiny CPU step)."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, start: int) -> torch.Tensor:
+        ctx.start = start
+        ctx.mark_dirty(logits)  # the linear layer's output, which its backward does not need
+        logits[..., start:] = float("-inf")
+        return logits
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        grad[..., ctx.start:] = 0  # already 0 through a softmax; kept so, whatever the loss
+        return grad, None
 
 
 class ScoreHead(nn.Module):

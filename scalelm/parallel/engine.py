@@ -91,7 +91,7 @@ class Engine:
         if train:
             o = cfg.optim
             optimizer = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2),
-                                          eps=o.eps, fused=layout.device.type == "cuda")
+                                          eps=o.eps, fused=True)
             scheduler = lr_scheduler(optimizer, o)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler,

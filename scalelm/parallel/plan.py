@@ -19,7 +19,7 @@ the peak is what is held plus the largest moment:
               output layer's weight gradient), and the gradients of earlier micro-batches if they are there.
     reduce    the end of the step's last backward: the gradients in DeepSpeed's bucket and the flat copy it
               all-reduces (or reduce-scatters).
-    step      the reduced gradient partition, its flat fp32 copy AdamW steps on, and AdamW's temporaries.
+    step      the reduced gradient partition and its flat fp32 copy AdamW steps on (AdamW is fused: no temporaries).
 
 LoRA (finetune.lora, model/lora.py): every base weight is frozen. DeepSpeed's ZeRO-1/2 and bf16 optimizers
 flatten only `is_optimized_parameter`s (requires_grad) into their groups, and ZeRO-3, which partitions every
@@ -40,10 +40,9 @@ context, NCCL's buffers and the allocator's fragmentation are what HEADROOM leav
 Host memory is counted apart from the GPU's: with checkpoint.background, the copy each rank writes its share
 of a checkpoint from (snapshot_bytes).
 
-A GPU and the CPU runs the model is checked on differ in three ways. On a GPU, DeepSpeed's buckets are
-allocated whole when made (torch.empty of B elements) and AdamW is fused (no temporaries). On the CPU only the
-pages written count (a bucket holds at most Ψ gradients), AdamW runs tensor by tensor (torch has no fused or
-foreach AdamW for the CPU) and gloo's reduce-scatter is an all-reduce of a second full copy.
+A GPU and the CPU runs the model is checked on differ in two ways. On a GPU, DeepSpeed's buckets are
+allocated whole when made (torch.empty of B elements); on the CPU only the pages written count (a bucket holds
+at most Ψ gradients). And gloo's reduce-scatter is an all-reduce of a second full copy.
 """
 
 from __future__ import annotations
@@ -251,8 +250,6 @@ def stage_memory(cfg: Config, data: int, micro_batches: int, stage: str, on_gpu:
     bf16_optimizer = t.precision == "bf16" and zero == 1
     in_bucket = min(psi, REDUCE_BUCKET)
     bucket = (REDUCE_BUCKET if on_gpu else in_bucket) * w  # allocated whole on a GPU; pages written on the CPU
-    adam_temporaries = [] if on_gpu else [Term("AdamW temporaries", 2 * 4 * psi / d,
-                                               "sqrt and division of the second moment, one flat tensor at a time")]
 
     frozen, of = (f", {base / 1e6:,.1f}M frozen", " adapters'") if lora is not None else ("", "")
     held = [Term("weights", held_psi * w / (d if zero == 3 else 1),
@@ -312,13 +309,13 @@ def stage_memory(cfg: Config, data: int, micro_batches: int, stage: str, on_gpu:
         moments["backward"] = [gathered, acts, *loss]
         reduce_copy = in_bucket * w * (1 if on_gpu else 2)  # gloo's reduce-scatter: an all-reduce of a full copy
         moments["reduce"] = [Term("reduce-scatter copy", reduce_copy, "the bucket flattened")]
-        moments["step"] = [Term("fp32 gradient", 4 * psi / d, "flat copy of the partition"), *adam_temporaries]
+        moments["step"] = [Term("fp32 gradient", 4 * psi / d, "flat copy of the partition")]
     elif bf16_optimizer:
         bf16_grads = Term("bf16 gradients", 2 * psi, "param.grad, until the step")
         moments["backward"] = [*earlier, acts, *loss]
         moments["reduce"] = [bf16_grads] + ([Term("all-reduce copy", 4 * min(psi, ALLREDUCE_BUCKET),
                                                   "the fp32 gradients flattened")] if d > 1 else [])
-        moments["step"] = [bf16_grads, *adam_temporaries]
+        moments["step"] = [bf16_grads]
     else:  # DeepSpeed's ZeRO-1/2 optimizer: fp32 and fp16, and bf16 under ZeRO-2
         # the bucket is made at the backward's first gradient; with a pipeline, reduce_gradients makes a second
         buckets = bucket * (2 if p.pipeline > 1 and on_gpu else 1)
@@ -329,7 +326,7 @@ def stage_memory(cfg: Config, data: int, micro_batches: int, stage: str, on_gpu:
         if zero == 2 and micro_batches > 1:
             moments["reduce"].append(Term("gradient partition", psi / d * w, f"1/{d}, accumulated until the step"))
         moments["step"] = [Term("gradient partition", psi / d * w, f"the reduced 1/{d}"),
-                           Term("fp32 gradient", 4 * psi / d, "its flat copy AdamW steps on"), *adam_temporaries]
+                           Term("fp32 gradient", 4 * psi / d, "its flat copy AdamW steps on")]
     return Memory(stage, held, moments, in_flight, activations, snapshot_bytes(cfg, psi, d, vocab))
 
 

@@ -26,9 +26,10 @@ def test_tokenize_benchmark_prints_figures(pipeline):
 
 
 def test_train_benchmark_prints_figures():
-    out = run(BENCH / "train_throughput.py", "--steps", "8", "model.num_layers=2", "model.hidden_size=64",
-              "model.num_heads=4", "train.seq_len=32")
-    assert "scalelm pretrain" in out and "plain PyTorch loop" in out and "plain PyTorch GPT" in out and "ratio" in out
+    out = run(BENCH / "train_throughput.py", "--shapes", "tiny", "--precisions", "fp32,bf16", "--steps", "6",
+              "model.num_layers=2", "model.hidden_size=64", "model.num_heads=4", "train.seq_len=32")
+    assert "scalelm" in out and "plain loop" in out and "plain GPT" in out and "vs GPT" in out and "compiled" in out
+    assert re.search(r"tiny: 2x64, seq 32, batch 16 +fp32 .*\n +tiny: 2x64, seq 32, batch 16 +bf16 ", out)
 
 
 def test_checkpoint_benchmark_prints_figures(tmp_path):

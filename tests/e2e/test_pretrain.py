@@ -98,3 +98,20 @@ def test_document_mask_keeps_the_documents_of_a_window_apart(pipeline, tmp_path)
     pretrain(cfg)
     plain = [r["loss"] for r in records(tmp_path)]
     assert masked[-1] < masked[0] and masked != plain  # it trains, and attends otherwise than across documents
+
+
+def test_compiled_layers_train_as_the_eager_ones(pipeline, tmp_path, monkeypatch):
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT"):
+        monkeypatch.delenv(var, raising=False)
+    from torch._dynamo.utils import counters
+
+    losses = {}
+    for compiled in (False, True):
+        run = tmp_path / str(compiled)
+        cfg = load_config("configs/tiny.yaml", overrides(pipeline, run, "train.steps=4", "train.eval_every=0", "log.every=1",
+                                                          "train.precision=fp32", "log.tensorboard=false",
+                                                          f"train.compile={str(compiled).lower()}") + [f"log.dir={run}"])
+        pretrain(cfg)
+        losses[compiled] = [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert len(losses[True]) == 4 and counters["stats"]["unique_graphs"] > 0  # compiled, not run eagerly
+    assert losses[True] == pytest.approx(losses[False], abs=1e-5)
