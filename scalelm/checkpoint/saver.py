@@ -29,13 +29,14 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as joined
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import torch
 import torch.distributed as dist
 
 from scalelm.checkpoint import rng, store
-from scalelm.checkpoint.save import Save, agree, attempt, begin, collect, commit, gathered, size, write
+from scalelm.checkpoint.save import Save, agree, attempt, begin, collect, commit, gathered, save_checkpoint, size, write
 from scalelm.config import Config
 from scalelm.parallel.engine import Engine
 from scalelm.parallel.topology import Layout
@@ -68,14 +69,12 @@ class Checkpoints:
         """Save the state after `step`, and with `wait` be done with it before returning."""
         if step not in (self.newest, self.flight and self.flight.save.step):
             self.wait()  # one snapshot at a time
-            started = time.perf_counter()
-            save = begin(self.cfg, self.layout, self.engine, step, run, loader_state, **self.identity)
             if self.pool is None:
-                write(save, gathered(save, self.engine), rng.capture())
-                manifest = collect(save, self.layout)
-                agree(attempt(commit, save, manifest) if self.layout.rank == 0 else None, step)
-                self._saved(save, manifest, f"{why}; {size(manifest) / 1e6:,.1f} MB in {time.perf_counter() - started:.1f} s")
+                saved = save_checkpoint(self.cfg, self.layout, self.engine, step, run, loader_state, **self.identity)
+                self._saved(step, f"{why}; {saved['bytes'] / 1e6:,.1f} MB in {saved['seconds']:.1f} s")
             else:
+                started = time.perf_counter()
+                save = begin(self.cfg, self.layout, self.engine, step, run, loader_state, **self.identity)
                 tensors = list(gathered(save, self.engine, self._buffer))
                 states, metadata = rng.capture()
                 if self.layout.device.type == "cuda":
@@ -102,7 +101,7 @@ class Checkpoints:
             return
         self.flight = None
         agree(flight.future.result(), flight.save.step)  # rank 0's commit failed: every rank raises
-        self._saved(flight.save, flight.manifest, f"{flight.why}; {size(flight.manifest) / 1e6:,.1f} MB; training waited "
+        self._saved(flight.save.step, f"{flight.why}; {size(flight.manifest) / 1e6:,.1f} MB; training waited "
                     f"{flight.blocked:.2f} s for the snapshot ({flight.save.bytes / 1e6:,.1f} MB in host memory on "
                     f"rank {self.layout.rank}), written in the background in {time.perf_counter() - flight.started:.1f} s")
 
@@ -134,9 +133,9 @@ class Checkpoints:
             dist.all_reduce(busy, op=dist.ReduceOp.MAX)
         return bool(busy.item())
 
-    def _saved(self, save: Save, manifest: dict, how: str) -> None:
-        self.newest = save.step
-        self.note(save.step, f"saved {store.step_dir(save.root, save.step)} ({how})")
+    def _saved(self, step: int, how: str) -> None:
+        self.newest = step
+        self.note(step, f"saved {store.step_dir(Path(self.cfg.checkpoint.dir), step)} ({how})")
 
 
 def _done(result) -> Future:

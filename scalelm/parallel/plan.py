@@ -36,9 +36,7 @@ norm's input, which needs no gradient, or the frozen head's), biases, norms and 
 whole (under 1e5 elements, its persistence threshold), the hidden states the pipeline passes between stages,
 the gradient norm's fp64 copy of one gradient, and the communication libraries' own buffers. The CUDA
 context, NCCL's buffers and the allocator's fragmentation are what HEADROOM leaves free.
-
-Host memory is counted apart from the GPU's: with checkpoint.background, the copy each rank writes its share
-of a checkpoint from (snapshot_bytes).
+Host memory, apart: with checkpoint.background, the copy a rank writes its checkpoint from (snapshot_bytes).
 
 A GPU and the CPU runs the model is checked on differ in two ways. On a GPU, DeepSpeed's buckets are
 allocated whole when made (torch.empty of B elements); on the CPU only the pages written count (a bucket holds
