@@ -94,6 +94,25 @@ def gather_objects(obj) -> list:
     return everyone
 
 
+def rank_hosts() -> str:
+    """Which host each rank runs on, as one line ("node1: ranks 0-7; node2: ranks 8-15"); collective."""
+    hosts: dict[str, list[int]] = {}
+    for rank, host in enumerate(gather_objects(socket.gethostname())):
+        hosts.setdefault(host, []).append(rank)
+    return "; ".join(f"{host}: rank{'s' * (len(ranks) > 1)} {_spans(ranks)}" for host, ranks in hosts.items())
+
+
+def _spans(ranks: list[int]) -> str:
+    """[0, 1, 2, 5] -> "0-2,5"."""
+    spans: list[list[int]] = []
+    for r in ranks:
+        if spans and r == spans[-1][1] + 1:
+            spans[-1][1] = r
+        else:
+            spans.append([r, r])
+    return ",".join(f"{a}-{b}" if b > a else f"{a}" for a, b in spans)
+
+
 def free_port() -> int:
     """A TCP port on this machine that nothing listens on now, for a rendezvous."""
     with socket.socket() as s:

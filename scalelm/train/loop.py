@@ -22,7 +22,7 @@ from scalelm.data.tokenizer import load_tokenizer
 from scalelm.errors import ConfigError, Stopped, TrainingError
 from scalelm.model.build import build_model
 from scalelm.parallel.engine import Engine
-from scalelm.parallel.topology import destroy_distributed, env_rank, gather_objects, init_distributed
+from scalelm.parallel.topology import destroy_distributed, env_rank, gather_objects, init_distributed, rank_hosts
 from scalelm.train import metrics
 from scalelm.train.finetune import check_data
 from scalelm.train.guards import LossGuard
@@ -53,7 +53,9 @@ def train(cfg: Config, stage: str) -> dict:
     layout = init_distributed(cfg.parallel, cfg.train.seed)
     log = None
     try:
+        hosts = rank_hosts() if layout.world > 1 else None
         ckpt, manifest, notes = find_checkpoint(cfg, layout)
+        notes = ([f"{layout.world} ranks, {hosts}"] if hosts else []) + notes
         # DPO without LoRA: train.init_from's log-probs beside the shards, scored first when missing
         reference, more = run_reference(cfg, stage, layout, vocab_size, manifest.get("reference") if ckpt else None)
         notes += more
