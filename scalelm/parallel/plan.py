@@ -315,13 +315,12 @@ def stage_memory(cfg: Config, data: int, micro_batches: int, stage: str, on_gpu:
                                                   "the fp32 gradients flattened")] if d > 1 else [])
         moments["step"] = [bf16_grads]
     else:  # DeepSpeed's ZeRO-1/2 optimizer: fp32 and fp16, and bf16 under ZeRO-2
-        # the bucket is made at the backward's first gradient; with a pipeline, reduce_gradients makes a second;
-        # on one rank engine.py turns the contiguous bucket off
-        buckets = bucket * (2 if p.pipeline > 1 and on_gpu else 1) * (d > 1)
+        # the bucket (none on one rank: engine.py) is made at the first gradient; with a pipeline reduce_gradients makes a second
+        contiguous, buckets = d > 1, bucket * (2 if p.pipeline > 1 and on_gpu else 1)
         moments["backward"] = [*earlier, acts, *loss] + ([Term("reduce bucket", bucket, "made at the first gradient")]
-                                                         if on_gpu and d > 1 else [])
-        moments["reduce"] = [Term("reduce bucket", buckets, "the gradients copied in"),
-                             Term("all-reduce copy", in_bucket * w, "the bucket flattened")]
+                                                         if on_gpu and contiguous else [])
+        moments["reduce"] = [Term("reduce bucket", buckets, "the gradients copied in")] * contiguous + \
+                            [Term("all-reduce copy", in_bucket * w, "the bucket flattened")]
         if zero == 2 and micro_batches > 1:
             moments["reduce"].append(Term("gradient partition", psi / d * w, f"1/{d}, accumulated until the step"))
         moments["step"] = [Term("gradient partition", psi / d * w, f"the reduced 1/{d}"),
