@@ -23,7 +23,7 @@
 
 The CLI only parses arguments and calls into scalelm.*; errors meant for people (ScalelmError)
 end as one line on stderr and exit status 2. A run stopped by SIGTERM (after saving a checkpoint)
-exits with status 143.
+exits with status 143; one that lost a rank (parallel/watchdog.py) with 75.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Sequence
 
 from scalelm import commands
-from scalelm.errors import ScalelmError, Stopped
+from scalelm.errors import PeerLost, ScalelmError, Stopped
 
 BASE_HELP = "a LoRA checkpoint's base, where it is not at the path the checkpoint names (its SHA-256 must match)"
 
@@ -51,7 +51,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.run(args) or 0
     except ScalelmError as e:
         print(f"scalelm: error: {e}", file=sys.stderr)
-        return 2
+        return 75 if isinstance(e, PeerLost) else 2
     except Stopped as e:
         print(f"scalelm: {e}", file=sys.stderr)
         return 143

@@ -78,6 +78,9 @@ class ParallelConfig:
     """Shard layer-norm and dropout activations along the sequence over the tensor group."""
     zero_stage: int = 1
     """DeepSpeed ZeRO stage over the data-parallel group: 1, 2 or 3 (1 with pipeline > 1)."""
+    timeout: float = 600.0
+    """Seconds a rank waits for a silent peer (a lost host, a hung or stopped rank) before the run stops with
+    one line naming it; also the hold on checkpoint.dir of a run that stopped renewing it."""
 
 
 @dataclass

@@ -96,6 +96,8 @@ def validate(cfg: Config, world_size: int | None = None) -> Config:
         # read them. On one data-parallel rank ZeRO-1 is the same as none.
         raise ConfigError("parallel.zero_stage=0 is not supported: use 1 (on one data-parallel rank it is the same as "
                           "no ZeRO, and with more it all-reduces no more data)")
+    if not p.timeout > 0:
+        raise ConfigError(f"parallel.timeout={p.timeout} must be a positive number of seconds (the default is 600)")
     if p.zero_stage not in (1, 2, 3):
         raise ConfigError(f"parallel.zero_stage={p.zero_stage} is not a ZeRO stage: use 1, 2 or 3")
     if p.pipeline > 1 and p.zero_stage != 1:

@@ -30,5 +30,10 @@ class TrainingError(ScalelmError):
     """Training cannot go on (say, a run of non-finite losses); the last good checkpoint is intact."""
 
 
+class PeerLost(ScalelmError):
+    """A rank stopped answering (its host lost, the process killed, stopped or stuck): the run ends with status 75
+    and the newest checkpoint resumes it."""
+
+
 class Stopped(Exception):
     """Training stopped on request (SIGTERM) after saving a checkpoint; the same command resumes it."""

@@ -56,6 +56,29 @@ def trained(pipeline, tmp_path_factory) -> dict[str, Path]:
     return train_models(pipeline, tmp_path_factory.mktemp("trained"))
 
 
+@pytest.fixture(scope="session")
+def across_on_one_host(pipeline, tmp_path_factory) -> Path:
+    """The run tests/launched.py's ACROSS describes, on two ranks of this one host: what runs across hosts match."""
+    from tests.launched import ACROSS, on_one_host
+
+    return on_one_host(pipeline, tmp_path_factory.mktemp("one-host"), *ACROSS)
+
+
+@pytest.fixture(scope="module")
+def two_hosts(tmp_path_factory):
+    """Two hosts, node1 and node2, made of namespaces on this machine (tests/hosts.py), for a module's tests."""
+    from tests.hosts import HostsError, TwoHosts
+
+    hosts = TwoHosts(tmp_path_factory.mktemp("hosts"))
+    try:
+        hosts.start()
+    except HostsError as e:
+        hosts.stop()
+        pytest.fail(str(e), pytrace=False)
+    yield hosts
+    hosts.stop()
+
+
 def pytest_addoption(parser):
     parser.addoption("--llamacpp", action="store_true", help="run the tests marked llamacpp (needs llama-cpp-python)")
 

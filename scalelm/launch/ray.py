@@ -14,6 +14,7 @@ the new workers resume from the newest checkpoint in checkpoint.dir (train.resum
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -100,10 +101,15 @@ def run(cfg: Config, args: argparse.Namespace, stage: str = "pretrain") -> None:
 
 def train_worker(loop_config: dict) -> None:
     """One rank, on a Ray Train worker (which has set RANK, WORLD_SIZE, LOCAL_RANK and the process group)."""
+    import ray
+
     from scalelm.commands import quiet_engines
 
     quiet_engines()
     from scalelm.train.loop import train
+
+    # the job's restarted workers are the same job: a hold on checkpoint.dir left by a lost one is theirs to take
+    os.environ["SCALELM_JOB_ID"] = f"Ray job {ray.get_runtime_context().get_job_id()}"
 
     train(from_dict(loop_config["config"]), loop_config.get("stage", "pretrain"))
 

@@ -14,7 +14,6 @@ import os
 import socket
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import timedelta
 from typing import Iterator
 
 import torch
@@ -46,10 +45,14 @@ def env_rank() -> tuple[int, int, int]:
             int(env.get("LOCAL_RANK", env.get("SLURM_LOCALID", 0))))
 
 
-def init_distributed(parallel: ParallelConfig, seed: int, timeout_s: int = 600) -> Layout:
+def init_distributed(parallel: ParallelConfig, seed: int) -> Layout:
     """Start torch.distributed (NCCL on GPU, gloo on CPU), build megatron's groups, check DeepSpeed's grid."""
     import deepspeed
     from megatron.core import parallel_state, tensor_parallel
+
+    from scalelm.parallel.watchdog import process_group_timeout
+
+    timeout = process_group_timeout(parallel.timeout)
 
     rank, world, local_rank = env_rank()
     # A lone process (no launcher) is rank 0 of 1 on a free local port; DeepSpeed reads these too.
@@ -66,10 +69,10 @@ def init_distributed(parallel: ParallelConfig, seed: int, timeout_s: int = 600) 
         use_cpu()
     if world == 1 and not dist.is_initialized():  # in memory: a lone process needs no port, cannot lose one to a race
         dist.init_process_group("nccl" if on_gpu else "gloo", store=dist.HashStore(), rank=0, world_size=1,
-                                timeout=timedelta(seconds=timeout_s))
+                                timeout=timeout)
     # Starts the group, or (Ray Train's workers, the lone process) takes over the one already started.
     deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo", auto_mpi_discovery=False, rank=rank,
-                               world_size=world, timeout=timedelta(seconds=timeout_s), verbose=False)
+                               world_size=world, timeout=timeout, verbose=False)
     tp, pp = parallel.tensor, parallel.pipeline
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
     layout = Layout(rank=rank, world=world, tensor=tp, pipeline=pp, data=world // (tp * pp),

@@ -13,6 +13,7 @@ import torch
 
 from scalelm.checkpoint import store
 from scalelm.checkpoint.base import base_of
+from scalelm.checkpoint.hold import Hold
 from scalelm.checkpoint.resume import find_checkpoint, init_weights, load_checkpoint
 from scalelm.checkpoint.saver import Checkpoints
 from scalelm.config import Config, validate
@@ -23,6 +24,7 @@ from scalelm.errors import ConfigError, Stopped, TrainingError
 from scalelm.model.build import build_model
 from scalelm.parallel.engine import Engine
 from scalelm.parallel.topology import destroy_distributed, env_rank, gather_objects, init_distributed, rank_hosts
+from scalelm.parallel.watchdog import Watchdog
 from scalelm.train import metrics
 from scalelm.train.finetune import check_data
 from scalelm.train.guards import LossGuard
@@ -51,11 +53,21 @@ def train(cfg: Config, stage: str) -> dict:
     tokenizer_sha = sha256_file(cfg.data.tokenizer) if cfg.data.tokenizer else None
     check_data(cfg, stage)  # the stage's kind of shards, before any process group starts
     layout = init_distributed(cfg.parallel, cfg.train.seed)
+    try:
+        with Hold(Path(cfg.checkpoint.dir), cfg.parallel.timeout, layout) as hold, \
+                Watchdog(cfg.parallel.timeout, layout, before_exit=hold.release) as watchdog:
+            notes = ([f"{layout.world} ranks, {rank_hosts()}"] if layout.world > 1 else []) + ([hold.note] if hold.note else [])
+            return _train(cfg, stage, layout, vocab_size, tokenizer_sha, notes, watchdog)
+    finally:
+        destroy_distributed()
+
+
+def _train(cfg: Config, stage: str, layout, vocab_size: int, tokenizer_sha: str | None, notes: list[str],
+           watchdog: Watchdog) -> dict:
     log = None
     try:
-        hosts = rank_hosts() if layout.world > 1 else None
-        ckpt, manifest, notes = find_checkpoint(cfg, layout)
-        notes = ([f"{layout.world} ranks, {hosts}"] if hosts else []) + notes
+        ckpt, manifest, more = find_checkpoint(cfg, layout)
+        notes += more
         # DPO without LoRA: train.init_from's log-probs beside the shards, scored first when missing
         reference, more = run_reference(cfg, stage, layout, vocab_size, manifest.get("reference") if ckpt else None)
         notes += more
@@ -86,7 +98,7 @@ def train(cfg: Config, stage: str) -> dict:
                                   log.note, newest=run["step"] if ckpt is not None else None)
         with checkpoints, StopSignals(layout.device) as signals:
             for step in range(run["step"] + 1, cfg.train.steps + 1):
-                started, lr = time.perf_counter(), engine.lr
+                started, lr, watchdog.step = time.perf_counter(), engine.lr, step
                 loss = engine.train_step(batches.for_step())
                 seconds = time.perf_counter() - started
                 log.step(_record(step, loss, lr, engine.grad_norm, tokens_per_step / seconds, flops, peak, layout)
@@ -114,7 +126,6 @@ def train(cfg: Config, stage: str) -> dict:
     finally:
         if log is not None:
             log.close()
-        destroy_distributed()
 
 
 def _lora_note(cfg: Config, vocab_size: int) -> str:
