@@ -5,8 +5,8 @@ hostname) and a mount namespace in which /etc/hosts is a file of this fixture's,
 pair joins the two network namespaces, made inside the first and given to the second, so the machine's
 own network is never touched: each host sees only its loopback and its end of the pair, and a process on
 it can reach nothing but the other host. The files are the machine's, shared by both hosts as a
-cluster's shared file system is. Needs root (or CAP_SYS_ADMIN and CAP_NET_ADMIN), util-linux's unshare and
-nsenter, and iproute2's ip.
+cluster's shared file system is, but for the `private` directories, each host's own (Ray's /tmp/ray).
+Needs root (or CAP_SYS_ADMIN and CAP_NET_ADMIN), util-linux's unshare and nsenter, and iproute2's ip.
 
     with TwoHosts(tmp_path) as hosts:
         hosts.popen("node1", ["hostname"]).wait()
@@ -33,8 +33,8 @@ class HostsError(RuntimeError):
 
 
 class TwoHosts:
-    def __init__(self, root: Path, names: tuple[str, str] = ("node1", "node2")):
-        self.root, self.names = root, names
+    def __init__(self, root: Path, names: tuple[str, str] = ("node1", "node2"), private: tuple[str, ...] = ()):
+        self.root, self.names, self.private = root, names, private  # private: directories each host has its own of
         self.address = {name: f"{SUBNET}.{i + 1}" for i, name in enumerate(names)}
         self._holders: dict[str, subprocess.Popen] = {}
 
@@ -56,8 +56,13 @@ class TwoHosts:
         hosts_file = self.root / "hosts"
         hosts_file.write_text("127.0.0.1 localhost\n" + "".join(f"{a} {n}\n" for n, a in self.address.items()))
         for name in self.names:
+            mounts = [f"mount --bind {hosts_file} /etc/hosts"]
+            for path in self.private:  # over a directory of the machine's, seen by none of the hosts as it is
+                Path(path).mkdir(parents=True, exist_ok=True)
+                (own := self.root / name / path.strip("/").replace("/", "-")).mkdir(parents=True, exist_ok=True)
+                mounts.append(f"mount --bind {own} {path}")
             # NOTE: unshare execs sh, which execs sleep: the holder's pid is the namespaces' first process
-            script = f"hostname {name} && mount --bind {hosts_file} /etc/hosts && ip link set lo up && echo up && exec sleep infinity"
+            script = f"hostname {name} && {' && '.join(mounts)} && ip link set lo up && echo up && exec sleep infinity"
             holder = subprocess.Popen([_which("unshare"), "--net", "--uts", "--mount", "--propagation", "private",
                                        "--", "sh", "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
             self._holders[name] = holder

@@ -1,5 +1,6 @@
-"""A real one-node SLURM cluster on localhost for the launcher tests: munged, slurmctld and slurmd from
-Debian's packages, started as this user with their config, state and logs in one directory.
+"""A real SLURM cluster on this machine for the launcher tests: munged, slurmctld and slurmd from Debian's
+packages, started as this user with their config, state and logs in one directory. One node on localhost, or
+one on each of two hosts (tests/hosts.py: a slurmd on each, the controller on the first).
 
 The settings are the ones that work in an unprivileged container (no cgroup delegation): processes
 are tracked by /proc (proctrack/linuxproc), tasks are not bound (task/none), and requeued jobs may
@@ -28,8 +29,13 @@ class SlurmError(RuntimeError):
 
 
 class LocalSlurm:
-    def __init__(self, root: Path, cpus: int = 2):
-        self.root, self.cpus = root, cpus
+    """One node on localhost; or, given `hosts` (tests/hosts.py), a node on each host, the controller on the first,
+    every command run on it."""
+
+    def __init__(self, root: Path, cpus: int = 2, hosts=None):
+        self.root, self.cpus, self.hosts = root, cpus, hosts
+        self.nodes = dict(hosts.address) if hosts else {socket.gethostname().split(".")[0]: "127.0.0.1"}
+        self.node = next(iter(self.nodes))  # the controller's
         self.conf = root / "slurm.conf"
         self.env = {**os.environ, "SLURM_CONF": str(self.conf)}
 
@@ -47,43 +53,60 @@ class LocalSlurm:
                       f"--seed-file={self.root / 'munge.seed'}"])
         self.conf.write_text(self._slurm_conf())
         (self.root / "cgroup.conf").write_text("CgroupPlugin=cgroup/v1\n")
-        self._daemon(["slurmctld", "-f", str(self.conf)])
-        self._daemon(["slurmd", "-f", str(self.conf), "-N", self.node])
+        self._daemon(["slurmctld", "-f", str(self.conf)], on=self.node)
+        for node in self.nodes:
+            self.start_node(node)
+        self.until_idle(timeout_s)
+        return self
+
+    def start_node(self, node: str) -> None:
+        """slurmd of `node` (again, after its host was lost: the node is back)."""
+        (self.root / "spool" / node).mkdir(parents=True, exist_ok=True)
+        self._daemon(["slurmd", "-f", str(self.conf), "-N", node], on=node)
+
+    def until_idle(self, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            state = subprocess.run(["sinfo", "-h", "-N", "-o", "%T"], env=self.env, capture_output=True, text=True)
-            if state.returncode == 0 and state.stdout.strip() == "idle":
-                return self
+            state = self._run(["sinfo", "-h", "-N", "-o", "%T"])
+            if state.returncode == 0 and state.stdout.split() == ["idle"] * len(self.nodes):
+                return
             time.sleep(0.5)
-        raise SlurmError(f"the local SLURM node did not come up in {timeout_s:.0f} s: {self.logs()}")
+        raise SlurmError(f"the local SLURM nodes did not come up in {timeout_s:.0f} s: {self.logs()}")
 
-    @property
-    def node(self) -> str:
-        return socket.gethostname().split(".")[0]
+    def _run(self, cmd: list[str], **kwargs) -> subprocess.CompletedProcess:
+        """`cmd` where the controller is reached: this host, or the controller's."""
+        cmd, cwd = [_which(cmd[0]) or cmd[0], *cmd[1:]], kwargs.pop("cwd", None)
+        if self.hosts:
+            cmd, cwd = self.hosts.command(self.node, cmd, cwd), None
+        return subprocess.run(cmd, cwd=cwd, env=kwargs.pop("env", self.env), capture_output=True, text=True, **kwargs)
 
     def _slurm_conf(self) -> str:
         r = self.root
         return "\n".join([
-            "ClusterName=scalelmtest", f"SlurmctldHost={self.node}(127.0.0.1)", f"SlurmUser={_user()}",
+            "ClusterName=scalelmtest", f"SlurmctldHost={self.node}({self.nodes[self.node]})", f"SlurmUser={_user()}",
             f"SlurmctldPort={free_port()}", f"SlurmdPort={free_port()}",
             "AuthType=auth/munge", f"AuthInfo=socket={r / 'munge.sock'},cred_expire=5",
-            f"StateSaveLocation={r / 'state'}", f"SlurmdSpoolDir={r / 'spool'}",
-            f"SlurmctldPidFile={r / 'slurmctld.pid'}", f"SlurmdPidFile={r / 'slurmd.pid'}",
-            f"SlurmctldLogFile={r / 'log/slurmctld.log'}", f"SlurmdLogFile={r / 'log/slurmd.log'}",
+            f"StateSaveLocation={r / 'state'}", f"SlurmdSpoolDir={r / 'spool/%n'}",
+            f"SlurmctldPidFile={r / 'slurmctld.pid'}", f"SlurmdPidFile={r / 'slurmd.%n.pid'}",
+            f"SlurmctldLogFile={r / 'log/slurmctld.log'}", f"SlurmdLogFile={r / 'log/slurmd.%n.log'}",
             "ProctrackType=proctrack/linuxproc", "TaskPlugin=task/none", "JobAcctGatherType=jobacct_gather/none",
             "SwitchType=switch/none", "MpiDefault=none", "SelectType=select/cons_tres", "SelectTypeParameters=CR_CPU",
             "SchedulerType=sched/builtin", "ReturnToService=2", "JobRequeue=1", "KillWait=30", "MinJobAge=3600",
-            f"NodeName={self.node} NodeAddr=127.0.0.1 CPUs={self.cpus} State=UNKNOWN",
+            "SlurmdTimeout=10",  # a node that stops answering is down after 10 s (its jobs fail and requeue), not 300
+            "SchedulerParameters=sched_interval=2",  # a requeued job is looked at every 2 s, not 60
+            *(f"NodeName={node} NodeAddr={address} CPUs={self.cpus} State=UNKNOWN" for node, address in self.nodes.items()),
             "PartitionName=test Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscribe=YES", ""])
 
-    def _daemon(self, cmd: list[str]) -> None:
-        done = subprocess.run([_which(cmd[0]), *cmd[1:]], env=self.env, capture_output=True, text=True)
+    def _daemon(self, cmd: list[str], on: str | None = None) -> None:
+        cmd = [_which(cmd[0]), *cmd[1:]]
+        done = subprocess.run(self.hosts.command(on, cmd) if self.hosts and on else cmd, env=self.env, capture_output=True,
+                              text=True)
         if done.returncode != 0:
             raise SlurmError(f"{cmd[0]} did not start ({done.returncode}): {(done.stderr or done.stdout).strip()} {self.logs()}")
 
     def stop(self) -> None:
-        subprocess.run(["scancel", "--full", "--signal=KILL", "--user", _user()], env=self.env, capture_output=True)
-        for name in ("slurmd", "slurmctld", "munged"):
+        self._run(["scancel", "--full", "--signal=KILL", "--user", _user()], timeout=60)
+        for name in [f"slurmd.{node}" for node in self.nodes] + ["slurmctld", "munged"]:
             pid_file = self.root / f"{name}.pid"
             if pid_file.exists():
                 try:
@@ -99,14 +122,14 @@ class LocalSlurm:
     def sbatch(self, args: list[str], cwd: Path) -> int:
         # a free rendezvous port: 20000 + job id (pretrain.sh's default) may be taken by a test running beside this one
         env = {**self.env, "MASTER_PORT": str(free_port())}
-        done = subprocess.run(["sbatch", "--parsable", *args], env=env, cwd=cwd, capture_output=True, text=True)
+        done = self._run(["sbatch", "--parsable", *args], env=env, cwd=cwd)
         if done.returncode != 0:
             raise SlurmError(f"sbatch failed: {done.stderr.strip()}")
         return int(done.stdout.strip().split(";")[0])
 
     def job(self, job_id: int) -> dict[str, str]:
         """`scontrol show job` as a dict (JobState, Restarts, ExitCode, ...)."""
-        out = subprocess.run(["scontrol", "-o", "show", "job", str(job_id)], env=self.env, capture_output=True, text=True)
+        out = self._run(["scontrol", "-o", "show", "job", str(job_id)])
         return dict(field.split("=", 1) for field in out.stdout.split() if "=" in field)
 
     def wait(self, job_id: int, timeout_s: float) -> dict[str, str]:
@@ -120,8 +143,7 @@ class LocalSlurm:
         raise SlurmError(f"job {job_id} still {self.job(job_id).get('JobState')} after {timeout_s:.0f} s")
 
     def signal(self, job_id: int, sig: str, batch: bool = False) -> None:
-        subprocess.run(["scancel", f"--signal={sig}", *(["--batch"] if batch else []), str(job_id)],
-                       env=self.env, check=True, capture_output=True)
+        self._run(["scancel", f"--signal={sig}", *(["--batch"] if batch else []), str(job_id)], check=True)
 
 
 def _which(name: str) -> str | None:

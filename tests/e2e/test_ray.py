@@ -1,66 +1,57 @@
-"""`ray job submit -- python -m scalelm.launch.ray` on a real local Ray head started by the test: two CPU
-workers train the tiny config; one is killed mid-run, Ray restarts the workers and they resume from
-the newest checkpoint to finish the run."""
+"""`ray job submit -- python -m scalelm.launch.ray` on a real two-node Ray cluster started by the test: a head on
+node1 and a worker node on node2 (tests/hosts.py, each host with its own /tmp/ray). Two workers spread over the
+hosts finetune; then two pretrain, node2 is lost mid-run, and Ray restarts the workers on the host that is left,
+which resume from the newest checkpoint and finish the run."""
 
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from pathlib import Path
 
 import pytest
 
-from scalelm.parallel.topology import free_port
-from tests.launched import SFT_RUN, TINY, steps_logged
+from tests.hosts import HostsError, TwoHosts
+from tests.launched import REPO, SFT_RUN, TINY, steps_logged
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("ray")]
 
-REPO = Path(__file__).resolve().parents[2]
 RAY = shutil.which("ray", path=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+HEAD = "10.77.0.1"
 
 
 @pytest.fixture(scope="module")
-def ray_head():
-    """A one-node Ray cluster (2 CPUs) with its job server on loopback; `ray stop` at the end."""
+def ray_hosts(tmp_path_factory):
+    """(the two hosts, the environment `ray job submit` on node1 needs); everything is stopped with the hosts."""
     if RAY is None:
         pytest.fail("no `ray` command: install the ray extra (pip install -e '.[ray]', part of '.[dev]')", pytrace=False)
-    root = Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp"))  # short: Ray's socket paths under it must fit in 107 bytes
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
-    # NOTE: a port is free when chosen but not reserved: a rank of a test running beside this one may take it
-    # before Ray binds it, and Ray then fails to start, or starts without a job server. Either way the head is
-    # stopped and started again on other ports.
-    problem = "not started"
-    for _ in range(3):
-        dashboard = free_port()
-        # the agent's own ports too: its HTTP default (52365) is fixed, and was found taken
-        started = subprocess.run([RAY, "start", "--head", "--num-cpus=2", f"--port={free_port()}",
-                                  "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
-                                  f"--dashboard-agent-listen-port={free_port()}", f"--temp-dir={root}"],
-                                 env=env, capture_output=True, text=True, timeout=300)
-        env["RAY_ADDRESS"] = f"http://127.0.0.1:{dashboard}"
-        # the job server and its agent come up after `ray start` returns
-        problem = f"ray start failed: {started.stderr[-2000:]}" if started.returncode else accepts_jobs(env, timeout_s=150)
-        if problem is None:
-            break
-        subprocess.run([RAY, "stop", "--force"], env=env, capture_output=True, timeout=120)
-    if problem:
-        logs = sorted(root.glob("session_*/logs/dashboard*.log"))
-        pytest.fail(f"no Ray head took a job in three tries: {problem[-1000:]} {logs[-1].read_text()[-1000:] if logs else ''}",
-                    pytrace=False)
-    yield env
-    subprocess.run([RAY, "stop", "--force"], env=env, capture_output=True, timeout=120)
-    shutil.rmtree(root, ignore_errors=True)
+    hosts = TwoHosts(tmp_path_factory.mktemp("ray-hosts"), private=("/tmp/ray",))
+    try:
+        hosts.start()
+        env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_ADDRESS": f"http://{HEAD}:8265"}
+        for host, start in (("node1", ["--head", "--port=6379", "--dashboard-host=0.0.0.0"]),
+                            ("node2", [f"--address={HEAD}:6379"])):
+            started = hosts.run(host, [RAY, "start", *start, f"--node-ip-address={hosts.address[host]}", "--num-cpus=2"],
+                                env=env, capture_output=True, text=True, timeout=300)
+            if started.returncode:
+                raise HostsError(f"ray start on {host} failed: {started.stderr[-2000:]}")
+        problem = accepts_jobs(hosts, env, timeout_s=150)  # the job server and its agent come up after `ray start`
+        if problem:
+            raise HostsError(f"the Ray head takes no job: {problem[-2000:]}")
+    except HostsError as e:
+        hosts.stop()
+        pytest.fail(str(e), pytrace=False)
+    yield hosts, env
+    hosts.stop()
 
 
-def accepts_jobs(env: dict, timeout_s: float) -> str | None:
+def accepts_jobs(hosts: TwoHosts, env: dict, timeout_s: float) -> str | None:
     """None once a trivial job submitted with `ray job submit` succeeds; else the last answer."""
     deadline, answer = time.monotonic() + timeout_s, "no answer"
     while time.monotonic() < deadline:
-        done = subprocess.run([RAY, "job", "submit", "--", "true"], env=env, capture_output=True, text=True, timeout=300)
+        done = hosts.run("node1", [RAY, "job", "submit", "--", "true"], env=env, capture_output=True, text=True, timeout=300)
         if done.returncode == 0:
             return None
         answer = done.stderr or done.stdout
@@ -68,65 +59,60 @@ def accepts_jobs(env: dict, timeout_s: float) -> str | None:
     return answer
 
 
-def submit(env: dict, *command: str, **popen) -> tuple[str, subprocess.Popen]:
-    """`ray job submit -- COMMAND` started: (its submission id, the process that follows it)."""
+def submit(ray_hosts, *command: str) -> tuple[str, subprocess.Popen]:
+    """`ray job submit -- COMMAND` started on node1: (its submission id, the process that follows it)."""
+    hosts, env = ray_hosts
     submission = f"scalelm-test-{uuid.uuid4().hex[:12]}"
-    return submission, subprocess.Popen([RAY, "job", "submit", f"--submission-id={submission}", "--", *command], env=env,
-                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
+    return submission, hosts.popen("node1", [RAY, "job", "submit", f"--submission-id={submission}", "--", *command],
+                                   env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def job_log(env: dict, submission: str) -> str:
+def job_log(ray_hosts, submission: str) -> str:
     """The job's whole output: `ray job submit` can stop following it before its last lines (ray-project/ray#48701),
     `ray job logs` reads the file."""
-    return subprocess.run([RAY, "job", "logs", submission], env=env, capture_output=True, text=True, timeout=120).stdout
+    hosts, env = ray_hosts
+    return hosts.run("node1", [RAY, "job", "logs", submission], env=env, capture_output=True, text=True, timeout=120).stdout
 
 
-def train_workers() -> list[int]:
-    """Pids of the live Ray Train workers (Ray titles its actor processes ray::CLASS)."""
-    pids = []
-    for proc in Path("/proc").iterdir():
-        try:
-            if proc.name.isdigit() and (proc / "cmdline").read_bytes().startswith(b"ray::RayTrainWorker"):
-                pids.append(int(proc.name))
-        except OSError:
-            pass
-    return pids
+def test_ray_job_spread_over_two_hosts_finetunes(ray_hosts, chat, sft_start, tmp_path):
+    run = tmp_path / "run"
+    submission, job = submit(
+        ray_hosts, sys.executable, "-m", "scalelm.launch.ray", "finetune", "--config", str(REPO / "configs/sft-tiny.yaml"),
+        "--workers", "2", "--placement", "spread", f"data.train={chat['shards']}", f"train.init_from={sft_start}",
+        f"log.dir={run}", *SFT_RUN, "train.steps=3", "train.eval_every=0")
+    log, _ = job.communicate(timeout=600)
+    assert job.returncode == 0, log[-3000:]
+    assert "done: step 3" in job_log(ray_hosts, submission) and steps_logged(run) == [1, 2, 3]
+    events = (run / "events.log").read_text()
+    assert "started from the weights of" in events
+    line = next(line for line in events.splitlines() if "2 ranks" in line)
+    assert "node1: rank " in line and "node2: rank " in line, line  # one worker on each host
+    assert (run / "checkpoints" / "step-00000003" / "manifest.json").is_file()
 
 
-def test_ray_job_trains_and_resumes_after_a_worker_is_killed(ray_head, pipeline, tmp_path):
+def test_a_lost_host_ray_restarts_the_workers_on_the_other_and_they_resume(ray_hosts, pipeline, tmp_path):
+    hosts, _ = ray_hosts
     steps, run = 60, tmp_path / "run"
     submission, job = submit(
-        ray_head, sys.executable, "-m", "scalelm.launch.ray", "--config", str(REPO / "configs/tiny.yaml"), "--workers", "2",
-        "--max-failures", "2", f"data.train={pipeline['shards']}", f"data.tokenizer={pipeline['tokenizer']}",
-        f"log.dir={run}", f"train.steps={steps}", "checkpoint.every=10", *TINY)
+        ray_hosts, sys.executable, "-m", "scalelm.launch.ray", "--config", str(REPO / "configs/tiny.yaml"), "--workers", "2",
+        "--placement", "spread", "--max-failures", "2", f"data.train={pipeline['shards']}",
+        f"data.tokenizer={pipeline['tokenizer']}", f"log.dir={run}", f"train.steps={steps}", "checkpoint.every=10",
+        "parallel.timeout=10", *TINY)
     try:
         deadline = time.monotonic() + 600
         while not (run / "checkpoints" / "step-00000010").is_dir():  # mid-run, with a checkpoint to resume from
             assert job.poll() is None and time.monotonic() < deadline, job.communicate()[0][-3000:]
             time.sleep(0.2)
-        victim = train_workers()
-        assert len(victim) == 2
-        os.kill(victim[1], signal.SIGKILL)
+        hosts.kill("node2")  # its raylet, its worker and the rest
         log, _ = job.communicate(timeout=600)
     finally:
         job.kill()
     assert job.returncode == 0, log[-3000:]
-    assert f"done: step {steps}" in job_log(ray_head, submission)
+    output = job_log(ray_hosts, submission)
+    assert f"done: step {steps}" in output
     assert steps_logged(run) == list(range(1, steps + 1))  # each step once, none lost
     events = (run / "events.log").read_text()
     resumed_at = int(events.split("resuming from ")[1].split("(step ")[1].split(")")[0])
     assert 10 <= resumed_at < steps  # the new workers went on from the checkpoint, not from scratch
+    assert "2 ranks, node1: ranks 0-1" in events  # the restarted pair, both on the host that is left
     assert f"saved {run / 'checkpoints' / f'step-{steps:08d}'} (end of run" in events
-
-
-
-def test_ray_job_finetunes_when_asked(ray_head, chat, sft_start, tmp_path):
-    run = tmp_path / "run"
-    submission, job = submit(
-        ray_head, sys.executable, "-m", "scalelm.launch.ray", "finetune", "--config", str(REPO / "configs/sft-tiny.yaml"),
-        "--workers", "2", f"data.train={chat['shards']}", f"train.init_from={sft_start}", f"log.dir={run}", *SFT_RUN,
-        "train.steps=3", "train.eval_every=0")
-    log, _ = job.communicate(timeout=600)
-    assert job.returncode == 0, log[-3000:]
-    assert "done: step 3" in job_log(ray_head, submission) and steps_logged(run) == [1, 2, 3]
-    assert "started from the weights of" in (run / "events.log").read_text()

@@ -1,6 +1,6 @@
-"""`sbatch slurm/pretrain.sh` on a real one-node SLURM started by the test (tests/local_slurm.py):
-two CPU ranks over gloo; a job that runs to the end, and one stopped by USR1 that requeues itself
-and finishes from its checkpoint."""
+"""`sbatch slurm/pretrain.sh` on a real one-node SLURM started by the test (tests/local_slurm.py): two CPU ranks
+over gloo; a job stopped by USR1 that requeues itself and finishes from its checkpoint, and a finetuning job.
+A job across two nodes, and one that loses a node, are tests/e2e/test_slurm_two_hosts.py's."""
 
 import json
 import sys
@@ -39,17 +39,6 @@ def submit(slurm: LocalSlurm, pipeline, run: Path, name: str, *extra: str) -> in
     return slurm.sbatch([*CPU_JOB, f"--job-name={name}", f"--output={run}/%x-%j.out", str(REPO / "slurm/pretrain.sh"),
                          "--config", str(REPO / "configs/tiny.yaml"), f"data.train={pipeline['shards']}",
                          f"data.tokenizer={pipeline['tokenizer']}", f"log.dir={run}", *TINY, *extra], cwd=run)
-
-
-def test_sbatch_trains_two_ranks_to_a_checkpoint(slurm, pipeline, tmp_path):
-    job_id = submit(slurm, pipeline, tmp_path, "plain", "train.steps=6")
-    job = slurm.wait(job_id, timeout_s=300)
-    log = (tmp_path / f"plain-{job_id}.out").read_text()
-    assert job["JobState"] == "COMPLETED" and job["ExitCode"] == "0:0", log[-3000:]
-    assert "2 ranks, rank 0 at" in log and "done: step 6" in log
-    assert steps_logged(tmp_path) == list(range(1, 7))
-    manifest = json.loads((tmp_path / "checkpoints" / "step-00000006" / "manifest.json").read_text())
-    assert manifest["layout"]["world"] == 2
 
 
 def test_usr1_checkpoints_requeues_and_finishes_from_the_checkpoint(slurm, pipeline, tmp_path):
