@@ -22,6 +22,7 @@ from pathlib import Path
 from scalelm.data.files import make_dir
 from scalelm.errors import CheckpointError
 from scalelm.parallel.topology import Layout, gather_objects
+from scalelm.parallel.watchdog import beat_interval
 
 HOLD = "HOLD"
 
@@ -43,7 +44,7 @@ class Hold:
 
     def __init__(self, root: Path, timeout: float, layout: Layout):
         self.path, self.timeout, self.layout = root / HOLD, timeout, layout
-        self.interval = min(timeout / 10, 10.0)
+        self.interval = beat_interval(timeout)  # renewed as often as a rank beats
         self.mine: dict | None = None
         self.note: str | None = None
         self._stop = threading.Event()

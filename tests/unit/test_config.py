@@ -84,6 +84,7 @@ def test_derived_values():
     (["train.max_bad_steps=0"], "train.max_bad_steps=0 must be at least 1"),
     (["parallel.tensor=3"], "parallel.tensor=3 does not divide 128"),
     (["parallel.zero_stage=4"], "parallel.zero_stage=4 is not a ZeRO stage: use 1, 2 or 3"),
+    (["parallel.timeout=0"], "parallel.timeout=0.0 must be a positive number of seconds"),
     (["parallel.sequence_parallel=true"], "sequence_parallel=true needs parallel.tensor > 1"),
     (["train.global_batch_size=10", "train.micro_batch_size=4"], "use e.g. 12"),
     (["optim.min_lr=1", "optim.lr=0.1"], "optim.min_lr=1.0 is above optim.lr=0.1"),
