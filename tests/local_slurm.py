@@ -4,7 +4,12 @@ one on each of two hosts (tests/hosts.py: a slurmd on each, the controller on th
 
 The settings are the ones that work in an unprivileged container (no cgroup delegation): processes
 are tracked by /proc (proctrack/linuxproc), tasks are not bound (task/none), and requeued jobs may
-start again after 5 s instead of the default 121 s (AuthInfo cred_expire).
+start again after `cred_expire` seconds (AuthInfo cred_expire; 5, not the default 121).
+
+NOTE: what SLURM could not tell a lost node (srun's kill of the job's step) it tells it again a minute later
+(the controller's message retry), once it is back. A requeued job has the same job and step id, so a run
+that started on that node before the retry is killed by it. The default credential lifetime (121 s) keeps
+requeued jobs out for longer than that; a cluster whose nodes come back must keep cred_expire above 60.
 """
 
 from __future__ import annotations
@@ -32,8 +37,8 @@ class LocalSlurm:
     """One node on localhost; or, given `hosts` (tests/hosts.py), a node on each host, the controller on the first,
     every command run on it."""
 
-    def __init__(self, root: Path, cpus: int = 2, hosts=None):
-        self.root, self.cpus, self.hosts = root, cpus, hosts
+    def __init__(self, root: Path, cpus: int = 2, hosts=None, cred_expire: int = 5):
+        self.root, self.cpus, self.hosts, self.cred_expire = root, cpus, hosts, cred_expire
         self.nodes = dict(hosts.address) if hosts else {socket.gethostname().split(".")[0]: "127.0.0.1"}
         self.node = next(iter(self.nodes))  # the controller's
         self.conf = root / "slurm.conf"
@@ -85,7 +90,7 @@ class LocalSlurm:
         return "\n".join([
             "ClusterName=scalelmtest", f"SlurmctldHost={self.node}({self.nodes[self.node]})", f"SlurmUser={_user()}",
             f"SlurmctldPort={free_port()}", f"SlurmdPort={free_port()}",
-            "AuthType=auth/munge", f"AuthInfo=socket={r / 'munge.sock'},cred_expire=5",
+            "AuthType=auth/munge", f"AuthInfo=socket={r / 'munge.sock'},cred_expire={self.cred_expire}",
             f"StateSaveLocation={r / 'state'}", f"SlurmdSpoolDir={r / 'spool/%n'}",
             f"SlurmctldPidFile={r / 'slurmctld.pid'}", f"SlurmdPidFile={r / 'slurmd.%n.pid'}",
             f"SlurmctldLogFile={r / 'log/slurmctld.log'}", f"SlurmdLogFile={r / 'log/slurmd.%n.log'}",

@@ -1,4 +1,4 @@
-"""The post-training workloads of the distributed tests (module-level, so spawn can import them): batches of
+"""The post-training workloads of the distributed tests (module-level, so the ranks can import them): batches of
 packed preference pairs and labelled texts as the loader makes them, and runs over several objectives."""
 
 from __future__ import annotations

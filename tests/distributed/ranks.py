@@ -1,7 +1,9 @@
 """Spawn real ranks on this machine and collect what each returns: the harness of the distributed tests.
 
-Each rank is a fresh process (spawn, not fork: the parent has torch's thread pools running) with
-RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT set, as torchrun would set them.
+Each rank is a fresh process with RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT set, as torchrun would
+set them. It is forked from a forkserver, not from the test process (that has torch's thread pools running): a
+clean process, started once per test process, that has imported the engines and the workloads. Importing them
+takes about 10 s of CPU, which each rank would otherwise pay again. (Not on a machine with a GPU: spawn there.)
 """
 
 from __future__ import annotations
@@ -32,12 +34,18 @@ def run_ranks(world_size: int, fn: Callable[..., Any], *args: Any, timeout: floa
     raise AssertionError("unreachable")
 
 
+PRELOAD = ["tests.distributed.workloads", "tests.distributed.post_training", "scalelm.train.loop", "scalelm.train.finetune",
+           "scalelm.parallel.engine", "scalelm.infer.evaluate", "scalelm.train.score"]
+
+
 class _PortTaken(Exception):
     pass
 
 
 def _run_once(world_size: int, fn: Callable[..., Any], args: tuple, timeout: float) -> list[Any]:
-    ctx = mp.get_context("spawn")
+    # NOTE: where there is a GPU, the engines' imports ask CUDA about it, which a fork does not survive: spawn
+    ctx = mp.get_context("spawn" if torch.cuda.is_available() else "forkserver")
+    ctx.set_forkserver_preload(PRELOAD)  # read when the server starts, at the first call
     results = ctx.Queue()
     port = free_port()
     procs = [ctx.Process(target=_entry, args=(rank, world_size, port, fn, args, results)) for rank in range(world_size)]

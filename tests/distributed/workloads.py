@@ -1,4 +1,4 @@
-"""What each spawned rank runs in the distributed tests (module-level, so spawn can import them)."""
+"""What each spawned rank runs in the distributed tests (module-level, so the ranks can import them)."""
 
 from __future__ import annotations
 

@@ -21,7 +21,8 @@ TWO_NODES = ["--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=0", "--cpus-pe
 
 @pytest.fixture(scope="module")
 def slurm(two_hosts, tmp_path_factory):
-    cluster = LocalSlurm(tmp_path_factory.mktemp("slurm2"), hosts=two_hosts)
+    # node2 comes back after its loss: requeued jobs wait out the retry of what was sent to it (tests/local_slurm.py)
+    cluster = LocalSlurm(tmp_path_factory.mktemp("slurm2"), hosts=two_hosts, cred_expire=70)
     try:
         cluster.start()
     except SlurmError as e:
