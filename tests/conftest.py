@@ -68,15 +68,10 @@ def across_on_one_host(pipeline, tmp_path_factory) -> Path:
 def two_hosts(tmp_path_factory):
     """Two hosts, node1 and node2, made of namespaces on this machine (tests/hosts.py), for a module's tests."""
     from tests.hosts import HostsError, TwoHosts
+    from tests.launched import running
 
-    hosts = TwoHosts(tmp_path_factory.mktemp("hosts"))
-    try:
-        hosts.start()
-    except HostsError as e:
-        hosts.stop()
-        pytest.fail(str(e), pytrace=False)
-    yield hosts
-    hosts.stop()
+    with running(TwoHosts(tmp_path_factory.mktemp("hosts")), HostsError) as hosts:
+        yield hosts
 
 
 def pytest_addoption(parser):

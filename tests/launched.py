@@ -3,7 +3,10 @@
 import os
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
+
+import pytest
 
 from scalelm.train.log import read_records
 
@@ -47,3 +50,18 @@ def losses(run: Path) -> list[float]:
 def steps_logged(run: Path) -> list[int]:
     """The training steps in RUN/metrics.jsonl, in file order (a resumed run keeps those up to its checkpoint)."""
     return [r["step"] for r in read_records(run) if "loss" in r]
+
+
+@contextmanager
+def running(service, error: type[Exception], start=None):
+    """`service` (hosts, a cluster) started by `start` (default: its own start()) for a fixture's tests and stopped
+    after them. One that cannot start fails them with its one-line `error`, after what did start is stopped."""
+    try:
+        (start or service.start)()
+    except error as e:
+        service.stop()
+        pytest.fail(str(e), pytrace=False)
+    try:
+        yield service
+    finally:
+        service.stop()

@@ -13,13 +13,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.hosts import HostsError, TwoHosts
-from tests.launched import REPO, SFT_RUN, TINY, steps_logged
+from tests.hosts import SUBNET, HostsError, TwoHosts
+from tests.launched import REPO, SFT_RUN, TINY, running, steps_logged
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("ray")]
 
 RAY = shutil.which("ray", path=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
-HEAD = "10.77.0.1"
+HEAD = f"{SUBNET}.1"  # node1
 
 
 @pytest.fixture(scope="module")
@@ -28,23 +28,22 @@ def ray_hosts(tmp_path_factory):
     if RAY is None:
         pytest.fail("no `ray` command: install the ray extra (pip install -e '.[ray]', part of '.[dev]')", pytrace=False)
     hosts = TwoHosts(tmp_path_factory.mktemp("ray-hosts"), private=("/tmp/ray",))
-    try:
-        hosts.start()
-        env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_ADDRESS": f"http://{HEAD}:8265"}
-        for host, start in (("node1", ["--head", "--port=6379", "--dashboard-host=0.0.0.0"]),
-                            ("node2", [f"--address={HEAD}:6379"])):
-            started = hosts.run(host, [RAY, "start", *start, f"--node-ip-address={hosts.address[host]}", "--num-cpus=2"],
-                                env=env, capture_output=True, text=True, timeout=300)
-            if started.returncode:
-                raise HostsError(f"ray start on {host} failed: {started.stderr[-2000:]}")
-        problem = accepts_jobs(hosts, env, timeout_s=150)  # the job server and its agent come up after `ray start`
-        if problem:
-            raise HostsError(f"the Ray head takes no job: {problem[-2000:]}")
-    except HostsError as e:
-        hosts.stop()
-        pytest.fail(str(e), pytrace=False)
-    yield hosts, env
-    hosts.stop()
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_ADDRESS": f"http://{HEAD}:8265"}
+    with running(hosts, HostsError, start=lambda: start_ray(hosts, env)):
+        yield hosts, env
+
+
+def start_ray(hosts: TwoHosts, env: dict) -> None:
+    """The hosts, a Ray head on node1 and a worker node on node2; HostsError once one does not come up."""
+    hosts.start()
+    for host, start in (("node1", ["--head", "--port=6379", "--dashboard-host=0.0.0.0"]), ("node2", [f"--address={HEAD}:6379"])):
+        started = hosts.run(host, [RAY, "start", *start, f"--node-ip-address={hosts.address[host]}", "--num-cpus=2"],
+                            env=env, capture_output=True, text=True, timeout=300)
+        if started.returncode:
+            raise HostsError(f"ray start on {host} failed: {started.stderr[-2000:]}")
+    problem = accepts_jobs(hosts, env, timeout_s=150)  # the job server and its agent come up after `ray start`
+    if problem:
+        raise HostsError(f"the Ray head takes no job: {problem[-2000:]}")
 
 
 def accepts_jobs(hosts: TwoHosts, env: dict, timeout_s: float) -> str | None:

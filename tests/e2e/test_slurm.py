@@ -9,30 +9,23 @@ from pathlib import Path
 
 import pytest
 
-from tests.launched import SFT_RUN, TINY, steps_logged
+from tests.launched import REPO, SFT_RUN, TINY, running, steps_logged
 from tests.local_slurm import LocalSlurm, SlurmError
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("slurm")]
 
-REPO = Path(__file__).resolve().parents[2]
 # Two tasks on the CPU: the script's GPU request is switched off, one core each.
 CPU_JOB = ["--gpus-per-node=0", "--ntasks-per-node=2", "--cpus-per-task=1", "--time=20"]
 
 
 @pytest.fixture(scope="module")
 def slurm(tmp_path_factory):
-    cluster = LocalSlurm(tmp_path_factory.mktemp("slurm"))
-    try:
-        cluster.start()
-    except SlurmError as e:
-        cluster.stop()
-        pytest.fail(str(e), pytrace=False)
-    cluster.env["SCALELM_PYTHON"] = sys.executable  # the job's ranks run this interpreter, as a user's venv would
-    # A shell that ran a one-process job before has these; sbatch passes them on, and the script must not let
-    # them make each task a rank 0 of its own.
-    cluster.env.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-    yield cluster
-    cluster.stop()
+    with running(LocalSlurm(tmp_path_factory.mktemp("slurm")), SlurmError) as cluster:
+        cluster.env["SCALELM_PYTHON"] = sys.executable  # the job's ranks run this interpreter, as a user's venv would
+        # A shell that ran a one-process job before has these; sbatch passes them on, and the script must not let
+        # them make each task a rank 0 of its own.
+        cluster.env.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+        yield cluster
 
 
 def submit(slurm: LocalSlurm, pipeline, run: Path, name: str, *extra: str) -> int:

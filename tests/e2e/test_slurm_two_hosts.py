@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.launched import ACROSS, REPO, losses, pretrain_args, steps_logged
+from tests.launched import ACROSS, REPO, losses, pretrain_args, running, steps_logged
 from tests.local_slurm import LocalSlurm, SlurmError
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("two_hosts")]
@@ -22,15 +22,9 @@ TWO_NODES = ["--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=0", "--cpus-pe
 @pytest.fixture(scope="module")
 def slurm(two_hosts, tmp_path_factory):
     # node2 comes back after its loss: requeued jobs wait out the retry of what was sent to it (tests/local_slurm.py)
-    cluster = LocalSlurm(tmp_path_factory.mktemp("slurm2"), hosts=two_hosts, cred_expire=70)
-    try:
-        cluster.start()
-    except SlurmError as e:
-        cluster.stop()
-        pytest.fail(str(e), pytrace=False)
-    cluster.env["SCALELM_PYTHON"] = sys.executable
-    yield cluster
-    cluster.stop()
+    with running(LocalSlurm(tmp_path_factory.mktemp("slurm2"), hosts=two_hosts, cred_expire=70), SlurmError) as cluster:
+        cluster.env["SCALELM_PYTHON"] = sys.executable
+        yield cluster
 
 
 def submit(slurm: LocalSlurm, pipeline, run: Path, name: str, *extra: str) -> int:
