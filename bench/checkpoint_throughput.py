@@ -37,14 +37,18 @@ from train_throughput import synthetic_shards  # noqa: E402
 
 from scalelm.checkpoint import store  # noqa: E402
 from scalelm.checkpoint.resume import find_checkpoint, load_checkpoint  # noqa: E402
+from scalelm.checkpoint.run_state import RunState  # noqa: E402
 from scalelm.checkpoint.save import size as checkpoint_size  # noqa: E402
 from scalelm.checkpoint.saver import Checkpoints  # noqa: E402
 from scalelm.config import load_config, validate  # noqa: E402
 from scalelm.data.loader import loader_from_config  # noqa: E402
 from scalelm.model.build import build_model  # noqa: E402
+from scalelm.objectives.next_token import NextToken  # noqa: E402
 from scalelm.parallel.engine import Engine  # noqa: E402
-from scalelm.parallel.state import KEYS  # noqa: E402
 from scalelm.parallel.topology import destroy_distributed, init_distributed  # noqa: E402
+from scalelm.train.optim import AdamW  # noqa: E402
+from scalelm.train.schedule import Schedule  # noqa: E402
+from scalelm.train.sources import Loader  # noqa: E402
 
 VOCAB = 50257  # GPT-2's, as GPT-3 has it
 
@@ -91,13 +95,13 @@ def main() -> None:
 
 def run(cfg, layout, root: Path, repeats: int) -> None:
     started = time.perf_counter()
-    engine = Engine(cfg, layout, build_model(cfg, layout, VOCAB))
-    loader = loader_from_config(cfg, "train", 0, 1)
+    engine = Engine(cfg, layout, build_model(cfg, layout, VOCAB), NextToken(), AdamW(cfg.optim), Schedule(cfg.optim))
+    loader = Loader(loader_from_config(cfg, "train", 0, 1), reads=True)
     params = sum(p.numel() for _, p in engine.named_parameters())
     print(f"model: {cfg.model.num_layers} layers x {cfg.model.hidden_size}, {params / 1e6:.1f}M parameters "
           f"(built in {time.perf_counter() - started:.1f} s); checkpoint dir on {root}")
 
-    tensors = {f"{key}/{name}": engine.gather(p, key).clone() for name, p in engine.named_parameters() for key in KEYS}
+    tensors = {f"{key}/{name}": engine.gather(p, key).clone() for name, p in engine.named_parameters() for key in engine.state_keys}
     size = torch_size = cold = 0
 
     identity = {"tokenizer_sha256": None, "base": None, "reference": None}
@@ -108,7 +112,7 @@ def run(cfg, layout, root: Path, repeats: int) -> None:
     def ours(i: int) -> tuple:
         nonlocal size, cold
         started = time.perf_counter()
-        blocking.save(2 * i + 1, {"step": 2 * i + 1}, loader.state_dict(), "bench")
+        blocking.save(2 * i + 1, RunState(step=2 * i + 1), loader.state_dict(), "bench")
         saved = time.perf_counter() - started
         size = checkpoint_size(store.read_manifest(store.resolve(root / "run" / "checkpoints")))
         cold = drop_page_cache()
@@ -120,7 +124,7 @@ def run(cfg, layout, root: Path, repeats: int) -> None:
     def behind(i: int) -> tuple:
         """(training blocked, the write after it, the commit after that) of a save in the background."""
         started = time.perf_counter()
-        background.save(2 * i + 2, {"step": 2 * i + 2}, loader.state_dict(), "bench")
+        background.save(2 * i + 2, RunState(step=2 * i + 2), loader.state_dict(), "bench")
         snapshot = time.perf_counter()
         joined([background.flight.future])
         written = time.perf_counter()

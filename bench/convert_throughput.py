@@ -21,11 +21,12 @@ from pathlib import Path
 
 import torch
 
-from scalelm.checkpoint import consolidate, store
+from scalelm.checkpoint import store
 from scalelm.config import load_config, to_dict
 from scalelm.convert.gguf import to_gguf
 from scalelm.convert.hf import from_hf, to_hf
 from scalelm.convert.parity import describe
+from scalelm.convert.source import CONSOLIDATED
 from scalelm.model.gpt import GPT
 from scalelm.model.spec import layer_spec, transformer_config
 from scalelm.parallel.topology import single_process
@@ -44,7 +45,7 @@ def consolidated(cfg, path: Path) -> int:
     for name, w in weights.items():
         if w.dim() == 1:
             w.add_(torch.randn(w.shape, generator=g) * 0.1)
-    meta = {"format": consolidate.FORMAT, "model": json.dumps(to_dict(cfg)["model"]), "step": "0",
+    meta = {"format": CONSOLIDATED, "model": json.dumps(to_dict(cfg)["model"]), "step": "0",
             "vocab_size": str(VOCAB), "tokenizer_sha256": "", "tokenizer": ""}
     store.write_tensors(path, weights, meta)
     return sum(w.numel() for w in weights.values())

@@ -10,7 +10,7 @@ Pairs are shaped like a preference data set's: a prompt of median 150 tokens and
   padded to seq_len     one pair a row (its two sides as two documents), padded to seq_len
 Then the config's model trains DPO (fp32 unless overridden) and prints real tokens per second:
   full, packed / one pair a row     the reference precomputed (as `scalelm score` leaves it), the same engine
-  LoRA, packed                      the reference its adapters-off forward pass, which the engine runs each step
+  LoRA, packed                      the reference its adapters-off forward pass, which its source runs each step
 and the reference's cost: for LoRA, the share of a step its forward-only pass takes (the step timed with and
 without it); for full finetuning, scoring a window once (the engine's forward_only) against training on it once.
 Prints figures only.
@@ -29,10 +29,12 @@ from scalelm.config import load_config
 from scalelm.data.chat import ASSISTANT, LAST
 from scalelm.data.packing import chat_window, pack
 from scalelm.model.build import build_model
+from scalelm.objectives import Output, objective_for
 from scalelm.parallel.engine import Engine
 from scalelm.parallel.topology import destroy_distributed, init_distributed
-from scalelm.train.objectives import objective_for
-from scalelm.train.pairs import document_logps
+from scalelm.train.optim import AdamW
+from scalelm.train.schedule import Schedule
+from scalelm.train.sources import InHand, ReferencePass
 
 VOCAB = 8000
 LORA = ["finetune.lora.rank=16", "finetune.lora.alpha=32"]
@@ -92,15 +94,17 @@ def timed(cfg, rows: list[dict], steps: int, lora: bool, drop_reference_pass: bo
     layout = init_distributed(cfg.parallel, cfg.train.seed)
     try:
         objective = objective_for(cfg, "finetune")
-        if drop_reference_pass:  # LoRA's step with the reference handed in instead: what the pass itself costs
-            objective.reference_pass = False
-        engine = Engine(cfg, layout, build_model(cfg, layout, VOCAB, documents=True), objective)
+        engine = Engine(cfg, layout, build_model(cfg, layout, VOCAB, documents=True), objective, AdamW(cfg.optim),
+                        Schedule(cfg.optim))
         source = batches(rows, cfg.train.micro_batch_size, reference=not lora or drop_reference_pass)
         seconds = []
         for _ in range(steps):
             micro = [next(source) for _ in range(engine.grad_accum)]
             started = time.perf_counter()
-            engine.train_step(iter(micro))
+            if lora and not drop_reference_pass:  # the reference is the model with its adapters off, each step
+                micro = ReferencePass(InHand(micro), engine).take(engine.grad_accum)
+            engine.forward_backward(micro)
+            engine.optimizer_step()
             if layout.device.type == "cuda":
                 torch.cuda.synchronize()
             seconds.append(time.perf_counter() - started)
@@ -108,7 +112,7 @@ def timed(cfg, rows: list[dict], steps: int, lora: bool, drop_reference_pass: bo
         if not lora:
             micro = [{k: v for k, v in next(source).items() if k != "reference"} for _ in range(engine.grad_accum)]
             started = time.perf_counter()
-            engine.forward_only(micro, len(micro), document_logps)
+            engine.forward_only(micro, len(micro), Output.LOGPROBS)
             out["score_s"] = time.perf_counter() - started
         return out
     finally:

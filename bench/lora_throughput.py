@@ -35,14 +35,15 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).parents[1]))  # the repository, for tests.distributed's memory readings
+sys.path.insert(0, str(Path(__file__).parents[1]))  # the repository, for tests.helpers' memory readings
 
+from scalelm.checkpoint.run_state import RunState
 from scalelm.checkpoint.save import save_checkpoint
 from scalelm.config import load_config, validate
 from scalelm.model.build import build_model
 from scalelm.parallel.engine import Engine
 from scalelm.parallel.topology import destroy_distributed, init_distributed
-from tests.distributed.workloads import memory_status, pin_mmap_threshold, reset_peak
+from tests.helpers.workloads import memory_status, pin_mmap_threshold, reset_peak, step, training_engine
 
 VOCAB = 50257  # GPT-2's, as GPT-3 has it
 QUICK = ["model.num_layers=2", "model.hidden_size=128", "model.num_heads=4", "train.seq_len=64"]
@@ -54,7 +55,7 @@ def optimizer_bytes(engine: Engine) -> tuple[int, int]:
     """(AdamW's moments, DeepSpeed's fp32 master copies) in bytes, from the optimizer itself."""
     inner = getattr(engine.optimizer, "optimizer", engine.optimizer)  # DeepSpeed's ZeRO / bf16 wrapper -> AdamW
     moments = sum(v.nbytes for s in inner.state.values() for v in s.values() if torch.is_tensor(v))
-    own = {p.untyped_storage().data_ptr() for p in engine.engine.module.parameters()}
+    own = {p.untyped_storage().data_ptr() for p in engine.module.parameters()}
     masters = sum(p.nbytes for g in inner.param_groups for p in g["params"] if p.untyped_storage().data_ptr() not in own)
     return moments, masters
 
@@ -76,21 +77,23 @@ def prepare(cfg, layout, vocab: int, steps: int) -> dict:
     The engine stays (with batches for `steps` more steps) for the timed rounds."""
     t = cfg.train
     tokens = torch.randint(0, vocab, ((steps + 2) * t.global_batch_size, t.seq_len + 1), generator=torch.Generator().manual_seed(0))
-    batches = iter([{"input_ids": b[:, :-1], "labels": b[:, 1:]} for b in tokens.split(t.micro_batch_size)])
+    micro = [{"input_ids": b[:, :-1], "labels": b[:, 1:]} for b in tokens.split(t.micro_batch_size)]
+    accum = t.global_batch_size // (t.micro_batch_size * layout.data)
+    batches = iter([micro[i:i + accum] for i in range(0, len(micro), accum)])  # each step's micro-batches
     del tokens
     gc.collect()
     before = memory_status() | {"allocated": torch.cuda.memory_allocated() if layout.device.type == "cuda" else 0}
-    engine = Engine(cfg, layout, build_model(cfg, layout, vocab))
+    engine = training_engine(cfg, layout, build_model(cfg, layout, vocab))
     params = [p for _, p in engine.named_parameters()]
     moments, masters = optimizer_bytes(engine)
-    engine.train_step(batches)  # warmup: whatever the first step allocates for good is then in the baseline of the peak
+    step(engine, next(batches))  # warmup: whatever the first step allocates for good is then in the baseline of the peak
     gc.collect()
     reset_peak()
     if layout.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(layout.device)
-    engine.train_step(batches)
+    step(engine, next(batches))
     peak = peak_bytes(layout.device, before)
-    done = save_checkpoint(cfg, layout, engine, 2, {"step": 2}, None, None)
+    done = save_checkpoint(cfg, layout, engine, 2, RunState(step=2), None, None)
     return {"engine": engine, "batches": batches, "tokens": t.global_batch_size * t.seq_len, "rates": [],
             "trainable": sum(p.numel() for p in params if p.requires_grad), "params": sum(p.numel() for p in params),
             "moments": moments, "masters": masters, "optimizer": moments + masters, "peak": peak,
@@ -105,7 +108,7 @@ def timed_rounds(results: dict, steps: int, device: torch.device) -> None:
         for name in names:
             r = results[name]
             started = time.perf_counter()
-            r["engine"].train_step(r["batches"])
+            step(r["engine"], next(r["batches"]))
             if device.type == "cuda":
                 torch.cuda.synchronize()
             r["rates"].append(r["tokens"] / (time.perf_counter() - started))

@@ -25,8 +25,11 @@ from scalelm.config import load_config
 from scalelm.data.chat import ASSISTANT
 from scalelm.data.packing import chat_window, pack
 from scalelm.model.build import build_model
+from scalelm.objectives.next_token import SFT
 from scalelm.parallel.engine import Engine
 from scalelm.parallel.topology import destroy_distributed, init_distributed
+from scalelm.train.optim import AdamW
+from scalelm.train.schedule import Schedule
 
 VOCAB = 8000
 
@@ -72,14 +75,16 @@ def train_rate(cfg, lens: np.ndarray, packed: bool, steps: int) -> float:
     """Median target tokens/s over the steps after the first two."""
     layout = init_distributed(cfg.parallel, cfg.train.seed)
     try:
-        engine = Engine(cfg, layout, build_model(cfg, layout, VOCAB, documents=packed))
+        engine = Engine(cfg, layout, build_model(cfg, layout, VOCAB, documents=packed), SFT(), AdamW(cfg.optim),
+                        Schedule(cfg.optim))
         source, rates = batches(lens, cfg.train.seq_len, cfg.train.micro_batch_size, packed), []
         for _ in range(steps):
             started = time.perf_counter()
-            engine.train_step(source)
+            outcome = engine.forward_backward([next(source) for _ in range(engine.grad_accum)])
+            engine.optimizer_step()
             if layout.device.type == "cuda":
                 torch.cuda.synchronize()
-            rates.append(engine.step_metrics["targets"] / (time.perf_counter() - started))
+            rates.append(outcome.units / (time.perf_counter() - started))
         return float(np.median(rates[2:]))
     finally:
         destroy_distributed()

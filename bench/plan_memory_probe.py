@@ -15,13 +15,13 @@ import sys
 import warnings
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parents[1]))  # the repository, for tests.distributed's spawned ranks
+sys.path.insert(0, str(Path(__file__).parents[1]))  # the repository, for tests.helpers' spawned ranks
 
 from scalelm.parallel.plan import plan
-from tests.distributed.ranks import run_ranks
-from tests.distributed.workloads import MEMORY_MODEL as MODEL
-from tests.distributed.workloads import MEMORY_VOCAB as VOCAB
-from tests.distributed.workloads import peak_memory, tiny_config
+from tests.helpers.ranks import run_ranks
+from tests.helpers.workloads import MEMORY_MODEL as MODEL
+from tests.helpers.workloads import MEMORY_VOCAB as VOCAB
+from tests.helpers.workloads import peak_memory, tiny_config
 
 LAYOUTS = {  # name: (world size, overrides)
     "single": (1, []),

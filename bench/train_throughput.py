@@ -33,9 +33,9 @@ from scalelm.data.loader import loader_from_config
 from scalelm.data.shards import ShardSetWriter
 from scalelm.model.gpt import GPT
 from scalelm.model.spec import layer_spec, transformer_config
+from scalelm.objectives.tokens import token_losses
 from scalelm.parallel.topology import destroy_distributed, init_distributed
 from scalelm.train.loop import pretrain
-from scalelm.train.objectives import token_losses
 from scalelm.train.schedule import lr_scheduler
 
 sys.path.insert(0, str(Path(__file__).parent))

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 from scalelm.errors import ConfigError, ScalelmError
+from scalelm.quiet import quiet_engines
 
 # --demo-NAME: (the function of data/demo_sets.py, the count it reports, the file it writes)
 DEMO_SETS = {"chat": ("demo_conversations", "conversations", "conversations.jsonl"),
@@ -140,7 +141,9 @@ def _train(args: argparse.Namespace, stage: str, load) -> int:
     cfg = load(args.config, args.overrides)  # config errors stop here, before any rank starts
     if args.nproc_per_node > 1:
         from scalelm.launch.torchrun import relaunch
+        from scalelm.train.preflight import preflight
 
+        preflight(cfg, stage, world=args.nproc_per_node)  # the data and checkpoints too, before any rank starts
         return relaunch(args.nproc_per_node, [stage, "--config", args.config, *args.overrides])
     from scalelm.train.loop import train
 
@@ -169,33 +172,12 @@ def score(args: argparse.Namespace) -> int:
 
 
 def consolidate(args: argparse.Namespace) -> None:
-    from scalelm.checkpoint.consolidate import consolidate
+    quiet_engines()
+    from scalelm.convert.consolidate import consolidate
 
     done = consolidate(args.checkpoint, args.out, verify=not args.no_verify, base=args.base)
     print(f"{done['tensors']} tensors, {done['parameters']:,} parameters from {done['checkpoint']} (step {done['step']}) "
           f"-> {args.out} ({done['bytes'] / 1e6:.1f} MB)")
-
-
-def quiet_engines(hf: bool = False) -> None:
-    """The engines' notices about kernels that are not installed, and transformers' progress bars, say nothing
-    a user can act on here."""
-    import os
-    import warnings
-
-    import torch
-
-    warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine|transformer_engine).*")
-    warnings.filterwarnings("ignore", category=DeprecationWarning, module="megatron")
-    warnings.filterwarnings("ignore", message=".*cuda_graph_scope.*")
-    warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
-    os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # every model here is a local folder
-    if hf:
-        import transformers
-
-        transformers.logging.set_verbosity_error()
-        transformers.logging.disable_progress_bar()
 
 
 def _print_report(report: dict, out: Path) -> None:
@@ -296,7 +278,8 @@ def evaluate(args: argparse.Namespace) -> int:
 def plan(args: argparse.Namespace) -> int:
     quiet_engines()
     from scalelm.config import load_config
-    from scalelm.parallel.plan import GPUS, describe, layouts_that_fit, plan
+    from scalelm.parallel.plan import GPUS, plan
+    from scalelm.parallel.plan_report import describe, layouts_that_fit
 
     if args.nodes < 1 or args.gpus_per_node < 1 or not 0 < args.mfu <= 1:
         raise ConfigError("--nodes and --gpus-per-node must be 1 or more, --mfu in (0, 1]")
@@ -309,7 +292,7 @@ def plan(args: argparse.Namespace) -> int:
         cfg = load_config(args.config, args.overrides)
     if cfg.model.vocab_size is None:
         if cfg.data.tokenizer:
-            from scalelm.train.loop import resolve_vocab_size
+            from scalelm.data.tokenizer import resolve_vocab_size
 
             cfg.model.vocab_size = resolve_vocab_size(cfg)
         else:
@@ -344,6 +327,11 @@ def plot(args: argparse.Namespace) -> None:
 def config(args: argparse.Namespace) -> None:
     import yaml
 
+    from scalelm import objectives
     from scalelm.config import load_config, to_dict
 
-    print(yaml.safe_dump(to_dict(load_config(args.config, args.overrides)), sort_keys=False), end="")
+    cfg = load_config(args.config, args.overrides)
+    objectives.check(cfg, "pretrain")
+    if cfg.train.init_from:  # a finetuning config (or a pretraining one that continues from a model)
+        objectives.check(cfg, "finetune")
+    print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")

@@ -9,8 +9,8 @@ import pytest
 from scalelm.data.prepare import prepare
 from scalelm.data.shards import write_shards
 from scalelm.data.tokenizer import train_tokenizer
-from tests.corpus import write_conversations, write_corpus
-from tests.trained import train_models
+from tests.helpers.corpus import write_conversations, write_corpus
+from tests.helpers.trained import train_models
 
 
 @pytest.fixture(scope="session")
@@ -42,7 +42,7 @@ def sft_start(pipeline, tmp_path_factory) -> Path:
     """The checkpoint.dir of a tiny model pretrained for 4 steps, whose context fits the chat shards' conversations."""
     from scalelm.config import load_config
     from scalelm.train.loop import pretrain
-    from tests.launched import SFT_MODEL, SFT_RUN
+    from tests.helpers.launched import SFT_MODEL, SFT_RUN
 
     root = tmp_path_factory.mktemp("sft-start")
     pretrain(load_config(None, [f"data.train={pipeline['shards']}", f"data.tokenizer={pipeline['tokenizer']}",
@@ -59,7 +59,7 @@ def trained(pipeline, tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def across_on_one_host(pipeline, tmp_path_factory) -> Path:
     """The run tests/launched.py's ACROSS describes, on two ranks of this one host: what runs across hosts match."""
-    from tests.launched import ACROSS, on_one_host
+    from tests.helpers.launched import ACROSS, on_one_host
 
     return on_one_host(pipeline, tmp_path_factory.mktemp("one-host"), *ACROSS)
 
@@ -67,8 +67,8 @@ def across_on_one_host(pipeline, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def two_hosts(tmp_path_factory):
     """Two hosts, node1 and node2, made of namespaces on this machine (tests/hosts.py), for a module's tests."""
-    from tests.hosts import HostsError, TwoHosts
-    from tests.launched import running
+    from tests.helpers.hosts import HostsError, TwoHosts
+    from tests.helpers.launched import running
 
     with running(TwoHosts(tmp_path_factory.mktemp("hosts")), HostsError) as hosts:
         yield hosts

@@ -21,14 +21,13 @@ import torch.distributed as dist
 
 from scalelm.checkpoint import base as base_checkpoint
 from scalelm.checkpoint import rng, store
+from scalelm.checkpoint.run_state import RunState
 from scalelm.config import Config, model_differences, to_dict
-from scalelm.data.loader import TokenLoader
 from scalelm.errors import CheckpointError, DataError
 from scalelm.model import lora
+from scalelm.model.gpt import SCORE
 from scalelm.model.spec import local_name
-from scalelm.parallel import state
 from scalelm.parallel.engine import Engine
-from scalelm.parallel.state import KEYS
 from scalelm.parallel.topology import Layout, gather_objects
 
 
@@ -62,9 +61,10 @@ def find_checkpoint(cfg: Config, layout: Layout) -> tuple[Path | None, dict | No
     return None, None, notes
 
 
-def load_checkpoint(cfg: Config, layout: Layout, engine: Engine, loader: TokenLoader, ckpt: Path, manifest: dict,
-                    tokenizer_sha256: str | None) -> tuple[dict, list[str]]:
-    """Load `ckpt` into this run; returns the saved run state and notes for the log. Collective."""
+def load_checkpoint(cfg: Config, layout: Layout, engine: Engine, source, ckpt: Path, manifest: dict,
+                    tokenizer_sha256: str | None) -> tuple[RunState, list[str]]:
+    """Load `ckpt` into this run and its batch source (train/sources.py); returns the saved run state and notes
+    for the log. Collective."""
     if manifest.get("weights_only"):
         raise CheckpointError(f"{ckpt} holds weights alone (no optimizer or data state): start a run from it with "
                               f"train.init_from={ckpt} instead of train.resume")
@@ -73,8 +73,8 @@ def load_checkpoint(cfg: Config, layout: Layout, engine: Engine, loader: TokenLo
     changed = _changed_settings(manifest["config"], to_dict(cfg))
     if changed:
         notes.append("settings changed since the checkpoint: " + ", ".join(changed))
-    _load_weights(cfg, engine, ckpt, manifest, KEYS, Path(cfg.train.init_from) if cfg.train.init_from else None,
-                  "train.init_from")
+    _load_weights(cfg, engine, ckpt, manifest, engine.state_keys, Path(cfg.train.init_from) if cfg.train.init_from
+                  else None, "train.init_from")
     engine.load_counters(manifest["counters"])
 
     saved = manifest["layout"]
@@ -86,9 +86,9 @@ def load_checkpoint(cfg: Config, layout: Layout, engine: Engine, loader: TokenLo
         notes.append(f"layout changed (tensor x pipeline x data {saved['tensor']}x{saved['pipeline']}x{saved['data']} -> "
                      f"{layout.tensor}x{layout.pipeline}x{layout.data}): weights and optimizer state resharded, "
                      f"dropout streams reseeded")
-    notes += _resume_loader(loader, manifest["loader"], layout)
+    notes += _resume_source(source, manifest["loader"], layout)
     dist.barrier()
-    return manifest["run"], notes
+    return RunState.from_dict(manifest["run"]), notes
 
 
 def init_weights(cfg: Config, engine: Engine, tokenizer_sha256: str | None, base: Path | None = None,
@@ -118,13 +118,14 @@ def _load_weights(cfg: Config, engine: Engine, ckpt: Path, manifest: dict, keys:
     (found at `base`, else where the checkpoint says); a LoRA run started from a plain checkpoint keeps its
     freshly initialised adapters. Collective."""
     params = engine.named_parameters()
-    saved_head = manifest["config"].get("finetune", {}).get("head", "lm")
-    if saved_head != cfg.finetune.head:  # a classification head on a language model: the head starts anew
-        if saved_head == "classification":
+    scores_there, scores_here = SCORE in manifest["tensors"], any(name == SCORE for name, _ in params)
+    if scores_there != scores_here:  # a classification head on a language model: the head starts anew
+        if scores_there:
             raise CheckpointError(f"{ckpt} is a classification model (finetune.head=classification): it has no language "
                                   f"model head to start from; start from the model it was finetuned from")
         if keys != ("param",):
-            raise CheckpointError(f"{ckpt} was saved with finetune.head={saved_head}, and this run has "
+            saved = manifest["config"].get("finetune", {}).get("head", "lm")
+            raise CheckpointError(f"{ckpt} was saved with finetune.head={saved}, and this run has "
                                   f"{cfg.finetune.head}: resume with the head it was saved with")
         params = [(n, p) for n, p in params if not n.startswith("head.")]
     adapters = [(n, p) for n, p in params if lora.is_adapter(n)]
@@ -164,7 +165,7 @@ def _load_tensors(engine: Engine, ckpt: Path, manifest: dict, params: list, keys
             raise CheckpointError(f"{ckpt}: tensor {name} has shape {entry['shape']}, this model's is "
                                   f"{list(engine.whole_shape(param))}")
         for key in keys:
-            if key not in entry.get("states", KEYS) or key not in state.states(param):
+            if key not in entry.get("states", engine.state_keys) or key not in engine.states(param):
                 continue  # a frozen weight has no moments
             try:
                 engine.scatter(param, key, reader.get(key, name_there))
@@ -217,13 +218,13 @@ def _changed_settings(saved: dict, ours: dict) -> list[str]:
     return changed
 
 
-def _resume_loader(loader: TokenLoader, states: list[dict | None], layout: Layout) -> list[str]:
-    """The loader exactly where it was when its layout is unchanged; otherwise as `continue_from` says."""
+def _resume_source(source, states: list[dict | None], layout: Layout) -> list[str]:
+    """The batch source exactly where it was when its layout is unchanged; otherwise as `continue_from` says."""
     state = states[layout.dp_rank] if len(states) == layout.data else None
     if state is not None:
         try:
-            loader.load_state_dict(state)
+            source.load_state_dict(state)
             return []
         except DataError:
             pass  # another batch shape, data-parallel size or worker count
-    return [loader.continue_from(states)]
+    return [source.continue_from(states)]

@@ -27,11 +27,12 @@ from typing import Callable, Iterable, Iterator
 
 import torch
 
+from scalelm import compat
 from scalelm.checkpoint import rng, store
 from scalelm.checkpoint.base import base_of
+from scalelm.checkpoint.run_state import RunState
 from scalelm.config import Config, to_dict
 from scalelm.errors import CheckpointError, ScalelmError
-from scalelm.parallel import state
 from scalelm.parallel.engine import Engine
 from scalelm.parallel.topology import Layout, gather_objects
 
@@ -58,7 +59,7 @@ class Save:
         return sum(4 * len(states) * math.prod(shape) for shape, states in self.mine.values())
 
 
-def save_checkpoint(cfg: Config, layout: Layout, engine: Engine, step: int, run: dict, loader_state: dict | None,
+def save_checkpoint(cfg: Config, layout: Layout, engine: Engine, step: int, run: RunState, loader_state: dict | None,
                     tokenizer_sha256: str | None, base: dict | None = None, reference: dict | None = None) -> dict:
     """Save the state after `step` into checkpoint.dir; collective. Returns {path, bytes, seconds} on every rank.
     A LoRA run's `base` is the record (checkpoint/base.py) of the weights it loaded, by default train.init_from's.
@@ -73,25 +74,26 @@ def save_checkpoint(cfg: Config, layout: Layout, engine: Engine, step: int, run:
     return {"path": str(store.step_dir(save.root, step)), "bytes": size(manifest), "seconds": time.perf_counter() - started}
 
 
-def begin(cfg: Config, layout: Layout, engine: Engine, step: int, run: dict, loader_state: dict | None,
+def begin(cfg: Config, layout: Layout, engine: Engine, step: int, run: RunState, loader_state: dict | None,
           tokenizer_sha256: str | None, base: dict | None = None, reference: dict | None = None) -> Save:
     """STEP.tmp made, the writers agreed and the state beside the tensors taken; collective."""
     root = Path(cfg.checkpoint.dir)
     agree(attempt(store.start, root, step) if layout.rank == 0 else None, step)
     # A LoRA run's frozen weights are its base's, which the manifest names; any other frozen weight is saved
-    # with its weight alone (state.states).
+    # with its weight alone (engine.states).
     lora_base = (base or base_of(Path(cfg.train.init_from))) if cfg.finetune.lora is not None else None
     params = [(name, p) for name, p in engine.named_parameters() if p.requires_grad or lora_base is None]
-    writers = _assign_writers([(name, getattr(p, "ds_numel", p.numel())) for name, p in params], layout.world)
-    mine = {name: (engine.whole_shape(p), state.states(p)) for name, p in params if writers[name] == layout.rank}
+    writers = _assign_writers([(name, compat.whole_numel(p)) for name, p in params], layout.world)
+    mine = {name: (engine.whole_shape(p), engine.states(p)) for name, p in params if writers[name] == layout.rank}
     model, optimizer = _files(layout.rank)[:2]
     tensors = {name: {"model": model, "shape": list(shape), "states": list(states)}
                | ({"optimizer": optimizer} if len(states) > 1 else {}) for name, (shape, states) in mine.items()}
     first_of_dp = layout.tp_rank == 0 and layout.pp_rank == 0  # the first stage draws every micro-batch
-    header = {"step": step, "run": run, "config": to_dict(cfg), "tokenizer_sha256": tokenizer_sha256, "base": lora_base,
-              "reference": reference, "layout": {"tensor": layout.tensor, "pipeline": layout.pipeline, "data": layout.data,
-                                                 "world": layout.world, "zero_stage": cfg.parallel.zero_stage},
-              "counters": engine.counters()}
+    header = {"step": step, "run": run.as_dict(), "config": to_dict(cfg), "objective": engine.objective.name,
+              "tokenizer_sha256": tokenizer_sha256, "base": lora_base, "reference": reference,
+              "layout": {"tensor": layout.tensor, "pipeline": layout.pipeline, "data": layout.data, "world": layout.world,
+                         "zero_stage": cfg.parallel.zero_stage},
+              "counters": engine.counters().as_dict()}
     report = {"rank": layout.rank, "files": {}, "tensors": tensors, "dp_rank": layout.dp_rank, "failed": None,
               "loader": loader_state if first_of_dp else None}
     return Save(step, root, cfg.checkpoint.keep, params, mine, header, report)
@@ -103,7 +105,7 @@ def gathered(save: Save, engine: Engine, into: Callable[[str, tuple[int, ...]], 
     `into(key, shape)` when given; collective: every rank gathers every tensor of its stage, so the iterator must
     be run to its end on every rank."""
     for name, param in save.params:
-        for key in state.states(param):
+        for key in engine.states(param):
             file_key = name if key == "param" else f"{key}/{name}"
             out = into(file_key, save.mine[name][0]) if into is not None and name in save.mine else None
             whole = engine.gather(param, key, out)  # collective over the stage's data and tensor groups

@@ -36,6 +36,7 @@ import torch
 import torch.distributed as dist
 
 from scalelm.checkpoint import rng, store
+from scalelm.checkpoint.run_state import RunState
 from scalelm.checkpoint.save import Save, agree, attempt, begin, collect, commit, gathered, save_checkpoint, size, write
 from scalelm.config import Config
 from scalelm.parallel.engine import Engine
@@ -65,7 +66,7 @@ class Checkpoints:
         self.copies: dict[str, torch.Tensor] = {}  # the snapshot's host buffers, by key in file
         self.flight: _InFlight | None = None
 
-    def save(self, step: int, run: dict, loader_state: dict | None, why: str, wait: bool = False) -> None:
+    def save(self, step: int, run: RunState, loader_state: dict | None, why: str, wait: bool = False) -> None:
         """Save the state after `step`, and with `wait` be done with it before returning."""
         if step not in (self.newest, self.flight and self.flight.save.step):
             self.wait()  # one snapshot at a time

@@ -36,6 +36,7 @@ import torch
 
 from scalelm.checkpoint import store
 from scalelm.config import LoRAConfig, ModelConfig
+from scalelm.config.finetune import layer_sides
 from scalelm.convert import layouts, parity
 from scalelm.convert.hf import HF_TARGET, write_hf_folder
 from scalelm.convert.source import read_lora
@@ -115,7 +116,7 @@ def hf_adapters(model: ModelConfig, adapters: dict[str, torch.Tensor], lora: LoR
         for target in (t for t in lora_math.TARGETS if t in lora.targets):
             name = f"blocks.{i}.layer.{lora_math.TARGETS[target]}.lora."
             a, b = adapters[name + "a"], adapters[name + "b"]
-            fan_in, fan_out = lora_math.layer_sides(model, target)
+            fan_in, fan_out = layer_sides(model, target)
             if tuple(a.shape) != (lora.rank, fan_in) or tuple(b.shape) != (fan_out, lora.rank):
                 raise ConversionError(f"adapter {name}a/b has shapes {list(a.shape)}/{list(b.shape)}, not "
                                       f"{[lora.rank, fan_in]}/{[fan_out, lora.rank]}: it does not fit the base model")

@@ -18,7 +18,7 @@ import yaml
 from safetensors import SafetensorError, safe_open
 
 from scalelm.checkpoint import base as base_checkpoint
-from scalelm.checkpoint import consolidate, store
+from scalelm.checkpoint import store
 from scalelm.config import Config, LoRAConfig, ModelConfig, from_dict, model_differences, to_dict
 from scalelm.convert.layouts import normalise_names
 from scalelm.data.files import make_dir, sha256_file
@@ -26,6 +26,7 @@ from scalelm.errors import CheckpointError, ConfigError
 from scalelm.model import lora
 
 TOKENIZER = "tokenizer.model"  # a weights-only checkpoint's own copy of its tokenizer
+CONSOLIDATED = "scalelm-weights"  # the metadata "format" of the file `scalelm checkpoint consolidate` writes
 
 
 @dataclass
@@ -142,7 +143,7 @@ def _read_consolidated(path: Path, tokenizer: Path | None) -> ScalelmModel:
     try:
         with safe_open(path, framework="pt") as f:
             meta = f.metadata() or {}
-            if meta.get("format") != consolidate.FORMAT:
+            if meta.get("format") != CONSOLIDATED:
                 raise CheckpointError(f"{path} is not a file `scalelm checkpoint consolidate` wrote")
             weights = normalise_names({k: f.get_tensor(k) for k in f.keys()})
     except (SafetensorError, OSError) as e:

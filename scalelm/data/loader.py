@@ -47,6 +47,7 @@ from typing import Iterator, Sequence
 import torch
 from torch.utils.data import DataLoader
 
+from scalelm import compat
 from scalelm.config import Config
 from scalelm.data.chat_shards import check_fits
 from scalelm.data.files import sha256_file
@@ -82,7 +83,8 @@ class TokenLoader:
             raise DataError(f"no {split} data: set data.train to a directory written by `scalelm shard`")
         sources = [_normalise(s) for s in sources]
         self.sets = [read_manifest(s, split, tokenizer_sha256) for s in sources]
-        if reference is not None:  # the SHA-256 of the model whose log-probs the batches carry
+        self.reference = reference  # the SHA-256 of the model whose log-probs the batches carry
+        if reference is not None:
             self.sets = [with_reference(s, reference) if s.pairs else s for s in self.sets]
         first = self.sets[0]
         for other in self.sets[1:]:
@@ -152,9 +154,7 @@ class TokenLoader:
                 self._batches += 1
                 yield {k: v for k, v in item.items() if k not in ("worker", "state")}
                 continue
-            # Stop the workers now: left to the garbage collector, their shutdown waits out torch's
-            # join timeouts (5 s a worker). torch has no public close() for a DataLoader iterator.
-            getattr(batches, "_shutdown_workers", lambda: None)()
+            compat.shutdown_workers(batches)  # now, not when the garbage collector gets to them
             raise DataError(message)
 
     def state_dict(self) -> dict:

@@ -256,6 +256,25 @@ class ShardSet:
         """Labelled texts (`scalelm shard --labels`): the class names, by class id; None for other shards."""
         return self.chat.get("labels") if self.chat else None
 
+    @property
+    def kind(self) -> str:
+        """What the shards hold, a key of KINDS: text, chat, pairs or labels."""
+        return "pairs" if self.pairs else "labels" if self.labels is not None else "chat" if self.chat else "text"
+
+
+@dataclass(frozen=True)
+class Kind:
+    what: str  # the shards, in words
+    holds: str  # what each of their documents is
+    command: str  # the command that writes them
+
+
+# The kinds of shard sets `scalelm shard` writes; an objective names the one it trains on (scalelm/objectives).
+KINDS = {"text": Kind("text shards", "documents", "`scalelm shard`"),
+         "chat": Kind("chat shards", "conversations", "`scalelm shard --chat`"),
+         "pairs": Kind("preference pairs", "preference pairs", "`scalelm shard --preference`"),
+         "labels": Kind("labelled texts", "labelled texts", "`scalelm shard --labels`")}
+
 
 def join_url(source: str, name: str) -> str:
     return f"{source.rstrip('/')}/{name}"

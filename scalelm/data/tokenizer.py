@@ -27,7 +27,7 @@ import sentencepiece as spm
 from scalelm.data.files import make_dir, sha256_file
 from scalelm.data.readers import list_input_files, read_documents
 from scalelm.data.workers import default_workers
-from scalelm.errors import DataError
+from scalelm.errors import ConfigError, DataError
 
 SPECIAL_IDS = {"unk": 0, "bos": 1, "eos": 2, "pad": 3}
 SPECIAL_PIECES = {"unk": "<unk>", "bos": "<s>", "eos": "</s>", "pad": "<pad>"}
@@ -128,6 +128,19 @@ def _without_thread_count(model: bytes) -> bytes:
     proto.ParseFromString(model)
     proto.trainer_spec.num_threads = 0
     return proto.SerializeToString(deterministic=True)
+
+
+def resolve_vocab_size(cfg) -> int:
+    """The run's vocabulary: data.tokenizer's, or model.vocab_size; they must agree when both are given."""
+    if cfg.data.tokenizer is None:
+        if cfg.model.vocab_size is None:
+            raise ConfigError("model.vocab_size is null and there is no data.tokenizer to take it from: set one")
+        return cfg.model.vocab_size
+    size = load_tokenizer(Path(cfg.data.tokenizer)).vocab_size()
+    if cfg.model.vocab_size not in (None, size):
+        raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} but data.tokenizer has {size} pieces: "
+                          f"set model.vocab_size={size} or null")
+    return size
 
 
 def load_tokenizer(path: str | Path) -> spm.SentencePieceProcessor:

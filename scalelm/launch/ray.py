@@ -103,7 +103,7 @@ def train_worker(loop_config: dict) -> None:
     """One rank, on a Ray Train worker (which has set RANK, WORLD_SIZE, LOCAL_RANK and the process group)."""
     import ray
 
-    from scalelm.commands import quiet_engines
+    from scalelm.quiet import quiet_engines
 
     quiet_engines()
     from scalelm.train.loop import train

@@ -6,7 +6,8 @@ and handles grouped-query attention itself. Same constructor and forward as mega
 DotProductAttention, so it drops into `SelfAttentionSubmodules.core_attention`.
 
 Without a mask, attention is causal over the whole window (SDPA's `is_causal`, which keeps the flash
-kernels). With packed documents the block builds `document_mask(document_ids)`, causal within each
+kernels), or with model.causal=false (the layer spec's attn_mask_type no_mask) every token attends to every
+other. With packed documents the block builds `document_mask(document_ids)`, causal (or not) within each
 document and closed between them, and it is used as given: a boolean mask for SDPA (any device;
 the memory-efficient kernel on a GPU), or with `train.packed_attention=flex` flex attention's block
 mask, whose kernel skips the blocks no query of a document may see (compiled on a GPU; eager, and
@@ -21,27 +22,31 @@ from functools import cache
 import torch
 import torch.nn.functional as F
 from megatron.core import tensor_parallel
+from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 KERNELS = ("sdpa", "flex")
 
 
-def document_mask(document_ids: torch.Tensor, kernel: str = "sdpa") -> torch.Tensor | BlockMask:
-    """document_ids (b, s) -> where query i may NOT attend to key j (megatron's convention): j > i, or j in another
-    document than i. Every query keeps at least itself, so no row is all masked.
+def document_mask(document_ids: torch.Tensor, kernel: str = "sdpa", causal: bool = True) -> torch.Tensor | BlockMask:
+    """document_ids (b, s) -> where query i may NOT attend to key j (megatron's convention): j in another document
+    than i, or (causal) j > i. Every query keeps at least itself, so no row is all masked.
 
     sdpa: a (b, 1, s, s) bool tensor, True = masked; flex: flex attention's BlockMask of the same pattern."""
     if kernel == "flex":
         def allowed(b, h, q, kv):
-            return (document_ids[b, q] == document_ids[b, kv]) & (q >= kv)
+            same = document_ids[b, q] == document_ids[b, kv]
+            return same & (q >= kv) if causal else same
 
         b, s = document_ids.shape
         return create_block_mask(allowed, b, None, s, s, device=document_ids.device)
     same = document_ids[:, None, :, None] == document_ids[:, None, None, :]  # (b, 1, s, s)
+    if not causal:
+        return ~same
     s = document_ids.shape[1]
-    causal = torch.ones(s, s, dtype=torch.bool, device=document_ids.device).tril()
-    return ~(same & causal)
+    before = torch.ones(s, s, dtype=torch.bool, device=document_ids.device).tril()
+    return ~(same & before)
 
 
 @cache
@@ -53,7 +58,8 @@ def _flex(on_gpu: bool):
 class SDPAttention(MegatronModule):
     """softmax(Q K^T * scale + mask) V over this rank's heads; query (s, b, n, d), key/value (s, b, g, d).
 
-    attention_mask: None (causal over the window) or document_mask's (b, 1, s, s), True = not attended."""
+    attention_mask: None (the whole window: causal, or with attn_mask_type no_mask every position) or
+    document_mask's (b, 1, s, s), True = not attended."""
 
     def __init__(self, config, layer_number: int, attn_mask_type, attention_type: str,
                  attention_dropout: float | None = None, softmax_scale: float | None = None,
@@ -61,6 +67,7 @@ class SDPAttention(MegatronModule):
         super().__init__(config=config)
         self.dropout = config.attention_dropout if attention_dropout is None else attention_dropout
         self.softmax_scale = softmax_scale
+        self.causal = attn_mask_type != AttnMaskType.no_mask  # the layer spec's, which the model's config chose
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask=None,
                 attn_mask_type=None, attention_bias=None, packed_seq_params=None) -> torch.Tensor:
@@ -81,7 +88,7 @@ class SDPAttention(MegatronModule):
         # NOTE: heads are split over tensor-parallel ranks, so their dropout masks must differ: the
         # model-parallel RNG stream gives each rank its own.
         with tensor_parallel.get_cuda_rng_tracker().fork():
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout, is_causal=allowed is None,
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout, is_causal=allowed is None and self.causal,
                                                  scale=self.softmax_scale, enable_gqa=q.shape[1] != k.shape[1])
         b, n, s, d = out.shape
         return out.permute(2, 0, 1, 3).reshape(s, b, n * d)  # (s, b, n * d)

@@ -3,8 +3,9 @@
     input_ids (b, s) ─Embedding─▶ (s, b, h) ─Block × L─▶ (s, b, h) ─FinalNorm─▶ ─Head─▶ logits (s, b, V/tp)
                                                                                 └ScoreHead─▶ scores (s, b, n)
 
-The model ends at the logits and knows no loss: an objective (scalelm.train.objectives) maps logits
-and a batch to a loss, so pretraining, SFT and later preference losses share one model.
+The model ends at the logits and knows no loss: an objective (scalelm/objectives) maps logits and a batch to a
+loss, so pretraining, SFT and the preference losses share one model. Inside `hidden_states(model)` it ends before
+its head instead, at the final norm's output (s, b, h). Attention is causal unless model.causal is false.
 
 Packed documents. A window may hold several documents (conversations, or pretraining documents
 with `data.document_mask`) that must not see each other. Then the layers pass, beside the hidden
@@ -44,6 +45,7 @@ from scalelm.config import ModelConfig
 from scalelm.model.attention import document_mask
 from scalelm.model.spec import Norm, padded_vocab_size
 
+SCORE = "head.score"  # a classification head's weight (ScoreHead), by its single-process name
 Activations = Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 """hidden (s, b, h), or (hidden, position_ids (b, s), document_ids (b, s)) for packed documents."""
 
@@ -124,6 +126,7 @@ class Block(nn.Module):
                  packed_attention: str = "sdpa"):
         super().__init__()
         self.packed_attention = packed_attention  # the kernel for packed documents (model/attention.py)
+        self.causal = model.causal
         with layer_seed(seed, layer_number):
             self.layer = build_module(spec, config=tc, layer_number=layer_number)
         self.rope = None
@@ -137,12 +140,12 @@ class Block(nn.Module):
         # Attention sees the whole sequence even when the layer's input holds only this rank's part.
         seq_len = hidden.shape[0] * self.sequence_factor
         rotary = self.rope(seq_len) if self.rope is not None else None  # (s, 1, 1, d): positions 0..s-1
-        mask = None  # causal over the whole window
+        mask = None  # the whole window: causal, or for a bidirectional model every position (the layer spec's)
         if documents:
             position_ids, document_ids = documents
             if rotary is not None:
                 rotary = rotary[:, 0][position_ids.t()]  # (s, b, 1, d): each token's own position
-            mask = document_mask(document_ids, self.packed_attention)
+            mask = document_mask(document_ids, self.packed_attention, self.causal)
         if self.sequence_factor > 1:
             # each rank holds its own part of the sequence, so its dropout masks must be its own
             with tensor_parallel.get_cuda_rng_tracker().fork():
@@ -176,8 +179,12 @@ class Head(nn.Module):
             if self.linear.weight is not None:
                 zero_padding(self.linear.weight, vocab_size)
         self.vocab_size = vocab_size
+        self.sequence_parallel = tc.sequence_parallel
+        self.emit_hidden = False  # inside hidden_states()
 
     def forward(self, x: Activations, weight: torch.Tensor | None = None) -> torch.Tensor:
+        if self.emit_hidden:
+            return _whole(split(x)[0], self.sequence_parallel)
         logits, _ = self.linear(split(x)[0], weight=weight)  # (s, b, V/tp)
         width = logits.shape[-1]
         first = parallel_state.get_tensor_model_parallel_rank() * width  # this rank's first vocabulary id
@@ -218,12 +225,36 @@ class ScoreHead(nn.Module):
             tc.init_method(self.score)
         self.sequence_parallel = tc.sequence_parallel
         self.score.sequence_parallel = tc.sequence_parallel
+        self.emit_hidden = False  # inside hidden_states()
 
     def forward(self, x: Activations) -> torch.Tensor:
+        if self.emit_hidden:
+            return _whole(split(x)[0], self.sequence_parallel)
         scores = torch.nn.functional.linear(split(x)[0], self.score)  # (s[/tp], b, num_labels)
         if self.sequence_parallel:  # (s/tp, b, n) -> (s, b, n); each rank's gradient is its own part's
             scores = tensor_parallel.gather_from_sequence_parallel_region(scores, tensor_parallel_output_grad=False)
         return scores
+
+
+@contextmanager
+def hidden_states(model: nn.Module) -> Iterator[None]:
+    """Inside the block `model` (a GPT, or a pipeline stage of its layers) ends before its head: it returns the
+    final norm's output, (s, b, h), whole along the sequence under sequence parallelism too."""
+    ends = [m for m in model.modules() if isinstance(m, (Head, ScoreHead))]
+    for end in ends:
+        end.emit_hidden = True
+    try:
+        yield
+    finally:
+        for end in ends:
+            end.emit_hidden = False
+
+
+def _whole(hidden: torch.Tensor, sequence_parallel: bool) -> torch.Tensor:
+    """(s[/tp], b, h) -> (s, b, h): under sequence parallelism the tensor ranks' parts gathered."""
+    if not sequence_parallel:
+        return hidden
+    return tensor_parallel.gather_from_sequence_parallel_region(hidden, tensor_parallel_output_grad=False)
 
 
 def zero_padding(weight: torch.Tensor, vocab_size: int) -> None:

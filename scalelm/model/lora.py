@@ -35,26 +35,13 @@ from megatron.core import parallel_state, tensor_parallel
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from torch import nn
 
-from scalelm.config import LoRAConfig, ModelConfig
+from scalelm.config import LoRAConfig
+from scalelm.model.gpt import SCORE
 
-# target name: the linear inside each megatron TransformerLayer
+# each target of finetune.lora.targets (config/finetune.py): the linear inside a megatron TransformerLayer it adapts
 TARGETS = {"qkv": "self_attention.linear_qkv", "proj": "self_attention.linear_proj",
            "fc1": "mlp.linear_fc1", "fc2": "mlp.linear_fc2"}
-COLUMN = ("qkv", "fc1")  # column-parallel bases; proj and fc2 are row-parallel
 SUFFIXES = (".lora.a", ".lora.b")
-
-
-def layer_sides(model: ModelConfig, target: str) -> tuple[int, int]:
-    """(in, out) of a target's whole weight."""
-    h, f, d = model.hidden_size, model.ffn_hidden_size, model.hidden_size // model.num_heads
-    kv = (model.num_kv_heads or model.num_heads) * d
-    fc1 = 2 * f if model.activation == "swiglu" else f
-    return {"qkv": (h, h + 2 * kv), "proj": (h, h), "fc1": (h, fc1), "fc2": (f, h)}[target]
-
-
-def adapter_parameters(model: ModelConfig, lora: LoRAConfig) -> int:
-    """The adapters' parameters over the whole model: r (in + out) per adapted linear per layer."""
-    return model.num_layers * sum(lora.rank * sum(layer_sides(model, t)) for t in lora.targets)
 
 
 def scale(lora: LoRAConfig) -> float:
@@ -66,7 +53,7 @@ def is_adapter(name: str) -> bool:
 
 
 # trained whole beside the adapters: a classification head (finetune.head), new to the base (PEFT's modules_to_save)
-WHOLE = ("head.score",)
+WHOLE = (SCORE,)
 
 
 def is_trained(name: str) -> bool:
@@ -142,6 +129,10 @@ def _add_adapter(linear: nn.Module, args: tuple, kwargs: dict, output):
     x = args[0] if args else kwargs["input_"]
     out, bias = output
     return out + linear.lora(x), bias
+
+
+def has_adapters(model: nn.Module) -> bool:
+    return any(isinstance(m, LoRA) for m in model.modules())
 
 
 @contextmanager

@@ -13,6 +13,7 @@ import importlib.util
 import torch
 import torch.nn.functional as F
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec, get_gpt_layer_with_transformer_engine_spec
+from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_config import TransformerConfig
 from torch import nn
@@ -87,21 +88,25 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig, *, on_gpu: 
     )
 
 
-def layer_spec(on_gpu: bool, documents: bool = False, fused_norms: bool = True) -> ModuleSpec:
+def layer_spec(on_gpu: bool, documents: bool = False, fused_norms: bool = True, causal: bool = True) -> ModuleSpec:
     """The transformer layer's modules: Transformer Engine's, or megatron's local ones with ours swapped in.
-    With packed documents (`documents`) core attention is always scalelm's SDPA, which takes their block
-    mask; Transformer Engine's causal attention would not look at it. Without `fused_norms` (LoRA, whose
+    With packed documents (`documents`), or without `causal` (every token attends to every other: the
+    attention's attn_mask_type no_mask), core attention is always scalelm's SDPA, which takes their block
+    mask and the mask type; Transformer Engine's causal attention would not. Without `fused_norms` (LoRA, whose
     adapters read the normalised input of qkv and fc1, which Transformer Engine's linears fuse the norm into)
     the local spec is used."""
     if use_transformer_engine(on_gpu) and fused_norms:
         spec = get_gpt_layer_with_transformer_engine_spec()
-        if documents:
+        if documents or not causal:
             spec.submodules.self_attention.submodules.core_attention = SDPAttention
-        return spec
-    spec = get_gpt_layer_local_spec()
-    spec.submodules.input_layernorm = Norm
-    spec.submodules.pre_mlp_layernorm = Norm
-    spec.submodules.self_attention.submodules.core_attention = SDPAttention
+    else:
+        spec = get_gpt_layer_local_spec()
+        spec.submodules.input_layernorm = Norm
+        spec.submodules.pre_mlp_layernorm = Norm
+        spec.submodules.self_attention.submodules.core_attention = SDPAttention
+    if not causal:
+        spec.submodules.self_attention.params = {**spec.submodules.self_attention.params,
+                                                 "attn_mask_type": AttnMaskType.no_mask}
     return spec
 
 

@@ -14,11 +14,13 @@ import os
 import socket
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Iterator
 
 import torch
 import torch.distributed as dist
 
+from scalelm import compat
 from scalelm.config import ParallelConfig
 
 
@@ -36,6 +38,12 @@ class Layout:
     pp_rank: int
     device: torch.device
 
+    def deepspeed_topology(self):
+        """DeepSpeed's description of the same grid (axes pipe, data, model), which its pipeline is built on."""
+        from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
+
+        return PipeModelDataParallelTopology(num_pp=self.pipeline, num_mp=self.tensor, num_dp=self.data)
+
 
 def env_rank() -> tuple[int, int, int]:
     """(rank, world size, local rank) from the launcher's environment (torchrun's RANK/WORLD_SIZE/LOCAL_RANK,
@@ -50,8 +58,6 @@ def init_distributed(parallel: ParallelConfig, seed: int) -> Layout:
     import deepspeed
     from megatron.core import parallel_state, tensor_parallel
 
-    from scalelm.parallel.watchdog import process_group_timeout
-
     timeout = process_group_timeout(parallel.timeout)
 
     rank, world, local_rank = env_rank()
@@ -64,9 +70,7 @@ def init_distributed(parallel: ParallelConfig, seed: int) -> Layout:
         gpu = local_rank % torch.cuda.device_count()
         torch.cuda.set_device(gpu)
     else:
-        from scalelm.parallel.cpu import use_cpu
-
-        use_cpu()
+        compat.use_cpu()
     if world == 1 and not dist.is_initialized():  # in memory: a lone process needs no port, cannot lose one to a race
         dist.init_process_group("nccl" if on_gpu else "gloo", store=dist.HashStore(), rank=0, world_size=1,
                                 timeout=timeout)
@@ -80,12 +84,17 @@ def init_distributed(parallel: ParallelConfig, seed: int) -> Layout:
                     dp_rank=parallel_state.get_data_parallel_rank(),
                     pp_rank=parallel_state.get_pipeline_model_parallel_rank(),
                     device=torch.device("cuda", gpu) if on_gpu else torch.device("cpu"))
-    theirs = deepspeed_topology(layout).get_coord(rank)
+    theirs = layout.deepspeed_topology().get_coord(rank)
     if (theirs.pipe, theirs.data, theirs.model) != (layout.pp_rank, layout.dp_rank, layout.tp_rank):
         raise RuntimeError(f"rank {rank}: megatron puts it at pp={layout.pp_rank} dp={layout.dp_rank} "
                            f"tp={layout.tp_rank}, DeepSpeed at {theirs}")  # a bug in scalelm, not in the config
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
     return layout
+
+
+def process_group_timeout(timeout: float) -> timedelta:
+    """The process group's own: a backstop behind the watchdog (parallel/watchdog.py), and room for ranks that start unevenly."""
+    return timedelta(seconds=max(1.5 * timeout, 60.0))
 
 
 def gather_objects(obj) -> list:
@@ -95,6 +104,18 @@ def gather_objects(obj) -> list:
     everyone: list = [None] * dist.get_world_size()
     dist.all_gather_object(everyone, obj)
     return everyone
+
+
+def first_to_report(rank: int) -> bool:
+    """Whether this rank reports the run's error, which every rank may raise: the first to claim it in the
+    rendezvous store does, the others stay quiet (True without other ranks, or when the store is gone with a lost
+    host: then every rank says what it knows)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return True
+    try:
+        return compat.default_store().compare_set("scalelm/error", "", str(rank)).decode() == str(rank)
+    except Exception:  # noqa: BLE001 - a store that does not answer says nothing more than that it is gone
+        return True
 
 
 def rank_hosts() -> str:
@@ -121,12 +142,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def deepspeed_topology(layout: Layout):
-    from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
-
-    return PipeModelDataParallelTopology(num_pp=layout.pipeline, num_mp=layout.tensor, num_dp=layout.data)
 
 
 @contextmanager

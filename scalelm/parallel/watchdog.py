@@ -6,7 +6,7 @@ the verdict), so the store answers a few reads per rank and beat, not one per pa
 changed for parallel.timeout seconds is a silent rank: rank 0 posts the verdict under `scalelm/silent`, and every
 rank's thread prints it and ends its process with status 75 (EX_TEMPFAIL: resume once the hosts are back). The
 thread does it, not the main one, which may be blocked in a collective that NCCL would abort on its own timeout
-without a word of ours; the process group's timeout is longer (PROCESS_GROUP_TIMEOUT) so this one comes first.
+without a word of ours; the process group's timeout is longer (parallel/topology.py: process_group_timeout) so this one comes first.
 
 A collective that fails at once (gloo sees a killed peer's connection close) is explained by `explain`: the rank
 marks its beat failed, watches every beat for three beats, and names the ranks that stopped without failing, or,
@@ -25,6 +25,7 @@ from typing import Callable
 
 import torch.distributed as dist
 
+from scalelm import compat
 from scalelm.errors import PeerLost, ScalelmError, Stopped
 from scalelm.parallel.topology import Layout
 
@@ -34,11 +35,6 @@ VERDICT = "scalelm/silent"
 
 def beat_interval(timeout: float) -> float:
     return min(timeout / 10, 10.0)
-
-
-def process_group_timeout(timeout: float) -> timedelta:
-    """The process group's own: a backstop behind the watchdog, and room for ranks that start unevenly."""
-    return timedelta(seconds=max(1.5 * timeout, 60.0))
 
 
 class Watchdog:
@@ -60,7 +56,7 @@ class Watchdog:
 
     def __enter__(self) -> "Watchdog":
         if self.world > 1:
-            self._store = dist.distributed_c10d._get_default_store().clone()  # a client of this thread's own
+            self._store = compat.default_store().clone()  # a client of this thread's own
             self._store.set_timeout(timedelta(seconds=self.timeout))  # a store that long away is itself lost
             self._beat()
             dist.barrier()  # every beat is in the store before anyone reads one

@@ -18,12 +18,15 @@ from tqdm import tqdm
 
 from scalelm.config import Config, to_dict
 from scalelm.data.files import make_dir
+from scalelm.objectives import Objective
+from scalelm.train.records import StepRecord
 
 
 class RunLog:
-    def __init__(self, cfg: Config, active: bool, total_steps: int, first_step: int = 0, stage: str = "pretrain"):
-        self.active, self.every = active, cfg.log.every
-        self.last: dict = {}
+    def __init__(self, cfg: Config, objective: Objective, active: bool, total_steps: int, first_step: int = 0,
+                 stage: str = "pretrain"):
+        self.active, self.every, self.objective = active, cfg.log.every, objective
+        self.last: dict = {}  # the newest record, a step's with its validation's
         if not active:
             return
         self.dir = make_dir(Path(cfg.log.dir), "log.dir")
@@ -40,43 +43,27 @@ class RunLog:
                         disable=self.lines)
         self.started = time.time()
 
-    def step(self, record: dict) -> None:
-        """After each optimizer step: {step, loss, lr, grad_norm, tokens_per_s, mfu, mfu_megatron, mem}."""
+    def step(self, step: StepRecord) -> None:
+        """After each optimizer step."""
+        record = step.as_json()
         self.last = record
         if not self.active:
             return
-        summary = (f"loss {record['loss']:.4f} lr {record['lr']:.2e} {record['tokens_per_s']:,.0f} tok/s"
-                   + (f" reward acc {100 * record['reward_accuracy']:.0f}%" if record.get("reward_accuracy") is not None
-                      else "")
-                   + (f" MFU {100 * record['mfu']:.1f}% (PaLM)" if record["mfu"] is not None else ""))
+        summary = (f"loss {step.loss:.4f} lr {step.lr:.2e} {step.tokens_per_s:,.0f} tok/s"
+                   + self.objective.progress(step.metrics)
+                   + (f" MFU {100 * step.mfu:.1f}% (PaLM)" if step.mfu is not None else ""))
         self.bar.update(1)
         self.bar.set_postfix_str(summary, refresh=False)
-        if record["step"] % self.every == 0 or record["step"] == self.bar.total:
+        if step.step % self.every == 0 or step.step == self.bar.total:
             self._write(record)
             if self.lines:
-                self._say(f"step {record['step']}/{self.bar.total}: {summary}")
+                self._say(f"step {step.step}/{self.bar.total}: {summary}")
 
-    def eval(self, step: int, val_loss: float, perplexity: float, metrics: dict | None = None) -> None:
-        """After a validation: its loss, and its perplexity and next-token accuracy; for DPO (whose loss is no cross
-        entropy) its reward accuracy and margin, for a reward model its accuracy and margin, for a classifier its
-        accuracy."""
-        metrics = metrics or {}
-        if "reward_accuracy" in metrics:
-            record = {"step": step, "val_loss": val_loss, "val_reward_accuracy": metrics["reward_accuracy"],
-                      "val_reward_margin": metrics["reward_margin"]}
-            line = (f"val loss {val_loss:.4f}, reward accuracy {100 * metrics['reward_accuracy']:.1f}%, margin "
-                    f"{metrics['reward_margin']:.3f}")
-        elif "margin" in metrics:  # a reward model
-            record = {"step": step, "val_loss": val_loss, "val_accuracy": metrics["accuracy"], "val_margin": metrics["margin"]}
-            line = f"val loss {val_loss:.4f}, accuracy {100 * metrics['accuracy']:.1f}%, margin {metrics['margin']:.3f}"
-        elif "texts" in metrics:  # a classifier
-            record = {"step": step, "val_loss": val_loss, "val_accuracy": metrics["accuracy"]}
-            line = f"val loss {val_loss:.4f}, accuracy {100 * metrics['accuracy']:.1f}%"
-        else:
-            accuracy = metrics.get("accuracy")
-            record = {"step": step, "val_loss": val_loss, "val_perplexity": perplexity, "val_accuracy": accuracy}
-            line = (f"val loss {val_loss:.4f}, perplexity {perplexity:.2f}"
-                    + (f", next-token accuracy {100 * accuracy:.1f}%" if accuracy is not None else ""))
+    def eval(self, step: int, loss: float, metrics: dict[str, float]) -> None:
+        """After a validation: its loss and what the objective makes of it (perplexity and next-token accuracy,
+        DPO's reward accuracy and margin, a classifier's accuracy, ...)."""
+        figures, line = self.objective.validation(loss, metrics)
+        record = {"step": step, **figures}
         self.last = {**self.last, **record}
         if self.active:
             self._say(f"step {step}: {line}")

@@ -19,16 +19,22 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from scalelm import objectives
 from scalelm.checkpoint import store
+from scalelm.checkpoint.resume import init_weights
 from scalelm.config import Config
 from scalelm.data.chat_shards import check_fits
 from scalelm.data.files import sha256_file
 from scalelm.data.packing import ChatWindows
 from scalelm.data.reference import has_reference, manifest_sha256, write_reference
 from scalelm.data.shards import SPLITS, read_manifest, read_shard_fields
+from scalelm.data.tokenizer import resolve_vocab_size
 from scalelm.errors import DataError
-from scalelm.parallel.topology import gather_objects
-from scalelm.train.pairs import document_logps
+from scalelm.model.build import build_model
+from scalelm.objectives import Objective, Output
+from scalelm.objectives.documents import document_sums
+from scalelm.parallel.engine import Engine
+from scalelm.parallel.topology import destroy_distributed, gather_objects, init_distributed
 
 
 def reference_model(cfg: Config) -> dict:
@@ -45,18 +51,11 @@ def missing(cfg: Config, model: dict) -> list[str]:
     return [s for s in reference_sources(cfg) if not has_reference(s, model["sha256"])]
 
 
-def score(cfg: Config, layout, vocab_size: int, model: dict, sources: list[str], log=print) -> None:
+def score(cfg: Config, objective: Objective, layout, model: dict, sources: list[str], log=print) -> None:
     """Score `sources` with `model` (train.init_from) on this rank's layout; rank 0 writes. Collective."""
-    from scalelm.checkpoint.resume import init_weights
-    from scalelm.model.build import build_model
-    from scalelm.parallel.engine import Engine
-
     tokenizer_sha = sha256_file(cfg.data.tokenizer) if cfg.data.tokenizer else None
-    from scalelm.train.dpo import DPO
-
-    # DPO's objective: its fields (labels, loss_mask, document_ids) are what the last pipeline stage is handed
-    engine = Engine(cfg, layout, build_model(cfg, layout, vocab_size, documents=True),
-                    DPO(cfg.finetune.dpo, reference_pass=False), train=False)
+    # the objective's fields (labels, loss_mask, document_ids) are what the last pipeline stage is handed
+    engine = Engine(cfg, layout, build_model(cfg, layout, cfg.model.vocab_size, documents=True), objective)
     init_weights(cfg, engine, tokenizer_sha)
     for source in sources:
         started, values = time.perf_counter(), {}
@@ -102,21 +101,24 @@ def _score_shard(cfg: Config, layout, engine, shards, shard) -> np.ndarray:
     rows += [blank] * (per_rank - len(rows) + (-per_rank % batch))
     micro = [{k: torch.from_numpy(np.stack([r[k] for r in rows[i:i + batch]])) for k in rows[0]}
              for i in range(0, len(rows), batch)]
-    found = engine.forward_only(micro, len(micro), lambda logits, b: document_logps(logits, b).double().cpu())
+    found = engine.forward_only(micro, len(micro), Output.LOGPROBS)
     scored = {}  # document -> value, from this rank's windows
     if found and found[0] is not None:  # the ranks that compute the loss (on the pipeline, its last stage)
+        sums = [document_sums(logps, {k: b[k].to(logps.device) for k in ("loss_mask", "document_ids")}).double().cpu()
+                for logps, b in zip(found, micro)]
         for k, i in enumerate(mine):
-            value, first = found[k // batch][k % batch], packed.starts[i]
+            value, first = sums[k // batch][k % batch], packed.starts[i]
             scored.update({int(d): float(value[d - first]) for d in range(first, packed.starts[i + 1])})
     every = {d: v for part in gather_objects(scored) for d, v in part.items()}
     return np.asarray([every[d] for d in range(len(shard.lengths))], np.float64)
 
 
-def run_reference(cfg: Config, stage: str, layout, vocab_size: int, saved: dict | None) -> tuple[dict | None, list[str]]:
-    """The reference record of a DPO run without LoRA, {"model": {"path", "sha256"}, "manifests": {source: SHA-256
-    of its reference manifest}}, after scoring what is missing; None for any other run. `saved` is the record of the
-    checkpoint resumed from, whose files must be unchanged. Also notes for the log. Collective."""
-    if stage != "finetune" or cfg.finetune.objective != "dpo" or cfg.finetune.lora is not None:
+def run_reference(cfg: Config, objective: Objective, layout, saved: dict | None) -> tuple[dict | None, list[str]]:
+    """The reference record of a run whose objective needs a reference (DPO) and that has no LoRA adapters to switch
+    off for one, {"model": {"path", "sha256"}, "manifests": {source: SHA-256 of its reference manifest}}, after
+    scoring what is missing; None for any other run. `saved` is the record of the checkpoint resumed from, whose
+    files must be unchanged. Also notes for the log. Collective."""
+    if not objective.reference or cfg.finetune.lora is not None:
         return None, []
     if saved is not None:
         for source, sha in saved["manifests"].items():
@@ -129,23 +131,21 @@ def run_reference(cfg: Config, stage: str, layout, vocab_size: int, saved: dict 
     todo = missing(cfg, model)
     if todo:
         notes.append(f"scoring the reference log-probs of {', '.join(todo)} with train.init_from first")
-        score(cfg, layout, vocab_size, model, todo, log=notes.append)
+        score(cfg, objective, layout, model, todo, log=notes.append)
     return {"model": model, "manifests": {s: manifest_sha256(s, model["sha256"]) for s in reference_sources(cfg)}}, notes
 
 
 def score_command(cfg: Config, overwrite: bool) -> None:
     """`scalelm score`: the reference log-probs of the config's preference shards by train.init_from, on this
     launch's ranks; with `overwrite`, those already there are scored again. Collective."""
-    from scalelm.parallel.topology import destroy_distributed, init_distributed
-    from scalelm.train.loop import resolve_vocab_size
-
-    if cfg.finetune.objective != "dpo":
-        raise DataError(f"scalelm score computes DPO's reference log-probs, and finetune.objective={cfg.finetune.objective}: "
-                        f"set finetune.objective=dpo")
+    objective = objectives.objective_for(cfg, "finetune")
+    if not objective.reference:
+        raise DataError(f"scalelm score computes the reference log-probs an objective like DPO compares with, and "
+                        f"finetune.objective={objective.name} needs none: set finetune.objective=dpo")
     if cfg.finetune.lora is not None:
         raise DataError("finetune.lora is set: a LoRA policy's reference is its base with the adapters off, computed "
                         "during training, so there is nothing to score")
-    vocab_size = cfg.model.vocab_size = resolve_vocab_size(cfg)
+    cfg.model.vocab_size = resolve_vocab_size(cfg)
     model = reference_model(cfg)
     todo = reference_sources(cfg) if overwrite else missing(cfg, model)
     layout = init_distributed(cfg.parallel, cfg.train.seed)
@@ -153,6 +153,6 @@ def score_command(cfg: Config, overwrite: bool) -> None:
         if not todo and layout.rank == 0:
             print(f"nothing to score: every source has reference log-probs by {model['path']} (--overwrite scores again)")
         if todo:
-            score(cfg, layout, vocab_size, model, todo, log=print if layout.rank == 0 else (lambda _: None))
+            score(cfg, objective, layout, model, todo, log=print if layout.rank == 0 else (lambda _: None))
     finally:
         destroy_distributed()

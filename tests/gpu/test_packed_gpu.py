@@ -26,8 +26,8 @@ def test_flex_kernel_matches_the_masked_sdpa(dtype):
 
 
 def test_sft_steps_with_flex_follow_the_plain_path():
-    from tests.distributed.ranks import run_ranks
-    from tests.distributed.workloads import train_steps
+    from tests.helpers.ranks import run_ranks
+    from tests.helpers.workloads import train_steps
 
     common = ["train.global_batch_size=8", "train.micro_batch_size=4", "train.precision=bf16", "optim.lr=1e-3"]
     (plain,) = run_ranks(1, train_steps, common, 4, 0, True, True)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from scalelm.parallel.plan import plan
-from tests.distributed.workloads import tiny_config
+from tests.helpers.workloads import step, tiny_config, training_engine
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -26,7 +26,6 @@ MODEL = ["model.num_layers=8", "model.hidden_size=1024", "model.num_heads=16", "
 ], ids=["bf16-zero1", "bf16-zero1-recompute", "bf16-zero2", "fp32-zero1"])
 def test_planned_gpu_memory_is_within_20_percent_of_the_allocators_peak(extra, monkeypatch):
     from scalelm.model.build import build_model
-    from scalelm.parallel.engine import Engine
     from scalelm.parallel.topology import destroy_distributed, init_distributed
 
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT"):
@@ -37,14 +36,14 @@ def test_planned_gpu_memory_is_within_20_percent_of_the_allocators_peak(extra, m
     try:
         t = cfg.train
         tokens = torch.randint(0, VOCAB, (2 * t.global_batch_size, t.seq_len + 1), generator=torch.Generator().manual_seed(0))
-        batches = iter({"input_ids": b[:, :-1], "labels": b[:, 1:]} for b in tokens.split(t.micro_batch_size))
+        batches = [{"input_ids": b[:, :-1], "labels": b[:, 1:]} for b in tokens.split(t.micro_batch_size)]
         gc.collect()  # an earlier case's engine, in reference cycles, must not be freed during this one
         torch.cuda.synchronize()
         before = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
-        engine = Engine(cfg, layout, build_model(cfg, layout, VOCAB))
-        for _ in range(2):
-            engine.train_step(batches)
+        engine = training_engine(cfg, layout, build_model(cfg, layout, VOCAB))
+        for i in range(2):
+            step(engine, batches[i * engine.grad_accum:(i + 1) * engine.grad_accum])
         torch.cuda.synchronize()
         measured = torch.cuda.max_memory_allocated() - before
         del engine
