@@ -64,7 +64,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="scalelm", description="Pretrain GPT-style decoders from raw text.")
     sub = parser.add_subparsers(required=True, metavar="COMMAND")
+    for add in (_prepare, _tokenizer, _shard, _inspect, _training, _checkpoint, _convert, _generate, _eval, _plan, _plot, _config):
+        add(sub)
+    return parser
 
+
+def _prepare(sub) -> None:
+    """scalelm prepare."""
     p = sub.add_parser("prepare", help="clean, filter and deduplicate raw text into documents",
                        description="Read .txt (one document per file), .jsonl and .parquet (one per record), plain or "
                                    ".gz/.zst; normalise (NFC, control characters, whitespace); drop short documents, "
@@ -90,6 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace documents already in --out")
     p.set_defaults(run=commands.prepare)
 
+
+def _tokenizer(sub) -> None:
+    """scalelm tokenizer train."""
     tok = sub.add_parser("tokenizer", help="train a SentencePiece tokenizer").add_subparsers(required=True, metavar="ACTION")
     p = tok.add_parser("train", help="train a SentencePiece model on prepared documents",
                        description="Train a SentencePiece model with byte fallback, <unk>=0 <s>=1 </s>=2 <pad>=3 and "
@@ -104,6 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing model at --out")
     p.set_defaults(run=commands.tokenizer_train)
 
+
+def _shard(sub) -> None:
+    """scalelm shard."""
     p = sub.add_parser("shard", help="tokenize documents (or, with --chat, conversations; with --preference, "
                                      "preference pairs) into WebDataset shards",
                        description="Tokenize on all cores into SHARDS/train-*.tar and SHARDS/val-*.tar (token arrays, "
@@ -136,6 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace shards already in --out")
     p.set_defaults(run=commands.shard)
 
+
+def _inspect(sub) -> None:
+    """scalelm inspect."""
     p = sub.add_parser("inspect", help="summarise a shard set; --verify checks every shard",
                        description="Print what SHARDS/manifest.json lists; with --verify, read every shard and check "
                                    "its sha256 and token count; with --tokenizer, decode the start of the first shard.")
@@ -144,20 +159,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", type=Path, default=None, help="decode a sample with this model")
     p.set_defaults(run=commands.inspect)
 
+
+def _training(sub) -> None:
+    """scalelm pretrain, finetune and score: the commands that launch ranks."""
     p = sub.add_parser("pretrain", help="train a GPT from a config",
                        description="Train on this process, as one rank under torchrun/srun/Ray (RANK, WORLD_SIZE, "
                                    "LOCAL_RANK, MASTER_ADDR, MASTER_PORT), or as N local ranks with --nproc-per-node. "
                                    "gloo on CPU, NCCL on GPU.")
     _run_flags(p, "configs/", "optim.lr=3e-4", commands.pretrain)
+    _preflight_flag(p)
 
-    p = sub.add_parser("finetune", help="chat SFT or DPO of a pretrained or Hugging Face model",
+    p = sub.add_parser("finetune", help="SFT, DPO, a reward model or a classifier from a pretrained or Hugging Face "
+                                        "model",
                        description="Finetune the model of train.init_from (a checkpoint of any layout, or `scalelm convert "
-                                   "from-hf` output) on chat shards (`scalelm shard --chat`): packed conversations, the "
-                                   "loss on finetune.train_on's tokens; or, with finetune.objective=dpo, on preference "
+                                   "from-hf` output) with finetune.objective: sft on chat shards (`scalelm shard --chat`), "
+                                   "packed conversations, the loss on finetune.train_on's tokens; dpo on preference "
                                    "shards (`scalelm shard --preference`), whose reference log-probs a run without LoRA "
-                                   "scores first when they are missing (`scalelm score`). The model and tokenizer default "
-                                   "to the start's. Launched, checkpointed and resumed like pretrain.")
+                                   "scores first when they are missing (`scalelm score`); reward (a reward model) on "
+                                   "preference shards; classify on labelled texts (`scalelm shard --labels`). The model "
+                                   "and tokenizer default to the start's. Launched, checkpointed and resumed like pretrain.")
     _run_flags(p, "configs/sft-tiny.yaml", "train.init_from=CKPT", commands.finetune)
+    _preflight_flag(p)
 
     p = sub.add_parser("score", help="DPO's reference log-probs: train.init_from scores the preference shards once",
                        description="For DPO of a fully finetuned policy (finetune.objective=dpo, no LoRA): run "
@@ -168,6 +190,9 @@ def build_parser() -> argparse.ArgumentParser:
     _run_flags(p, "configs/dpo-tiny.yaml", "train.init_from=CKPT", commands.score)
     p.add_argument("--overwrite", action="store_true", help="score again sources that already have reference log-probs")
 
+
+def _checkpoint(sub) -> None:
+    """scalelm checkpoint consolidate."""
     ckpt = sub.add_parser("checkpoint", help="work with checkpoints").add_subparsers(required=True, metavar="ACTION")
     p = ckpt.add_parser("consolidate", help="write a checkpoint's weights as one unsharded safetensors file",
                         description="Read a checkpoint saved by any parallel layout and write its fp32 weights, under "
@@ -178,6 +203,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base", type=Path, default=None, help=BASE_HELP)
     p.set_defaults(run=commands.consolidate)
 
+
+def _convert(sub) -> None:
+    """scalelm convert to-hf, from-hf, to-gguf, to-peft."""
     conv = sub.add_parser("convert", help="convert to and from Hugging Face, and to GGUF").add_subparsers(
         required=True, metavar="ACTION")
     p = conv.add_parser("to-hf", help="write a Hugging Face folder (GPT-2 or Llama layout) of a checkpoint",
@@ -217,6 +245,9 @@ def build_parser() -> argparse.ArgumentParser:
     _conversion_flags(p)
     p.set_defaults(run=commands.to_peft)
 
+
+def _generate(sub) -> None:
+    """scalelm generate."""
     p = sub.add_parser("generate", help="sample text from a checkpoint or a Hugging Face export",
                        description="Generate with transformers from MODEL (a Hugging Face folder, or a scalelm checkpoint, "
                                    "converted on the fly), streaming tokens as they come; stops at end of text.")
@@ -232,10 +263,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base", type=Path, default=None, help=BASE_HELP)
     p.set_defaults(run=commands.generate)
 
-    p = sub.add_parser("eval", help="perplexity of a checkpoint or a Hugging Face export on token shards",
-                       description="Perplexity on the first N windows of a shard split, in order: a scalelm checkpoint "
+
+def _eval(sub) -> None:
+    """scalelm eval."""
+    p = sub.add_parser("eval", help="a checkpoint's or a Hugging Face export's figures on token shards (perplexity, "
+                                    "DPO's rewards, a classifier's accuracy)",
+                       description="The figures of the model's objective on the first N windows of a shard split, in "
+                                   "order: perplexity on text and chat shards, rewards or likelihoods on preference "
+                                   "pairs, accuracy and a confusion matrix on labelled texts. A scalelm checkpoint runs "
                                    "in-framework (any layout: --nproc-per-node and parallel.* overrides), a Hugging Face "
-                                   "folder with transformers. The same windows give the same number.")
+                                   "folder with transformers (perplexity). The same windows give the same number.")
     p.add_argument("model", type=Path, metavar="MODEL", help="a checkpoint, or a Hugging Face folder")
     p.add_argument("--data", required=True, nargs="+", metavar="SHARDS", help="shard directories written by `scalelm shard`")
     p.add_argument("--split", default="val", choices=["train", "val"], help="which split (default val)")
@@ -250,6 +287,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                                      "parallel.tensor=2 train.precision=fp32")
     p.set_defaults(run=commands.evaluate)
 
+
+def _plan(sub) -> None:
+    """scalelm plan."""
     p = sub.add_parser("plan", help="preflight: will a config fit a cluster, memory per GPU, speed",
                        description="Check a config against a cluster without starting anything: the layout's arithmetic, "
                                    "memory per GPU by kind, pipeline bubble, FLOPs and an estimated step time; when it "
@@ -264,18 +304,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. parallel.tensor=8")
     p.set_defaults(run=commands.plan)
 
+
+def _plot(sub) -> None:
+    """scalelm plot."""
     p = sub.add_parser("plot", help="draw loss and throughput curves of a run",
                        description="Read RUN_DIR/metrics.jsonl and draw training/validation loss and tokens/s.")
     p.add_argument("run_dir", metavar="RUN_DIR", help="a run's log.dir")
     p.add_argument("--out", required=True, help="image to write (.png, .svg or .pdf)")
     p.set_defaults(run=commands.plot)
 
+
+def _config(sub) -> None:
+    """scalelm config."""
     p = sub.add_parser("config", help="print the resolved, validated config",
                        description="Load CFG (or the defaults), apply key=value overrides, validate, print as YAML.")
     p.add_argument("config", nargs="?", default=None, help="YAML config (see configs/)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. optim.lr=3e-4")
     p.set_defaults(run=commands.config)
-    return parser
 
 
 def _run_flags(p: argparse.ArgumentParser, configs: str, example: str, run) -> None:
@@ -284,6 +329,13 @@ def _run_flags(p: argparse.ArgumentParser, configs: str, example: str, run) -> N
     p.add_argument("overrides", nargs="*", metavar="key=value", help=f"dotted overrides, e.g. {example}")
     p.add_argument("--nproc-per-node", type=int, default=1, help="start this many local ranks (default 1)")
     p.set_defaults(run=run)
+
+
+def _preflight_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preflight", type=int, default=None, metavar="RANKS",
+                   help="only check, for a run on RANKS ranks, what a run checks before its ranks start (the config, "
+                        "the data against it, the tokenizer, the checkpoints), and exit: 0 if it can start, else one "
+                        "line saying why (slurm/pretrain.sh runs it before srun)")
 
 
 def _conversion_flags(p: argparse.ArgumentParser) -> None:

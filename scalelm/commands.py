@@ -125,25 +125,29 @@ def inspect(args: argparse.Namespace) -> None:
 
 
 def pretrain(args: argparse.Namespace) -> int:
+    quiet_engines()
     from scalelm.config import load_config
 
     return _train(args, "pretrain", load_config)
 
 
 def finetune(args: argparse.Namespace) -> int:
+    quiet_engines()
     from scalelm.train.finetune import load_finetune_config
 
     return _train(args, "finetune", load_finetune_config)
 
 
 def _train(args: argparse.Namespace, stage: str, load) -> int:
-    quiet_engines()
     cfg = load(args.config, args.overrides)  # config errors stop here, before any rank starts
-    if args.nproc_per_node > 1:
-        from scalelm.launch.torchrun import relaunch
+    if args.preflight is not None or args.nproc_per_node > 1:
         from scalelm.train.preflight import preflight
 
-        preflight(cfg, stage, world=args.nproc_per_node)  # the data and checkpoints too, before any rank starts
+        preflight(cfg, stage, world=args.preflight or args.nproc_per_node)  # the data and checkpoints too
+        if args.preflight is not None:
+            return 0
+        from scalelm.launch.torchrun import relaunch
+
         return relaunch(args.nproc_per_node, [stage, "--config", args.config, *args.overrides])
     from scalelm.train.loop import train
 
@@ -325,6 +329,7 @@ def plot(args: argparse.Namespace) -> None:
 
 
 def config(args: argparse.Namespace) -> None:
+    quiet_engines()
     import yaml
 
     from scalelm import objectives

@@ -6,7 +6,10 @@ traceback. Anything else that escapes is a bug in scalelm and keeps its tracebac
 
 
 class ScalelmError(Exception):
-    """A problem with the user's input, config or files, explained in one line."""
+    """A problem with the user's input, config or files, explained in one line. `quiet`: another rank of the run
+    reports this one (parallel/topology.py: process_group, before_the_ranks_meet), so this rank says nothing."""
+
+    quiet = False
 
 
 class ConfigError(ScalelmError):

@@ -44,6 +44,11 @@ fi
 # Each task's rank comes from SLURM (SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID), never from the shell
 # sbatch was run in: a RANK or WORLD_SIZE left there would make every task a rank 0 of its own.
 unset RANK WORLD_SIZE LOCAL_RANK
+
+# What a run checks before its ranks start (the config, the data against it, the tokenizer, the checkpoints), once,
+# here: a bad input ends the job with one line, not one from each rank and srun's report of them.
+"$PYTHON" -m scalelm "$stage" --preflight "$SLURM_NTASKS" "$@" || exit $?
+
 MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
 MASTER_PORT=${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 40000))}  # a port given in the environment is kept
 export MASTER_ADDR MASTER_PORT

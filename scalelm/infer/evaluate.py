@@ -110,12 +110,32 @@ def evaluate_checkpoint(path: Path, sources: Sequence[str], split: str, windows:
     from scalelm.checkpoint.resume import init_weights
     from scalelm.model.build import build_model
     from scalelm.parallel.engine import Engine
-    from scalelm.parallel.topology import destroy_distributed, env_rank, init_distributed
+    from scalelm.parallel.topology import before_the_ranks_meet, env_rank, process_group
     from scalelm.train.sources import InHand, ReferencePass
 
+    with before_the_ranks_meet():
+        cfg, ckpt, manifest, objective, loader, n = _evaluation(path, sources, split, windows, overrides, env_rank()[1])
+    t, dp = cfg.train, cfg.train.global_batch_size // cfg.train.micro_batch_size
+    with process_group(cfg.parallel, t.seed) as layout:
+        engine = Engine(cfg, layout, build_model(cfg, layout, cfg.model.vocab_size, loader.documents,
+                                                 objective.num_labels()), objective)
+        init_weights(cfg, engine, manifest.get("tokenizer_sha256"), base)
+        count = n // (t.micro_batch_size * dp)
+        mine = (b for k, b in enumerate(islice(iter(loader), n // t.micro_batch_size)) if k % dp == layout.dp_rank)
+        batches = list(mine) if engine.reads_data else []
+        if objective.reference and cfg.finetune.lora is not None:  # the base's log-probs, its adapters off
+            batches = ReferencePass(InHand(batches), engine).take(count)
+        context = EvalContext(split, n, t.seq_len, f"scalelm tensor {layout.tensor} x pipeline {layout.pipeline} x data "
+                                                   f"{layout.data}, {t.precision}", loader.documents, layout.rank == 0,
+                              loader.sets[0].labels)
+        return objective.evaluate(engine, batches, count, context)
+
+
+def _evaluation(path: Path, sources: Sequence[str], split: str, windows: int | None, overrides: Sequence[str],
+                world: int):
+    """(config, checkpoint, manifest, objective, loader, windows) of an evaluation on `world` ranks."""
     ckpt = store.resolve(Path(path))
     manifest = store.read_manifest(ckpt)
-    _, world, _ = env_rank()
     # the layout is this launch's (parallel.* overrides), not the one that trained the checkpoint
     saved = {**manifest["config"], "parallel": {}}
     cfg = load_config(None, list(overrides), base=saved)
@@ -133,20 +153,4 @@ def evaluate_checkpoint(path: Path, sources: Sequence[str], split: str, windows:
         loader = windows_loader(sources, split, t.seq_len, t.micro_batch_size, manifest.get("tokenizer_sha256"),
                                 reference["model"]["sha256"])
     n = window_count(loader, windows, t.micro_batch_size * dp)
-    layout = init_distributed(cfg.parallel, t.seed)
-    try:
-        engine = Engine(cfg, layout, build_model(cfg, layout, cfg.model.vocab_size, loader.documents,
-                                                 objective.num_labels()), objective)
-        init_weights(cfg, engine, manifest.get("tokenizer_sha256"), base)
-        count = n // (t.micro_batch_size * dp)
-        mine = (b for k, b in enumerate(islice(iter(loader), n // t.micro_batch_size)) if k % dp == layout.dp_rank)
-        batches = list(mine) if engine.reads_data else []
-        if objective.reference and cfg.finetune.lora is not None:  # the base's log-probs, its adapters off
-            batches = ReferencePass(InHand(batches), engine).take(count)
-        context = EvalContext(split, n, t.seq_len, f"scalelm tensor {layout.tensor} x pipeline {layout.pipeline} x data "
-                                                   f"{layout.data}, {t.precision}", loader.documents, layout.rank == 0,
-                              loader.sets[0].labels)
-        return objective.evaluate(engine, batches, count, context)
-    finally:
-        destroy_distributed()
-
+    return cfg, ckpt, manifest, objective, loader, n

@@ -21,6 +21,7 @@ from typing import Sequence
 
 from scalelm.config import Config, from_dict, load_config, to_dict
 from scalelm.errors import ConfigError, ScalelmError, TrainingError
+from scalelm.quiet import quiet_engines
 from scalelm.train.log import read_records
 
 
@@ -52,6 +53,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.overrides += extra  # key=value may follow options too
     if args.workers < 1 or args.max_failures < 0:
         parser.error("--workers must be 1 or more and --max-failures 0 or more")
+    quiet_engines()
     try:
         if stage == "finetune":
             from scalelm.train.finetune import load_finetune_config
@@ -75,9 +77,9 @@ def run(cfg: Config, args: argparse.Namespace, stage: str = "pretrain") -> None:
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from scalelm.config import validate
+    from scalelm.train.preflight import preflight
 
-    validate(cfg, world_size=args.workers)  # the layout must divide the workers, before any worker starts
+    preflight(cfg, stage, args.workers)  # the config, the data and the checkpoints, before any worker starts
     ray.init(address=args.address, log_to_driver=True)
     gpus = args.gpus_per_worker
     if gpus is None:
@@ -102,8 +104,6 @@ def run(cfg: Config, args: argparse.Namespace, stage: str = "pretrain") -> None:
 def train_worker(loop_config: dict) -> None:
     """One rank, on a Ray Train worker (which has set RANK, WORLD_SIZE, LOCAL_RANK and the process group)."""
     import ray
-
-    from scalelm.quiet import quiet_engines
 
     quiet_engines()
     from scalelm.train.loop import train

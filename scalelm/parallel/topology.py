@@ -10,6 +10,8 @@ data-parallel group only.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import socket
 from contextlib import contextmanager
@@ -22,6 +24,7 @@ import torch.distributed as dist
 
 from scalelm import compat
 from scalelm.config import ParallelConfig
+from scalelm.errors import ScalelmError
 
 
 @dataclass(frozen=True)
@@ -74,9 +77,11 @@ def init_distributed(parallel: ParallelConfig, seed: int) -> Layout:
     if world == 1 and not dist.is_initialized():  # in memory: a lone process needs no port, cannot lose one to a race
         dist.init_process_group("nccl" if on_gpu else "gloo", store=dist.HashStore(), rank=0, world_size=1,
                                 timeout=timeout)
-    # Starts the group, or (Ray Train's workers, the lone process) takes over the one already started.
-    deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo", auto_mpi_discovery=False, rank=rank,
-                               world_size=world, timeout=timeout, verbose=False)
+    # Starts the group, or (Ray Train's workers, the lone process) takes over the one already started. NOTE: on a CPU
+    # DeepSpeed builds its shared-memory op and prints that it did, a line of every rank no user asked for.
+    with contextlib.redirect_stdout(io.StringIO()):
+        deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo", auto_mpi_discovery=False, rank=rank,
+                                   world_size=world, timeout=timeout, verbose=False)
     tp, pp = parallel.tensor, parallel.pipeline
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
     layout = Layout(rank=rank, world=world, tensor=tp, pipeline=pp, data=world // (tp * pp),
@@ -104,6 +109,32 @@ def gather_objects(obj) -> list:
     everyone: list = [None] * dist.get_world_size()
     dist.all_gather_object(everyone, obj)
     return everyone
+
+
+@contextmanager
+def process_group(parallel: ParallelConfig, seed: int) -> Iterator[Layout]:
+    """This rank's layout, its process group started (`init_distributed`) for the duration and destroyed after. A
+    ScalelmError raised inside, which every rank may raise alike, is reported by one rank: the first to claim it,
+    the others are made `quiet`."""
+    layout = init_distributed(parallel, seed)
+    try:
+        yield layout
+    except ScalelmError as e:
+        e.quiet = not first_to_report(layout.rank)
+        raise
+    finally:
+        destroy_distributed()
+
+
+@contextmanager
+def before_the_ranks_meet() -> Iterator[None]:
+    """For checks every rank makes alike before any process group starts (the config, the data, the checkpoints): a
+    ScalelmError raised inside is the same on every rank, and rank 0 reports it."""
+    try:
+        yield
+    except ScalelmError as e:
+        e.quiet = env_rank()[0] != 0
+        raise
 
 
 def first_to_report(rank: int) -> bool:

@@ -24,13 +24,13 @@ from scalelm.config import Config
 from scalelm.config.finetune import adapter_parameters
 from scalelm.data.files import sha256_file
 from scalelm.data.loader import loader_from_config
-from scalelm.errors import ScalelmError, Stopped, TrainingError
+from scalelm.errors import Stopped, TrainingError
 from scalelm.model.build import build_model
 from scalelm.model.size import flops_per_token_megatron, flops_per_token_palm, parameter_count
 from scalelm.model.spec import padded_vocab_size
 from scalelm.objectives import Objective, Stage
 from scalelm.parallel.engine import Engine
-from scalelm.parallel.topology import destroy_distributed, env_rank, first_to_report, gather_objects, init_distributed, rank_hosts
+from scalelm.parallel.topology import before_the_ranks_meet, env_rank, gather_objects, process_group, rank_hosts
 from scalelm.parallel.watchdog import Watchdog
 from scalelm.train import metrics
 from scalelm.train.guards import LossGuard
@@ -51,22 +51,15 @@ def pretrain(cfg: Config) -> dict:
 
 
 def train(cfg: Config, stage: Stage) -> dict:
-    """The run of `stage` ("pretrain" or "finetune"), as `pretrain` describes. An error raised on every rank is
-    marked `quiet` on all but the first rank to report it (scalelm.cli prints the others' not)."""
-    _, world, _ = env_rank()
-    objective = preflight(cfg, stage, world)  # before any process group starts
+    """The run of `stage` ("pretrain" or "finetune"), as `pretrain` describes. An error is reported by one rank."""
+    with before_the_ranks_meet():
+        objective = preflight(cfg, stage, env_rank()[1])
     tokenizer_sha = sha256_file(cfg.data.tokenizer) if cfg.data.tokenizer else None
-    layout = init_distributed(cfg.parallel, cfg.train.seed)
-    try:
-        with Hold(Path(cfg.checkpoint.dir), cfg.parallel.timeout, layout) as hold, \
-                Watchdog(cfg.parallel.timeout, layout, before_exit=hold.release) as watchdog:
-            notes = ([f"{layout.world} ranks, {rank_hosts()}"] if layout.world > 1 else []) + ([hold.note] if hold.note else [])
-            return _train(cfg, stage, objective, layout, tokenizer_sha, notes, watchdog)
-    except ScalelmError as e:
-        e.quiet = not first_to_report(layout.rank)
-        raise
-    finally:
-        destroy_distributed()
+    with process_group(cfg.parallel, cfg.train.seed) as layout, \
+            Hold(Path(cfg.checkpoint.dir), cfg.parallel.timeout, layout) as hold, \
+            Watchdog(cfg.parallel.timeout, layout, before_exit=hold.release) as watchdog:
+        notes = ([f"{layout.world} ranks, {rank_hosts()}"] if layout.world > 1 else []) + ([hold.note] if hold.note else [])
+        return _train(cfg, stage, objective, layout, tokenizer_sha, notes, watchdog)
 
 
 def _train(cfg: Config, stage: Stage, objective: Objective, layout, tokenizer_sha: str | None, notes: list[str],

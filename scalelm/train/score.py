@@ -34,7 +34,7 @@ from scalelm.model.build import build_model
 from scalelm.objectives import Objective, Output
 from scalelm.objectives.documents import document_sums
 from scalelm.parallel.engine import Engine
-from scalelm.parallel.topology import destroy_distributed, gather_objects, init_distributed
+from scalelm.parallel.topology import before_the_ranks_meet, gather_objects, process_group
 
 
 def reference_model(cfg: Config) -> dict:
@@ -138,21 +138,19 @@ def run_reference(cfg: Config, objective: Objective, layout, saved: dict | None)
 def score_command(cfg: Config, overwrite: bool) -> None:
     """`scalelm score`: the reference log-probs of the config's preference shards by train.init_from, on this
     launch's ranks; with `overwrite`, those already there are scored again. Collective."""
-    objective = objectives.objective_for(cfg, "finetune")
-    if not objective.reference:
-        raise DataError(f"scalelm score computes the reference log-probs an objective like DPO compares with, and "
-                        f"finetune.objective={objective.name} needs none: set finetune.objective=dpo")
-    if cfg.finetune.lora is not None:
-        raise DataError("finetune.lora is set: a LoRA policy's reference is its base with the adapters off, computed "
-                        "during training, so there is nothing to score")
-    cfg.model.vocab_size = resolve_vocab_size(cfg)
-    model = reference_model(cfg)
-    todo = reference_sources(cfg) if overwrite else missing(cfg, model)
-    layout = init_distributed(cfg.parallel, cfg.train.seed)
-    try:
+    with before_the_ranks_meet():
+        objective = objectives.objective_for(cfg, "finetune")
+        if not objective.reference:
+            raise DataError(f"scalelm score computes the reference log-probs an objective like DPO compares with, and "
+                            f"finetune.objective={objective.name} needs none: set finetune.objective=dpo")
+        if cfg.finetune.lora is not None:
+            raise DataError("finetune.lora is set: a LoRA policy's reference is its base with the adapters off, "
+                            "computed during training, so there is nothing to score")
+        cfg.model.vocab_size = resolve_vocab_size(cfg)
+        model = reference_model(cfg)
+        todo = reference_sources(cfg) if overwrite else missing(cfg, model)
+    with process_group(cfg.parallel, cfg.train.seed) as layout:
         if not todo and layout.rank == 0:
             print(f"nothing to score: every source has reference log-probs by {model['path']} (--overwrite scores again)")
         if todo:
             score(cfg, objective, layout, model, todo, log=print if layout.rank == 0 else (lambda _: None))
-    finally:
-        destroy_distributed()

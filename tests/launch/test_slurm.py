@@ -66,3 +66,15 @@ def test_sbatch_finetunes_when_asked(slurm, chat, sft_start, tmp_path):
     assert job["JobState"] == "COMPLETED" and job["ExitCode"] == "0:0", log[-3000:]
     assert "done: step 3" in log and "started from the weights of" in log
     assert json.loads((tmp_path / "checkpoints" / "step-00000003" / "manifest.json").read_text())["layout"]["world"] == 2
+
+
+def test_a_job_on_shards_that_do_not_fit_ends_in_one_line(slurm, chat, sft_start, tmp_path):
+    job_id = slurm.sbatch([*CPU_JOB, "--job-name=unfit", f"--output={tmp_path}/%x-%j.out", str(REPO / "slurm/pretrain.sh"),
+                           "finetune", "--config", str(REPO / "configs/sft-tiny.yaml"), f"data.train={chat['shards']}",
+                           f"train.init_from={sft_start}", f"log.dir={tmp_path}", *SFT_RUN, "train.seq_len=64"], cwd=tmp_path)
+    job = slurm.wait(job_id, timeout_s=300)
+    log = (tmp_path / f"unfit-{job_id}.out").read_text()
+    assert job["JobState"] == "FAILED" and job["ExitCode"] == "2:0", log[-3000:]
+    (line,) = log.splitlines()  # checked before srun started any rank: one line, nothing from the ranks or srun
+    assert line.startswith(f"scalelm: error: {chat['shards']} (train) holds conversations") and \
+        "longer than train.seq_len=64" in line
