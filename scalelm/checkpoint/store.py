@@ -31,6 +31,7 @@ import shutil
 import struct
 import threading
 from pathlib import Path
+from typing import TypedDict
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -40,6 +41,29 @@ from scalelm.errors import CheckpointError
 
 FORMAT, VERSION = "scalelm-checkpoint", 1
 MANIFEST, LATEST = "manifest.json", "latest"
+
+
+class Manifest(TypedDict, total=False):
+    """A checkpoint's manifest.json, as `read_manifest` returns it and `write_manifest` writes it (version 1; the
+    keys a checkpoint of an older scalelm lacks are absent)."""
+
+    format: str  # FORMAT
+    version: int  # VERSION
+    step: int
+    run: dict  # checkpoint/run_state.py's RunState
+    config: dict  # the run's config, as config.to_dict gives it
+    objective: str  # the objective it trained with (scalelm/objectives)
+    tokenizer_sha256: str | None
+    base: dict | None  # a LoRA run's base: {"path", "sha256"} (checkpoint/base.py)
+    reference: dict | None  # a DPO run's scored reference log-probs (train/score.py)
+    layout: dict  # {"tensor", "pipeline", "data", "world", "zero_stage"} it was saved from
+    counters: dict  # parallel/engine.py's Counters
+    loader: list  # each data-parallel rank's batch-source state (train/sources.py)
+    tensors: dict  # name -> {"model": file, "shape", "states", "optimizer": file}
+    files: dict  # file -> {"bytes", "sha256"}
+    created: float
+    weights_only: bool  # weights alone (`scalelm convert from-hf`): a start, not a run to resume
+    source: str  # what a weights-only checkpoint was converted from
 _STEP_DIR = re.compile(r"^step-(\d{8,})$")
 
 
@@ -158,7 +182,7 @@ _DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", tor
 def commit(root: Path, step: int, manifest: dict) -> Path:
     """Write the manifest into STEP.tmp, rename it to STEP and point `latest` at it, each durably."""
     tmp, final = temp_dir(root, step), step_dir(root, step)
-    _write_durably(tmp / MANIFEST, json.dumps({"format": FORMAT, "version": VERSION, **manifest}, indent=1))
+    write_manifest(tmp, manifest)
     _fsync_dir(tmp)
     if final.exists():  # the same step saved by an earlier run (train.resume=none over an old directory)
         shutil.rmtree(final)
@@ -198,7 +222,12 @@ def resolve(path: Path) -> Path:
     raise CheckpointError(f"{path}: not a checkpoint, and holds none: give a step-* directory or a checkpoint.dir")
 
 
-def read_manifest(ckpt: Path) -> dict:
+def write_manifest(ckpt: Path, manifest: Manifest) -> None:
+    """manifest.json into the checkpoint directory `ckpt`, durably, marked with this format and version."""
+    _write_durably(ckpt / MANIFEST, json.dumps({**manifest, "format": FORMAT, "version": VERSION}, indent=1))
+
+
+def read_manifest(ckpt: Path) -> Manifest:
     try:
         manifest = json.loads((ckpt / MANIFEST).read_text())
     except FileNotFoundError:

@@ -38,6 +38,9 @@ GPT2, LLAMA = "gpt2", "llama"
 
 def hf_layout(model: ModelConfig) -> str:
     """GPT2 or LLAMA: the Hugging Face layout that computes exactly this model, or a ConfigError naming the field."""
+    if not model.causal:
+        raise ConversionError("model.causal=false: a bidirectional model, and the GPT-2 and Llama layouts (GGUF's too) "
+                              "are causal decoders, which would compute another function")
     kind = (model.position_embedding, model.normalization, model.activation)
     if kind == ("learned", "layernorm", "gelu"):
         if model.num_kv_heads not in (None, model.num_heads):

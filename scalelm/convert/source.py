@@ -126,11 +126,10 @@ def write_weights_only(out: Path, model: ModelConfig, weights: dict[str, torch.T
         files[TOKENIZER] = {"bytes": (out / TOKENIZER).stat().st_size, "sha256": sha256_file(out / TOKENIZER)}
         cfg.data.tokenizer = str(out / TOKENIZER)
     cfg.train.init_from, cfg.train.seq_len = str(out), model.max_position_embeddings
-    manifest = {"format": store.FORMAT, "version": store.VERSION, "weights_only": True, "source": source, "step": 0,
-                "config": to_dict(cfg), "tokenizer_sha256": files.get(TOKENIZER, {}).get("sha256"),
-                "tensors": {name: {"model": "model-00000.safetensors", "shape": list(t.shape)} for name, t in weights.items()},
-                "files": files}
-    (out / store.MANIFEST).write_text(json.dumps(manifest, indent=1))
+    store.write_manifest(out, {"weights_only": True, "source": source, "step": 0, "config": to_dict(cfg),
+                               "tokenizer_sha256": files.get(TOKENIZER, {}).get("sha256"), "files": files,
+                               "tensors": {name: {"model": "model-00000.safetensors", "shape": list(t.shape)}
+                                           for name, t in weights.items()}})
     config = out / "config.yaml"
     config.write_text(f"# Start a run from the weights converted from {source}: add data.train and the run's settings.\n"
                       + yaml.safe_dump({"model": to_dict(cfg)["model"],

@@ -48,6 +48,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from scalelm import compat
+from scalelm.batch import Batch
 from scalelm.config import Config
 from scalelm.data.chat_shards import check_fits
 from scalelm.data.files import sha256_file
@@ -131,7 +132,7 @@ class TokenLoader:
         return (f"packed {count:,} {what} into {windows:,} windows of {self.layout.seq_len} tokens "
                 f"({100 * tokens / max(windows * self.layout.seq_len, 1):.1f}% real tokens, the rest tail padding{cut})")
 
-    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+    def __iter__(self) -> Iterator[Batch]:
         dataset = ReaderDataset(self.sets, self.layout, self.on_bad_shard, list(self._states),
                                  offset=self._batches % self.layout.workers, document_mask=self.document_mask,
                                  train_on=self.train_on)

@@ -29,6 +29,8 @@ from typing import Any, ClassVar, Literal, Protocol
 
 import torch
 
+from scalelm.batch import Batch
+
 Stage = Literal["pretrain", "finetune"]
 FIELDS: dict[str, str] = {"pretrain": "train.objective", "finetune": "finetune.objective"}  # stage -> config field
 
@@ -83,10 +85,10 @@ class Objective(Protocol):
     def num_labels(self) -> int | None:
         """The classification head's outputs (head "classification"), else None."""
 
-    def units(self, batch: dict) -> int:
+    def units(self, batch: Batch) -> int:
         """The micro-batch's units, from the batch alone."""
 
-    def __call__(self, output: torch.Tensor, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def __call__(self, output: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """(loss summed over the micro-batch's units, {metric: sum over them})."""
 
     def progress(self, metrics: dict[str, float]) -> str:
@@ -95,6 +97,6 @@ class Objective(Protocol):
     def validation(self, loss: float, metrics: dict[str, float]) -> tuple[dict[str, float], str]:
         """A validation's record for metrics.jsonl (val_* keys) and its line for the log."""
 
-    def evaluate(self, engine: Any, batches: list[dict], count: int, context: EvalContext) -> Any:
+    def evaluate(self, engine: Any, batches: list[Batch], count: int, context: EvalContext) -> Any:
         """`scalelm eval`'s figures over `count` micro-batches per data-parallel rank (`batches`: this rank's, [] on
         a rank that reads none), as an object with `line(split)`, on rank 0 (None elsewhere); collective."""

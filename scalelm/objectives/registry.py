@@ -84,6 +84,9 @@ def for_evaluation(cfg, trained: str, shards, reference: bool, what: str) -> Obj
         named = " or ".join(f"finetune.objective={cls.name}" for cls in trainers(kind))
         raise ConfigError(f"{shards.source} holds {KINDS[kind].what}, and {what} has no classification head: evaluate "
                           f"a model trained with {named} on them")
+    if measures[0].causal and not cfg.model.causal:
+        raise ConfigError(f"{what} is a bidirectional model (model.causal=false), and {KINDS[kind].what} are measured by "
+                          f"how well a model predicts each next token ({measures[0].name}), which it sees")
     return measures[0](cfg)
 
 

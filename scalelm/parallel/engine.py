@@ -34,6 +34,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from scalelm import compat
+from scalelm.batch import Batch
 from scalelm.config import Config
 from scalelm.model.build import canonical_parameters
 from scalelm.model.gpt import hidden_states
@@ -73,7 +74,7 @@ def deepspeed_config(cfg: Config, layout: Layout, zero: bool = True) -> dict:
     }
 
 
-def model_inputs(batch: dict) -> list[torch.Tensor]:
+def model_inputs(batch: Batch) -> list[torch.Tensor]:
     """What the model takes from a batch: input_ids, and for packed documents their position_ids and document_ids."""
     return [batch["input_ids"]] + ([batch["position_ids"], batch["document_ids"]] if "document_ids" in batch else [])
 
@@ -150,7 +151,7 @@ class Engine:
 
     # ------------------------------------------------------------------------------------------------ the step
 
-    def forward_backward(self, micro: Sequence[dict]) -> Outcome:
+    def forward_backward(self, micro: Sequence[Batch]) -> Outcome:
         """The step's grad_accum micro-batches forward and backward; the gradients wait for `optimizer_step`."""
         micro = self._scaled(micro, self.grad_accum)
         if self.pipeline:
@@ -177,7 +178,7 @@ class Engine:
             self._set_lr()
 
     @torch.no_grad()
-    def evaluate(self, micro: Sequence[dict], count: int) -> Outcome:
+    def evaluate(self, micro: Sequence[Batch], count: int) -> Outcome:
         """The objective's loss and metrics over `count` micro-batches per data-parallel rank, weights untouched."""
         micro = self._scaled(micro, count)
         if self.pipeline:
@@ -191,7 +192,7 @@ class Engine:
         self.engine.train()
         return self._outcome(self._data_parallel_mean(total / count))
 
-    def forward_only(self, micro: Sequence[dict], count: int, output: Output) -> list[torch.Tensor | None]:
+    def forward_only(self, micro: Sequence[Batch], count: int, output: Output) -> list[torch.Tensor | None]:
         """`output` (objectives.Output) of each of `count` micro-batches, the model in eval mode and without gradients:
         on the ranks that compute the loss (the last pipeline stage), None on a first stage, [] on the others."""
         fields = list(self.objective.fields) + (["labels"] if output is Output.LOGPROBS else [])
@@ -218,7 +219,7 @@ class Engine:
     # times scale = micro-batches x data-parallel ranks / (units of the whole batch), so the step's loss is
     # Σ sums / Σ units however the units fall over micro-batches and ranks (SFT's masks make them uneven).
 
-    def _scaled(self, micro: Sequence[dict], count: int) -> list[dict]:
+    def _scaled(self, micro: Sequence[Batch], count: int) -> list[dict]:
         """The micro-batches, each with its `scale`; collective over the data-parallel group."""
         self._sums = None
         if not self.reads_data:

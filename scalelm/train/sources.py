@@ -20,6 +20,7 @@ from typing import Protocol
 
 import torch
 
+from scalelm.batch import Batch
 from scalelm.data.loader import TokenLoader
 from scalelm.model.lora import adapters_off, has_adapters
 from scalelm.objectives import Output
@@ -27,7 +28,7 @@ from scalelm.objectives.documents import document_sums
 
 
 class BatchSource(Protocol):
-    def take(self, count: int) -> list[dict]: ...
+    def take(self, count: int) -> list[Batch]: ...
 
     def state_dict(self) -> dict | None: ...
 
@@ -43,7 +44,7 @@ class Loader:
         self.loader, self.reads = loader, reads
         self._batches = None  # started at the first take, so a state loaded before it counts
 
-    def take(self, count: int) -> list[dict]:
+    def take(self, count: int) -> list[Batch]:
         if not self.reads:
             return []
         if self._batches is None:
@@ -67,10 +68,10 @@ class InHand:
     """Micro-batches already made (an evaluation's windows, dealt out by it), as a source to transform: `take`
     returns them whatever the count; it has no position to save."""
 
-    def __init__(self, batches: list[dict]):
+    def __init__(self, batches: list[Batch]):
         self.batches = batches
 
-    def take(self, count: int) -> list[dict]:
+    def take(self, count: int) -> list[Batch]:
         return self.batches
 
     def state_dict(self) -> None:
@@ -93,7 +94,7 @@ class ReferencePass:
             raise ValueError("a reference pass needs LoRA adapters to switch off: without them it is the policy itself")
         self.source, self.engine = source, engine
 
-    def take(self, count: int) -> list[dict]:
+    def take(self, count: int) -> list[Batch]:
         micro = self.source.take(count)
         with adapters_off(self.engine.module):
             found = self.engine.forward_only(micro, count, Output.LOGPROBS)

@@ -106,6 +106,7 @@ def test_qkv_and_rope_orders():
     ({"position_embedding": "rope"}, "model.position_embedding=rope"),
     ({"activation": "swiglu"}, "model.activation=swiglu"),
     ({"num_kv_heads": 2}, "model.num_kv_heads=2"),
+    ({"causal": False}, "model.causal=false"),
 ])
 def test_a_model_no_layout_computes_is_refused(change, field):
     model = ModelConfig(**{**vars(GPT2), **change})
