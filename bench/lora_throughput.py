@@ -12,7 +12,7 @@ one, and saves a checkpoint, the runs before it idle; then all take --steps time
                      master copies (the tensors it hands AdamW in place of the model's own parameters)
   peak memory        of the measured step: the kernel's high-water mark of the resident set (VmHWM, reset after
                      the warmup step) above the resident set just before the model was built, file pages left out
-                     (as tests/distributed/workloads.py::peak_memory): weights, gradients, optimizer state and the
+                     (as tests/helpers/workloads.py::peak_memory): weights, gradients, optimizer state and the
                      step's activations. On a GPU, torch.cuda.max_memory_allocated above what was allocated before
   checkpoint         bytes in the step directory save_checkpoint writes, and its time (fsync'd). A LoRA checkpoint
                      holds the adapters and their moments only, and names the full run's checkpoint as its base

@@ -3,9 +3,9 @@
     python bench/plan_memory_probe.py [--steps 2] [--only single,pp2] [key=value ...]
 
 Each layout trains a few steps on gloo ranks; each rank reports how far its memory rose above where it stood
-before the engine was built (tests/distributed/workloads.py:peak_memory says how that is measured), beside the
+before the engine was built (tests/helpers/workloads.py:peak_memory says how that is measured), beside the
 plan's total for that rank (plan(..., on_gpu=False)) and the moment of the step the plan puts the peak at.
-tests/distributed/test_plan_memory.py asserts the same within 20%; this prints the table, terms included.
+tests/parallel/test_plan_memory.py asserts the same within 20%; this prints the table, terms included.
 """
 
 from __future__ import annotations

@@ -50,7 +50,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.run(args) or 0
     except ScalelmError as e:
-        if not getattr(e, "quiet", False):  # raised on every rank, and reported by another (train/loop.py)
+        if not getattr(e, "quiet", False):  # reported by another rank (parallel/topology.py)
             print(f"scalelm: error: {e}", file=sys.stderr)
         return 75 if isinstance(e, PeerLost) else 2
     except Stopped as e:

@@ -336,7 +336,5 @@ def config(args: argparse.Namespace) -> None:
     from scalelm.config import load_config, to_dict
 
     cfg = load_config(args.config, args.overrides)
-    objectives.check(cfg, "pretrain")
-    if cfg.train.init_from:  # a finetuning config (or a pretraining one that continues from a model)
-        objectives.check(cfg, "finetune")
+    objectives.check(cfg, "finetune" if cfg.train.init_from else "pretrain")  # a config that starts from a model
     print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")

@@ -8,7 +8,7 @@ Written against torch 2.13.0, DeepSpeed 0.19.8 and megatron-core 0.16.1.
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -112,12 +112,16 @@ def in_fragments(param: torch.nn.Parameter) -> bool:
     return hasattr(param, "_hp_mapping") and not hasattr(param, "ds_id")
 
 
-def fragment(param: torch.nn.Parameter) -> tuple[Any, Any]:
-    """(this rank's fragment mapping of `param`, or None where the rank holds none of it; the data-parallel group
-    the fragments are spread over): `param._hp_mapping` and `param._dp_group`. The mapping's
-    `lp_fragment_address` (start, numel) places the fragment in the flat parameter, and `get_hp_fragment(key)`
-    reads the master (None) or an optimizer state."""
-    return param._hp_mapping, param._dp_group
+def fragment(param: torch.nn.Parameter) -> tuple[tuple[int, int] | None, Callable[[str | None], torch.Tensor] | None, Any]:
+    """Where this rank's fragment of `param` lies in the flattened parameter, (start, numel), or None where this rank
+    holds none of it; a function reading that fragment of the fp32 master (None) or of an optimizer state (its key);
+    and the data-parallel group the fragments are spread over: DeepSpeed's `param._hp_mapping` (its
+    `lp_fragment_address` and `get_hp_fragment`) and `param._dp_group`."""
+    mapping = param._hp_mapping
+    if mapping is None:
+        return None, None, param._dp_group
+    address = mapping.lp_fragment_address
+    return (address.start, address.numel), mapping.get_hp_fragment, param._dp_group
 
 
 def link_optimizer_state(optimizer: Any) -> None:

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# What the launcher tests need on the machine: Debian's SLURM daemons, client and munge (tests/local_slurm.py
-# starts a cluster from them), and iproute2 and util-linux (tests/hosts.py makes two hosts of namespaces with
+# What the launcher tests need on the machine: Debian's SLURM daemons, client and munge (tests/helpers/local_slurm.py
+# starts a cluster from them), and iproute2 and util-linux (tests/helpers/hosts.py makes two hosts of namespaces with
 # ip, unshare and nsenter). Does nothing when they are there.
 set -euo pipefail
 export PATH="$PATH:/usr/sbin:/sbin"

@@ -118,7 +118,9 @@ def _load_weights(cfg: Config, engine: Engine, ckpt: Path, manifest: dict, keys:
     (found at `base`, else where the checkpoint says); a LoRA run started from a plain checkpoint keeps its
     freshly initialised adapters. Collective."""
     params = engine.named_parameters()
-    scores_there, scores_here = SCORE in manifest["tensors"], any(name == SCORE for name, _ in params)
+    # whether each model ends in a classification head: the checkpoint's tensors say, and this run's objective
+    # (every pipeline stage must agree, and only the last holds the head)
+    scores_there, scores_here = SCORE in manifest["tensors"], engine.objective.num_labels() is not None
     if scores_there != scores_here:  # a classification head on a language model: the head starts anew
         if scores_there:
             raise CheckpointError(f"{ckpt} is a classification model (finetune.head=classification): it has no language "
@@ -210,11 +212,14 @@ def _check_fits(cfg: Config, ckpt: Path, manifest: dict, tokenizer_sha256: str |
 
 
 def _changed_settings(saved: dict, ours: dict) -> list[str]:
-    changed = []
+    """The settings that differ from the checkpoint's; a setting it lacks (saved by a scalelm older than the setting)
+    had its default there."""
+    changed, defaults = [], to_dict(Config())
     for section in ("parallel", "optim", "data", "train", "finetune"):
+        theirs = {**defaults[section], **saved.get(section, {})}
         for key, value in ours[section].items():
-            if saved.get(section, {}).get(key) != value and key != "resume":
-                changed.append(f"{section}.{key} {saved.get(section, {}).get(key)!r} -> {value!r}")
+            if theirs.get(key) != value and key != "resume":
+                changed.append(f"{section}.{key} {theirs.get(key)!r} -> {value!r}")
     return changed
 
 

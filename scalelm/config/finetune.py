@@ -48,7 +48,7 @@ class LoRAConfig:
 
 @dataclass
 class DPOConfig:
-    """Direct preference optimisation (train/dpo.py): the policy's log-ratio to its reference, chosen over rejected."""
+    """Direct preference optimisation (objectives/dpo.py): the policy's log-ratio to its reference, chosen over rejected."""
 
     beta: float = 0.1
     """β: how far the policy may move from its reference (the rewards are β · log-ratios)."""
@@ -72,7 +72,7 @@ class FinetuneConfig:
     1) on preference pairs, Bradley-Terry; classify, the classes of labelled texts (`scalelm shard --labels`, head:
     classification), cross entropy."""
     head: Literal["lm", "classification"] = "lm"
-    """lm: next-token logits; classification: num_labels scores read at each document's last token (train/heads.py)."""
+    """lm: next-token logits; classification: num_labels scores read at each document's last token (objectives/reward.py, classify.py)."""
     num_labels: int = 2
     """The classification head's outputs: the classes, or 1 for a reward model's score."""
     dpo: DPOConfig = field(default_factory=DPOConfig)

@@ -10,7 +10,7 @@ Jinja template the exports carry (tokenizer_config.json, GGUF) for `apply_chat_t
 
 Each turn is its role marker (one piece, scalelm.data.tokenizer.CHAT_TOKENS), a newline, the content,
 <|end|> and a newline. `encode_conversation` produces exactly the ids `apply_chat_template` of the
-exported tokenizer gives (tests/unit/test_chat.py), and beside them a flag per token saying what it is
+exported tokenizer gives (tests/data/test_chat.py), and beside them a flag per token saying what it is
 a target for: the content of an assistant turn and the <|end|> that closes it, so a finetuned model
 learns to stop. The role markers and newlines around them are the prompt's, never targets.
 

@@ -8,7 +8,7 @@
     SHARDS/train-*.tar      {key}.tokens (BOS, then the text) and {key}.flags (zeros: a classifier has no token targets)
 
 A text longer than --seq-len keeps its first --seq-len tokens (counted as truncated). The loader packs texts
-into windows like conversations, each on its own; the head reads each one's last token (train/heads.py). A
+into windows like conversations, each on its own; the head reads each one's last token (objectives/classify.py). A
 record without text or label, or with a negative or fractional label, stops the command with one line naming
 the file and line. A text goes to val by a hash of its text and label.
 """

@@ -111,7 +111,7 @@ def evaluate_checkpoint(path: Path, sources: Sequence[str], split: str, windows:
     from scalelm.model.build import build_model
     from scalelm.parallel.engine import Engine
     from scalelm.parallel.topology import before_the_ranks_meet, env_rank, process_group
-    from scalelm.train.sources import InHand, ReferencePass
+    from scalelm.train.sources import InHand, referenced
 
     with before_the_ranks_meet():
         cfg, ckpt, manifest, objective, loader, n = _evaluation(path, sources, split, windows, overrides, env_rank()[1])
@@ -123,8 +123,7 @@ def evaluate_checkpoint(path: Path, sources: Sequence[str], split: str, windows:
         count = n // (t.micro_batch_size * dp)
         mine = (b for k, b in enumerate(islice(iter(loader), n // t.micro_batch_size)) if k % dp == layout.dp_rank)
         batches = list(mine) if engine.reads_data else []
-        if objective.reference and cfg.finetune.lora is not None:  # the base's log-probs, its adapters off
-            batches = ReferencePass(InHand(batches), engine).take(count)
+        batches = referenced(InHand(batches), engine, carried=loader.reference is not None).take(count)
         context = EvalContext(split, n, t.seq_len, f"scalelm tensor {layout.tensor} x pipeline {layout.pipeline} x data "
                                                    f"{layout.data}, {t.precision}", loader.documents, layout.rank == 0,
                               loader.sets[0].labels)

@@ -2,7 +2,7 @@
 running in this process, each running the same command.
 
 What a user reads of a run that fails is one line from its ranks, the error, printed once by the first rank to
-report it (train/loop.py), and one line from here naming the rank that failed and how, in place of torchrun's
+report it (parallel/topology.py), and one line from here naming the rank that failed and how, in place of torchrun's
 report (its traceback of ChildFailedError and its log lines); nothing from the launcher when all goes well.
 """
 

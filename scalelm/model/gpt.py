@@ -213,7 +213,7 @@ class _MaskPadding(torch.autograd.Function):
 
 class ScoreHead(nn.Module):
     """hidden (s[/tp], b, h) -> scores (s, b, num_labels), a score for every position (the objective reads each
-    document's last, train/heads.py): one linear layer without bias, Hugging Face's *ForSequenceClassification
+    document's last, objectives/documents.py): one linear layer without bias, Hugging Face's *ForSequenceClassification
     `score`, whole on every tensor rank (its input is the same on every rank). Under sequence parallelism each
     rank scores its part of the sequence and the parts are gathered; the weight's gradient then covers that
     part only, so it is marked `sequence_parallel` and summed over the tensor group (parallel/grads.py)."""

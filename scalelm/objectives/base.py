@@ -72,6 +72,7 @@ class Objective(Protocol):
     unit: ClassVar[str]
     fields: ClassVar[tuple[str, ...]]
     metrics: ClassVar[tuple[str, ...]]
+    trains: ClassVar[bool]  # a config may name it (false: it only measures, in `scalelm eval`)
     any_language_model: ClassVar[bool]  # `scalelm eval` measures any language model on its data with it
 
     @classmethod
@@ -100,3 +101,28 @@ class Objective(Protocol):
     def evaluate(self, engine: Any, batches: list[Batch], count: int, context: EvalContext) -> Any:
         """`scalelm eval`'s figures over `count` micro-batches per data-parallel rank (`batches`: this rank's, [] on
         a rank that reads none), as an object with `line(split)`, on rank 0 (None elsewhere); collective."""
+
+
+class Defaults:
+    """What most objectives declare alike: a language-model head on a causal model, no reference, a name a config may
+    give, no rules of their own, no word in the progress line. An objective subclasses it and says what differs."""
+
+    head, causal, reference = "lm", True, False
+    trains, any_language_model = True, False
+
+    def __init__(self, cfg=None):
+        pass
+
+    @classmethod
+    def check(cls, cfg) -> None:
+        pass
+
+    @classmethod
+    def check_data(cls, cfg, shards) -> None:
+        pass
+
+    def num_labels(self) -> int | None:
+        return None
+
+    def progress(self, metrics: dict[str, float]) -> str:
+        return ""

@@ -16,18 +16,17 @@ import torch.nn.functional as F
 from megatron.core import parallel_state
 
 from scalelm.errors import ConfigError, DataError
-from scalelm.objectives.base import EvalContext, Output
+from scalelm.objectives.base import Defaults, EvalContext, Output
 from scalelm.objectives.documents import document_scores
 from scalelm.objectives.registry import register
 from scalelm.objectives.reports import Classification
 
 
 @register
-class Classify:
+class Classify(Defaults):
     name, stage, data = "classify", "finetune", "labels"
-    head, causal, output, reference = "classification", False, Output.SCORES, False
+    head, causal, output = "classification", False, Output.SCORES
     unit, fields, metrics = "texts", ("document_ids", "classes"), ("accuracy",)
-    trains, any_language_model = True, False
 
     def __init__(self, cfg):
         self.labels = cfg.finetune.num_labels
@@ -67,9 +66,6 @@ class Classify:
         best = document_scores(scores, batch["document_ids"].to(scores.device)).argmax(-1)
         real = classes >= 0
         return torch.stack([best[real], classes[real]], dim=1).cpu()
-
-    def progress(self, metrics: dict[str, float]) -> str:
-        return ""
 
     def validation(self, loss: float, metrics: dict[str, float]) -> tuple[dict[str, float], str]:
         return {"val_loss": loss, "val_accuracy": metrics["accuracy"]}, \

@@ -15,6 +15,12 @@ def document_sums(values: torch.Tensor, batch: dict) -> torch.Tensor:
     return torch.zeros_like(values).scatter_add_(1, batch["document_ids"], values * mask)
 
 
+def document_logps(logps: torch.Tensor, batch: dict) -> torch.Tensor:
+    """(b, L) float32: each document's Σ log p over its targets, in the column of its id, from the per-token log-probs
+    (b, s) the engine hands on (Output.LOGPROBS); the batch's fields are read where the log-probs are."""
+    return document_sums(logps, {k: batch[k].to(logps.device) for k in ("loss_mask", "document_ids")})
+
+
 def pairs_of(per_document: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(b, L) per-document values -> (chosen, rejected), each (b, L // 2): pair k's at column k."""
     b, length = per_document.shape

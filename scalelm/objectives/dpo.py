@@ -33,21 +33,20 @@ import torch
 import torch.nn.functional as F
 
 from scalelm.errors import ConfigError
-from scalelm.objectives.base import EvalContext, Output
-from scalelm.objectives.documents import document_sums, pair_sizes, pairs_of
+from scalelm.objectives.base import Defaults, EvalContext, Output
+from scalelm.objectives.documents import document_sums, pair_sizes, pairs_of, real_pairs
 from scalelm.objectives.registry import register
 from scalelm.objectives.reports import Preferences
 
 
 @register
-class DPO:
-    name, stage, data = "dpo", "finetune", "pairs"
-    head, causal, output, reference = "lm", True, Output.LOGPROBS, True
+class DPO(Defaults):
+    name, stage, data, output, reference = "dpo", "finetune", "pairs", Output.LOGPROBS, True
     unit = "pairs"
     fields = ("labels", "loss_mask", "document_ids", "reference")
     metrics = ("reward_accuracy", "reward_margin", "reward_chosen", "reward_rejected", "logps_chosen", "logps_rejected",
                "chosen_likelier")
-    trains, any_language_model = True, False
+    figures = "rewards"  # what `scalelm eval` reports (objectives/reports.py: Preferences)
 
     def __init__(self, cfg):
         self.dpo = cfg.finetune.dpo
@@ -72,16 +71,8 @@ class DPO:
         if dpo.sft_weight < 0:
             raise ConfigError(f"finetune.dpo.sft_weight={dpo.sft_weight} must be 0 (off) or positive")
 
-    @classmethod
-    def check_data(cls, cfg, shards) -> None:
-        pass
-
-    def num_labels(self) -> int | None:
-        return None
-
     def units(self, batch: dict) -> int:
-        chosen, rejected = pair_sizes(batch)
-        return int(((chosen > 0) & (rejected > 0)).sum())
+        return int(real_pairs(batch).sum())
 
     def __call__(self, logps: torch.Tensor, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         n_chosen, n_rejected = pair_sizes(batch)
@@ -130,8 +121,7 @@ class DPO:
 
     def evaluate(self, engine, batches: list[dict], count: int, context: EvalContext) -> Preferences | None:
         outcome = engine.evaluate(batches, count)
-        return Preferences(outcome.loss, outcome.units, context.windows, context.engine, outcome.metrics,
-                           kind=self.name) if context.rank0 else None
+        return Preferences.of(outcome, context, self.figures)
 
 
 @register
@@ -139,7 +129,7 @@ class Likelihoods(DPO):
     """A model on preference pairs without a reference (one not trained with DPO, in `scalelm eval`): DPO's figures
     against a reference of zeros, so that its rewards are β logp and what counts is `chosen_likelier`."""
 
-    name, reference = "likelihoods", False
+    name, reference, figures = "likelihoods", False, "likelihoods"
     fields = tuple(f for f in DPO.fields if f != "reference")
     trains, any_language_model = False, True
 

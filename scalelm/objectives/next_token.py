@@ -16,35 +16,23 @@ import math
 import torch
 
 from scalelm.errors import ConfigError
-from scalelm.objectives.base import EvalContext, Output
+from scalelm.objectives.base import FIELDS, Defaults, EvalContext, Output
 from scalelm.objectives.registry import register
 from scalelm.objectives.reports import Perplexity
 from scalelm.objectives.tokens import token_hits, token_losses
 
 
 @register
-class NextToken:
-    name, stage, data = "next_token", "pretrain", "text"
-    head, causal, output, reference = "lm", True, Output.LOGITS, False
+class NextToken(Defaults):
+    name, stage, data, output = "next_token", "pretrain", "text", Output.LOGITS
     unit, fields, metrics = "targets", ("labels", "loss_mask"), ("accuracy",)
-    trains, any_language_model = True, True
-
-    def __init__(self, cfg=None):
-        pass
+    any_language_model = True
 
     @classmethod
     def check(cls, cfg) -> None:
         if not cfg.model.causal:
-            field = "train.objective" if cls.stage == "pretrain" else "finetune.objective"
-            raise ConfigError(f"{field}={cls.name} predicts each next token, and model.causal=false lets every token see "
-                              f"the ones after it: set model.causal=true")
-
-    @classmethod
-    def check_data(cls, cfg, shards) -> None:
-        pass
-
-    def num_labels(self) -> int | None:
-        return None
+            raise ConfigError(f"{FIELDS[cls.stage]}={cls.name} predicts each next token, and model.causal=false lets "
+                              f"every token see the ones after it: set model.causal=true")
 
     def units(self, batch: dict) -> int:
         mask = batch.get("loss_mask")
@@ -57,9 +45,6 @@ class NextToken:
         if mask is not None:
             losses, hits = losses * mask.t(), hits & mask.t()
         return losses.sum(), {"accuracy": hits.sum()}
-
-    def progress(self, metrics: dict[str, float]) -> str:
-        return ""
 
     def validation(self, loss: float, metrics: dict[str, float]) -> tuple[dict[str, float], str]:
         accuracy, perplexity = metrics.get("accuracy"), math.exp(min(loss, 50.0))

@@ -79,6 +79,9 @@ def for_evaluation(cfg, trained: str, shards, reference: bool, what: str) -> Obj
     if own.head != "lm" and own.data != kind:
         raise ConfigError(f"{what} is a classification model ({own.name}): evaluate it on {KINDS[own.data].what} "
                           f"({KINDS[own.data].command})")
+    against = [cls for cls in trainers(kind) if cls.reference and cls.head == own.head]
+    if reference and against:  # a language model with a reference to compare with (its base, for LoRA): DPO's figures
+        return against[0](cfg)
     measures = [cls for cls in _registered() if cls.any_language_model and cls.data == kind]
     if not measures:
         named = " or ".join(f"finetune.objective={cls.name}" for cls in trainers(kind))

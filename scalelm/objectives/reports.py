@@ -33,24 +33,30 @@ class Perplexity:
 
 @dataclass
 class Preferences:
-    """Figures on preference pairs, each a mean over the pairs; `kind`: "dpo" (rewards against a reference),
-    "likelihoods" (a model not trained with DPO: its own log-probs alone) or "reward" (a reward model's scores)."""
+    """Figures on preference pairs, each a mean over the pairs; `figures`: "rewards" (a policy's against its
+    reference), "likelihoods" (a model not trained with DPO: its own log-probs alone) or "scores" (a reward model's)."""
 
     loss: float
     pairs: int
     windows: int
     engine: str
     metrics: dict
-    kind: str = "dpo"
+    figures: str = "rewards"
+
+    @classmethod
+    def of(cls, outcome, context, figures: str) -> "Preferences | None":
+        """The figures of an evaluation's outcome (parallel/engine.py: Outcome), on the rank that reports."""
+        return cls(outcome.loss, outcome.units, context.windows, context.engine, outcome.metrics, figures) \
+            if context.rank0 else None
 
     def line(self, split: str) -> str:
         m, where = self.metrics, f"over {self.pairs:,} {split} pairs in {self.windows} windows ({self.engine})"
-        if self.kind == "reward":
+        if self.figures == "scores":
             return (f"accuracy {100 * m['accuracy']:.2f}%, margin {m['margin']:.4f} (chosen {m['score_chosen']:.4f}, "
                     f"rejected {m['score_rejected']:.4f}; Bradley-Terry loss {self.loss:.6f}) {where}")
         likelier = (f"the chosen reply the likelier in {100 * m['chosen_likelier']:.2f}% (log-probs chosen "
                     f"{m['logps_chosen']:.3f}, rejected {m['logps_rejected']:.3f})")
-        if self.kind == "likelihoods":
+        if self.figures == "likelihoods":
             return f"{likelier} {where}; no reference: a model not trained with DPO"
         return (f"reward accuracy {100 * m['reward_accuracy']:.2f}%, margin {m['reward_margin']:.4f} (chosen "
                 f"{m['reward_chosen']:.4f}, rejected {m['reward_rejected']:.4f}; DPO loss {self.loss:.6f}); {likelier} "

@@ -12,21 +12,17 @@ import torch
 import torch.nn.functional as F
 
 from scalelm.errors import ConfigError
-from scalelm.objectives.base import EvalContext, Output
-from scalelm.objectives.documents import document_scores, pair_sizes, pairs_of
+from scalelm.objectives.base import Defaults, EvalContext, Output
+from scalelm.objectives.documents import document_scores, pairs_of, real_pairs
 from scalelm.objectives.registry import register
 from scalelm.objectives.reports import Preferences
 
 
 @register
-class Reward:
+class Reward(Defaults):
     name, stage, data = "reward", "finetune", "pairs"
-    head, causal, output, reference = "classification", False, Output.SCORES, False
+    head, causal, output = "classification", False, Output.SCORES
     unit, fields, metrics = "pairs", ("loss_mask", "document_ids"), ("accuracy", "margin", "score_chosen", "score_rejected")
-    trains, any_language_model = True, False
-
-    def __init__(self, cfg=None):
-        pass
 
     @classmethod
     def check(cls, cfg) -> None:
@@ -39,20 +35,14 @@ class Reward:
                               f"finetune.head=classification and finetune.num_labels=1 (now head={f.head}, "
                               f"num_labels={f.num_labels})")
 
-    @classmethod
-    def check_data(cls, cfg, shards) -> None:
-        pass
-
     def num_labels(self) -> int | None:
         return 1
 
     def units(self, batch: dict) -> int:
-        chosen, rejected = pair_sizes(batch)
-        return int(((chosen > 0) & (rejected > 0)).sum())
+        return int(real_pairs(batch).sum())
 
     def __call__(self, scores: torch.Tensor, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        n_chosen, n_rejected = pair_sizes(batch)
-        real = (n_chosen > 0) & (n_rejected > 0)  # (b, L/2): the slots that hold a pair
+        real = real_pairs(batch)  # (b, L/2): the slots that hold a pair
         chosen, rejected = pairs_of(document_scores(scores, batch["document_ids"])[..., 0])
         losses = -F.logsigmoid(chosen - rejected)
         with torch.no_grad():
@@ -61,14 +51,10 @@ class Reward:
             metrics = {k: torch.where(real, v.float(), 0.0).sum() for k, v in metrics.items()}
         return torch.where(real, losses, 0.0).sum(), metrics
 
-    def progress(self, metrics: dict[str, float]) -> str:
-        return ""
-
     def validation(self, loss: float, metrics: dict[str, float]) -> tuple[dict[str, float], str]:
         record = {"val_loss": loss, "val_accuracy": metrics["accuracy"], "val_margin": metrics["margin"]}
         return record, f"val loss {loss:.4f}, accuracy {100 * metrics['accuracy']:.1f}%, margin {metrics['margin']:.3f}"
 
     def evaluate(self, engine, batches: list[dict], count: int, context: EvalContext) -> Preferences | None:
         outcome = engine.evaluate(batches, count)
-        return Preferences(outcome.loss, outcome.units, context.windows, context.engine, outcome.metrics,
-                           kind=self.name) if context.rank0 else None
+        return Preferences.of(outcome, context, "scores")

@@ -69,7 +69,7 @@ def deepspeed_config(cfg: Config, layout: Layout, zero: bool = True) -> dict:
         # Dynamic loss scaling: start at 2^16, halve on overflow, double after 1000 clean steps.
         "fp16": {"enabled": t.precision == "fp16", "loss_scale": 0, "initial_scale_power": 16,
                  "loss_scale_window": 1000, "hysteresis": 2, "min_loss_scale": 1},
-        "steps_per_print": 10**9,
+        # no "steps_per_print": DeepSpeed's own progress lines stay off (None), not just rare
         "wall_clock_breakdown": False,
     }
 
@@ -195,7 +195,7 @@ class Engine:
     def forward_only(self, micro: Sequence[Batch], count: int, output: Output) -> list[torch.Tensor | None]:
         """`output` (objectives.Output) of each of `count` micro-batches, the model in eval mode and without gradients:
         on the ranks that compute the loss (the last pipeline stage), None on a first stage, [] on the others."""
-        fields = list(self.objective.fields) + (["labels"] if output is Output.LOGPROBS else [])
+        fields = list(dict.fromkeys([*self.objective.fields, *(["labels"] if output is Output.LOGPROBS else [])]))
         with self._emitting(output), torch.no_grad():
             if self.pipeline:
                 out: list[torch.Tensor] = []

@@ -2,7 +2,7 @@
 fit, which layouts would. Arithmetic only: nothing is allocated, no process group.
 
 Memory is what DeepSpeed 0.19.8 and megatron-core hold on one rank of the most loaded pipeline stage, read
-from their code and checked against the peak memory of tiny CPU runs (tests/distributed/test_plan_memory.py,
+from their code and checked against the peak memory of tiny CPU runs (tests/parallel/test_plan_memory.py,
 bench/plan_memory_probe.py) and of one-GPU runs (tests/gpu/test_plan_gpu.py; bench/plan_memory_findings.md).
 Ψ: the parameters the rank holds after the tensor and pipeline split; d: the data-parallel ranks; w: bytes per
 element of the training precision (4 fp32, 2 bf16/fp16); B = 5e8: DeepSpeed's reduce bucket in elements. Some
@@ -59,7 +59,7 @@ GPUS = {"a100": (80 * 2**30, 312e12), "h100": (80 * 2**30, 989e12), "h200": (141
 HEADROOM = 0.9  # of a GPU's memory the plan lets a run use: the rest is the CUDA context, NCCL and fragmentation
 
 # DeepSpeed's defaults, in elements, which scalelm's deepspeed_config leaves as they are
-# (tests/unit/test_plan.py checks them against DeepSpeed's own).
+# (tests/parallel/test_plan.py checks them against DeepSpeed's own).
 REDUCE_BUCKET = 500_000_000  # zero_optimization.reduce_bucket_size: gradients ZeRO reduces at once
 ALLREDUCE_BUCKET = 500_000_000  # the engine's all-reduce bucket, used by the bf16 optimizer (no ZeRO buckets)
 PREFETCH_BUCKET = 50_000_000  # zero_optimization.stage3_prefetch_bucket_size: parameters ZeRO-3 gathers at once

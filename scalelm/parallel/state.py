@@ -87,13 +87,12 @@ def _gather_fragments(param: torch.nn.Parameter, key: str, out: torch.Tensor) ->
     bf16 optimizer (each data-parallel rank's fragment put in place, then summed over the group), into `out`
     instead of a new tensor: a checkpoint's snapshot lands in memory already touched, in one copy (8 GB/s here,
     against 1-3 GB/s for DeepSpeed's newly allocated, zero-filled tensor and the copy after it)."""
-    (mapping, group), flat = compat.fragment(param), out.view(-1)
+    (address, read, group), flat = compat.fragment(param), out.view(-1)
     dp = dist.get_world_size(group)
-    if dp > 1 and (mapping is None or mapping.lp_fragment_address.numel < flat.numel()):
+    if dp > 1 and (address is None or address[1] < flat.numel()):
         flat.zero_()
-    if mapping is not None:
-        address = mapping.lp_fragment_address
-        flat.narrow(0, address.start, address.numel).copy_(mapping.get_hp_fragment(None if key == "param" else key))
+    if address is not None:
+        flat.narrow(0, *address).copy_(read(None if key == "param" else key))
     if dp > 1:
         dist.all_reduce(flat, group=group)
     return out

@@ -62,12 +62,13 @@ class RunLog:
     def eval(self, step: int, loss: float, metrics: dict[str, float]) -> None:
         """After a validation: its loss and what the objective makes of it (perplexity and next-token accuracy,
         DPO's reward accuracy and margin, a classifier's accuracy, ...)."""
+        if not self.active:  # only rank 0's figures are whole (a pipeline's middle stages have no metrics)
+            return
         figures, line = self.objective.validation(loss, metrics)
         record = {"step": step, **figures}
         self.last = {**self.last, **record}
-        if self.active:
-            self._say(f"step {step}: {line}")
-            self._write(record)
+        self._say(f"step {step}: {line}")
+        self._write(record)
 
     def note(self, step: int, message: str) -> None:
         """An event worth a line: on the terminal and in events.log."""

@@ -32,7 +32,7 @@ from scalelm.data.tokenizer import resolve_vocab_size
 from scalelm.errors import DataError
 from scalelm.model.build import build_model
 from scalelm.objectives import Objective, Output
-from scalelm.objectives.documents import document_sums
+from scalelm.objectives.documents import document_logps
 from scalelm.parallel.engine import Engine
 from scalelm.parallel.topology import before_the_ranks_meet, gather_objects, process_group
 
@@ -104,8 +104,7 @@ def _score_shard(cfg: Config, layout, engine, shards, shard) -> np.ndarray:
     found = engine.forward_only(micro, len(micro), Output.LOGPROBS)
     scored = {}  # document -> value, from this rank's windows
     if found and found[0] is not None:  # the ranks that compute the loss (on the pipeline, its last stage)
-        sums = [document_sums(logps, {k: b[k].to(logps.device) for k in ("loss_mask", "document_ids")}).double().cpu()
-                for logps, b in zip(found, micro)]
+        sums = [document_logps(logps, b).double().cpu() for logps, b in zip(found, micro)]
         for k, i in enumerate(mine):
             value, first = sums[k // batch][k % batch], packed.starts[i]
             scored.update({int(d): float(value[d - first]) for d in range(first, packed.starts[i + 1])})

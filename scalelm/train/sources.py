@@ -24,7 +24,7 @@ from scalelm.batch import Batch
 from scalelm.data.loader import TokenLoader
 from scalelm.model.lora import adapters_off, has_adapters
 from scalelm.objectives import Output
-from scalelm.objectives.documents import document_sums
+from scalelm.objectives.documents import document_logps
 
 
 class BatchSource(Protocol):
@@ -102,8 +102,7 @@ class ReferencePass:
             if logps is None:
                 batch["reference"] = torch.zeros(batch["labels"].shape)
             else:
-                on_device = {k: batch[k].to(logps.device) for k in ("loss_mask", "document_ids")}
-                batch["reference"] = document_sums(logps, on_device).cpu()
+                batch["reference"] = document_logps(logps, batch).cpu()
         return micro
 
     def state_dict(self) -> dict | None:
@@ -117,9 +116,11 @@ class ReferencePass:
 
 
 def batch_source(loader: TokenLoader, engine) -> BatchSource:
-    """The run's source: `loader`'s batches, with the reference pass when the objective needs a reference its
-    batches do not carry (DPO under LoRA)."""
-    source: BatchSource = Loader(loader, engine.reads_data)
-    if engine.objective.reference and loader.reference is None:
-        source = ReferencePass(source, engine)
-    return source
+    """The run's source: `loader`'s batches, with the reference pass when the objective needs one (`referenced`)."""
+    return referenced(Loader(loader, engine.reads_data), engine, carried=loader.reference is not None)
+
+
+def referenced(source: BatchSource, engine, carried: bool) -> BatchSource:
+    """`source`, wrapped in the reference pass when the engine's objective needs a reference and its batches do not
+    carry one (`carried`: scored beside the shards), as under LoRA, whose base is the reference."""
+    return ReferencePass(source, engine) if engine.objective.reference and not carried else source

@@ -1,6 +1,6 @@
 """`scalelm plan`'s GPU memory model against the CUDA allocator's peak on one GPU: within 20%, for bf16 and
 fp32, ZeRO-1 and 2, with and without full recomputation. Skipped without CUDA. (The CPU side of the model is
-checked in tests/distributed/test_plan_memory.py.)"""
+checked in tests/parallel/test_plan_memory.py.)"""
 
 import gc
 

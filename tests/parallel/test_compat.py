@@ -120,3 +120,16 @@ def test_deepspeed_methods_compat_calls_are_there():
     assert "pipe_schedule.num_pipe_buffers()" in source(PipelineEngine._exec_schedule)
     assert PipelineEngine._INSTRUCTION_MAP[schedule.OptimizerStep] is PipelineEngine._exec_optimizer_step, \
         f"{version}: the pipeline's optimizer step is no longer _exec_optimizer_step: update compat.pipeline_step"
+
+
+def test_deepspeed_names_a_pipeline_stage_as_model_build_reads_it():
+    # model/build.py's canonical_parameters: a PipelineModule registers layer i as "i" and a tied one under
+    # tied_modules.KEY; and compat.fragment reads the fragment's address and master through the hp mapping
+    from deepspeed.runtime.pipe.module import PipelineModule
+    from deepspeed.utils.tensor_fragment import tensor_fragment
+
+    build = source(PipelineModule._build)
+    assert "name = str(layer_idx)" in build and "self.tied_modules[layer.key] = layer.build()" in build, \
+        f"DeepSpeed {deepspeed.__version__} names pipeline layers otherwise: update model/build.py canonical_parameters"
+    assert "lp_fragment_address" in source(tensor_fragment) and callable(tensor_fragment.get_hp_fragment), \
+        f"DeepSpeed {deepspeed.__version__}: the fragment mapping moved: update compat.fragment"

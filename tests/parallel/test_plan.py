@@ -1,6 +1,6 @@
 """scalelm.parallel.plan and `scalelm plan`: GPT-3 175B on Megatron's published layout, layouts that do not fit,
 layout arithmetic errors, the textbook terms of the memory model, and the command's sections and exit status.
-(The model's CPU figures are checked against measured peaks in tests/distributed/test_plan_memory.py.)"""
+(The model's CPU figures are checked against measured peaks in tests/parallel/test_plan_memory.py.)"""
 
 import re
 from pathlib import Path
