@@ -17,6 +17,8 @@ def quiet_engines(hf: bool = False) -> None:
     warnings.filterwarnings("ignore", category=DeprecationWarning, module="megatron")
     warnings.filterwarnings("ignore", message=".*cuda_graph_scope.*")
     warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
+    # DeepSpeed's pipeline backpropagates through a broadcast of its tied weights, which torch warns of on every rank
+    warnings.filterwarnings("ignore", message=".*c10d::broadcast_: an autograd kernel was not registered.*")
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # every model here is a local folder

@@ -17,6 +17,9 @@ graph per layer. Training, evaluation, scoring and the conversion's parity check
 
 from __future__ import annotations
 
+import contextlib
+import io
+
 import torch
 from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
 
@@ -43,9 +46,10 @@ def build_model(cfg: Config, layout, vocab_size: int, documents: bool = False,
                     packed_attention=cfg.train.packed_attention, num_labels=num_labels)
     else:
         names, specs = zip(*pipeline_layers(cfg, tc, spec, vocab_size, num_labels))
-        model = PipelineModule(list(specs), topology=layout.deepspeed_topology(), partition_method="type:Block",
-                               activation_checkpoint_interval=int(full_recompute), activation_checkpoint_func=_recompute,
-                               checkpointable_layers=["Block"])
+        with contextlib.redirect_stdout(io.StringIO()):  # NOTE: DeepSpeed prints its seeds, grid and stages' layers
+            model = PipelineModule(list(specs), topology=layout.deepspeed_topology(), partition_method="type:Block",
+                                   activation_checkpoint_interval=int(full_recompute),
+                                   activation_checkpoint_func=_recompute, checkpointable_layers=["Block"])
         model.layer_names = names  # read by canonical_parameters
     model = model if lora is None else apply_lora(model, lora, cfg.train.seed)
     if cfg.train.compile:

@@ -3,6 +3,7 @@ with a classification head, held-out accuracy well above chance with its macro-F
 export a LlamaForSequenceClassification / GPT2ForSequenceClassification that classifies as scalelm does."""
 
 import json
+import re
 import subprocess
 import sys
 
@@ -46,6 +47,17 @@ def test_held_out_accuracy_is_well_above_chance(classifier):
                           str(classifier["texts"]), "--batch-size", "1"], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "macro-F1" in out.stdout and "confusion (rows: class, columns: predicted comedy, history, tragedy)" in out.stdout
+
+
+def test_a_pipeline_of_two_stages_classifies_as_one_process_does(classifier):
+    def evaluate(*layout: str) -> str:
+        out = subprocess.run([sys.executable, "-m", "scalelm", "eval", str(classifier["ckpt"]), "--data",
+                              str(classifier["texts"]), "--batch-size", "1", *layout], capture_output=True, text=True,
+                             timeout=300)
+        assert out.returncode == 0, out.stderr[-2000:]
+        return re.sub(r"\(scalelm tensor .*?\)", "(ENGINE)", out.stdout)  # the figures, less the layout's name
+
+    assert evaluate("--nproc-per-node", "2", "parallel.pipeline=2") == evaluate()
 
 
 def test_the_export_classifies_as_scalelm_does(classifier, pipeline, tmp_path):
