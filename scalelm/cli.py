@@ -15,7 +15,7 @@
     scalelm convert from-hf HF_DIR OUT_CKPT   a Hugging Face model as a scalelm checkpoint (train.init_from)
     scalelm convert to-gguf CKPT OUT.gguf     GGUF for llama.cpp, --dtype f32|f16|q8_0; --adapter: a LoRA adapter
     scalelm convert to-peft CKPT OUT_DIR      a LoRA checkpoint as a PEFT adapter beside its base
-    scalelm generate MODEL --prompt TEXT      sample text (transformers), --chat for the chat template
+    scalelm generate MODEL --prompt TEXT      sample text on scalelm's decoder, --chat for the chat template
     scalelm eval MODEL --data SHARDS          perplexity, in-framework or with transformers
     scalelm plan --config CFG --nodes N --gpus-per-node G   preflight: memory per GPU, speed, layouts that fit
     scalelm plot RUN_DIR --out loss.png       loss and throughput curves of a run
@@ -41,7 +41,9 @@ BASE_HELP = "a LoRA checkpoint's base, where it is not at the path the checkpoin
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args, extra = parser.parse_known_args(argv)
+    args.argv = argv  # as given, for a command that starts its own ranks with it
     # key=value overrides may follow options too (argparse only takes positionals up to the first option)
     if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
         args.overrides = [*args.overrides, *extra]
@@ -248,19 +250,42 @@ def _convert(sub) -> None:
 
 def _generate(sub) -> None:
     """scalelm generate."""
-    p = sub.add_parser("generate", help="sample text from a checkpoint or a Hugging Face export",
-                       description="Generate with transformers from MODEL (a Hugging Face folder, or a scalelm checkpoint, "
-                                   "converted on the fly), streaming tokens as they come; stops at end of text.")
-    p.add_argument("model", type=Path, metavar="MODEL", help="a Hugging Face folder, a checkpoint or a consolidated file")
-    p.add_argument("--prompt", required=True, help="the text to continue (with --chat: the user's message)")
+    p = sub.add_parser("generate", help="sample text from a checkpoint (scalelm's decoder) or a Hugging Face export",
+                       description="Continue prompts with the model of a scalelm checkpoint on scalelm's own decoder, in "
+                                   "any layout without pipeline parallelism (--nproc-per-node, parallel.tensor=N), with "
+                                   "no conversion; or, for a Hugging Face folder or with --backend hf, with transformers, "
+                                   "streaming. Each sample ends at end of text (or end of turn), a --stop text, or "
+                                   "--max-new-tokens.")
+    p.add_argument("model", type=Path, metavar="MODEL", help="a checkpoint (step-* or checkpoint.dir), or a Hugging Face folder")
+    prompts = p.add_mutually_exclusive_group(required=True)
+    prompts.add_argument("--prompt", help="the text to continue (with --chat: the user's message)")
+    prompts.add_argument("--prompts", type=Path, metavar="FILE.jsonl",
+                         help='one prompt a line: {"prompt": TEXT} or {"messages": [{"role": ..., "content": ...}, ...]}')
+    p.add_argument("--out", type=Path, default=None, metavar="FILE.jsonl",
+                   help="write one JSON line per sample (prompt_index, sample, text, token_ids, logprobs, "
+                        "sampling_logprobs, finish_reason) instead of printing the texts")
+    p.add_argument("--num-samples", type=int, default=1, help="samples per prompt (default 1)")
     p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate at most (default 64)")
     p.add_argument("--temperature", type=float, default=0.8, help="0 is greedy (default 0.8)")
     p.add_argument("--top-k", type=int, default=50, help="sample among the k most likely tokens; 0 is off (default 50)")
     p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass; 1 is off (default 0.95)")
-    p.add_argument("--seed", type=int, default=0, help="the same seed gives the same text (default 0)")
+    p.add_argument("--min-p", type=float, default=0.0, help="drop tokens below this fraction of the most likely one's "
+                                                             "probability; 0 is off (default)")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help="above 1, tokens already seen are made "
+                                                                         "less likely; 1 is off (default)")
+    p.add_argument("--stop", action="append", default=[], metavar="TEXT", help="end a sample where this text appears "
+                                                                               "(it is cut from the text; repeatable)")
+    p.add_argument("--seed", type=int, default=0, help="the same seed gives the same text, on any layout (default 0)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template as the user's turn")
     p.add_argument("--system", default=None, help="with --chat: a system message before it")
+    p.add_argument("--backend", choices=["scalelm", "hf"], default=None,
+                   help="scalelm (a checkpoint's default) or hf (transformers; a Hugging Face folder's only one)")
+    p.add_argument("--nproc-per-node", type=int, default=1, help="a checkpoint: start this many local ranks")
+    p.add_argument("--tokenizer", type=Path, default=None, help="the SentencePiece model, where the checkpoint's is "
+                                                                "not at the path it names")
     p.add_argument("--base", type=Path, default=None, help=BASE_HELP)
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="a checkpoint: layout and precision, e.g. "
+                                                                     "parallel.tensor=2 train.precision=fp32")
     p.set_defaults(run=commands.generate)
 
 

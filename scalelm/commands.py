@@ -4,6 +4,7 @@ needs to read. Errors meant for people are raised as ScalelmError and printed by
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from pathlib import Path
 
@@ -236,17 +237,70 @@ def to_peft(args: argparse.Namespace) -> None:
     _print_report(report, args.out)
 
 
-def generate(args: argparse.Namespace) -> None:
+def generate(args: argparse.Namespace) -> int:
     quiet_engines(hf=True)
-    from scalelm.infer.generate import Sampling, generate
+    from scalelm.infer.generate import Prompt, generate_checkpoint, read_prompts
+    from scalelm.infer.sampling import Sampling
 
-    sampling = Sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed)
+    sampling = Sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.min_p,
+                        args.repetition_penalty, tuple(args.stop), args.num_samples, args.seed)
     if args.chat is False and args.system:
         raise ConfigError("--system goes with --chat")
-    if args.base and (args.model / "config.json").is_file():
+    if not args.model.exists():
+        raise ConfigError(f"{args.model} does not exist: give a checkpoint or a Hugging Face folder")
+    hf_folder = (args.model / "config.json").is_file()
+    if args.base and hf_folder:
         raise ConfigError("--base goes with a LoRA checkpoint, and MODEL is a Hugging Face folder")
+    if (args.backend or ("hf" if hf_folder else "scalelm")) == "hf":
+        return _generate_hf(args, sampling)
+    if hf_folder:
+        raise ConfigError(f"{args.model} is a Hugging Face folder, which scalelm's decoder does not read: use --backend hf")
+    if args.nproc_per_node > 1:
+        from scalelm.launch.torchrun import relaunch
+
+        return relaunch(args.nproc_per_node, _without_nproc(args.argv))
+    prompts = read_prompts(args.prompts) if args.prompts else [Prompt(text=args.prompt)]
+    records = generate_checkpoint(args.model, prompts, sampling, chat=args.chat, system=args.system,
+                                  overrides=args.overrides, base=args.base, tokenizer=args.tokenizer)
+    if records is None:  # not rank 0
+        return 0
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text("".join(json.dumps(r) + "\n" for r in records))
+        print(f"wrote {len(records)} samples of {len(prompts)} prompts to {args.out}")
+        return 0
+    for r in records:
+        if len(records) > 1:
+            print(f"--- prompt {r['prompt_index']}, sample {r['sample']} ({r['finish_reason']})")
+        print(r["text"])
+    return 0
+
+
+def _generate_hf(args: argparse.Namespace, sampling) -> int:
+    """`--backend hf`, or a Hugging Face folder: one prompt, streamed to the terminal by transformers."""
+    from scalelm.infer.generate_hf import generate
+
+    unused = [flag for flag, used in (("--prompts", args.prompts), ("--out", args.out), ("--stop", args.stop),
+                                      ("--num-samples", args.num_samples > 1), ("--nproc-per-node", args.nproc_per_node > 1),
+                                      ("key=value", args.overrides), ("--tokenizer", args.tokenizer)) if used]
+    if unused:
+        raise ConfigError(f"{', '.join(unused)}: scalelm's decoder only (a checkpoint, without --backend hf)")
     generate(args.model, args.prompt, sampling, chat=args.chat, system=args.system, base=args.base)
     print()
+    return 0
+
+
+def _without_nproc(argv: list[str]) -> list[str]:
+    """The command line's arguments less --nproc-per-node and its value, for each relaunched rank."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--nproc-per-node":
+            skip = True
+        elif not arg.startswith("--nproc-per-node="):
+            out.append(arg)
+    return out
 
 
 def evaluate(args: argparse.Namespace) -> int:

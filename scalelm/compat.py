@@ -8,7 +8,8 @@ Written against torch 2.13.0, DeepSpeed 0.19.8 and megatron-core 0.16.1.
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -201,3 +202,21 @@ class _WithoutStep:
 
         for commands in self.schedule:
             yield [c for c in commands if not isinstance(c, OptimizerStep)]
+
+# ----------------------------------------------------------------------------------------- megatron-core 0.16.1
+
+
+@contextmanager
+def sequence_parallel_off(model: torch.nn.Module) -> Iterator[None]:
+    """Run `model` without sequence parallelism for the block (tensor parallelism stays): every module that reads
+    a `sequence_parallel` flag in its forward (megatron-core's ColumnParallelLinear and RowParallelLinear, scalelm's
+    embedding, heads and LoRA adapters) has it false, so activations stay whole between the layers. The weights are
+    the same; only which collectives run changes. For decoding, whose one-token steps do not split over ranks."""
+    flagged = [m for m in model.modules() if getattr(m, "sequence_parallel", None) is True]
+    for module in flagged:
+        module.sequence_parallel = False
+    try:
+        yield
+    finally:
+        for module in flagged:
+            module.sequence_parallel = True

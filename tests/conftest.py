@@ -57,6 +57,17 @@ def trained(pipeline, tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="session")
+def exported(trained, tmp_path_factory) -> dict[str, Path]:
+    """The trained models' Hugging Face exports: {"gpt": folder, "llama": folder}."""
+    from scalelm.cli import main
+
+    root = tmp_path_factory.mktemp("hf")
+    for name, ckpt in trained.items():
+        assert main(["convert", "to-hf", str(ckpt), str(root / name)]) == 0
+    return {name: root / name for name in trained}
+
+
+@pytest.fixture(scope="session")
 def across_on_one_host(pipeline, tmp_path_factory) -> Path:
     """The run tests/launched.py's ACROSS describes, on two ranks of this one host: what runs across hosts match."""
     from tests.helpers.launched import ACROSS, on_one_host

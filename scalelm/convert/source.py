@@ -100,10 +100,7 @@ def _check_adapters(adapters: dict[str, torch.Tensor], base: ScalelmModel, found
 def _read_checkpoint(path: Path, tokenizer: Path | None, verify: bool, tokenizer_needed: bool = True) -> _Read:
     ckpt, manifest, weights = store.read_weights(path, check=verify)
     weights = normalise_names(weights)
-    own = ckpt / TOKENIZER if (ckpt / TOKENIZER).is_file() else None
-    named = manifest["config"].get("data", {}).get("tokenizer")
-    found = _tokenizer(tokenizer or own or (Path(named) if named else None), manifest.get("tokenizer_sha256"), ckpt,
-                       tokenizer_needed)
+    found = checkpoint_tokenizer(ckpt, manifest, tokenizer, tokenizer_needed)
     model = ScalelmModel(_model_config(manifest["config"]["model"], ckpt), weights, found, f"{ckpt} (step {manifest['step']})")
     settings = manifest["config"].get("finetune", {}).get("lora")
     if not manifest.get("base"):
@@ -160,6 +157,14 @@ def _model_config(saved: dict, where: Path) -> ModelConfig:
     if model.vocab_size is None:
         raise CheckpointError(f"{where}: its model config has no vocab_size")
     return model
+
+
+def checkpoint_tokenizer(ckpt: Path, manifest: dict, tokenizer: Path | None = None, needed: bool = True) -> Path | None:
+    """The SentencePiece model of a checkpoint: `tokenizer` when given, else its own copy, else the one its config
+    names; checked against the SHA-256 it recorded. None when it names none (or, unless `needed`, one not there)."""
+    own = ckpt / TOKENIZER if (ckpt / TOKENIZER).is_file() else None
+    named = manifest["config"].get("data", {}).get("tokenizer")
+    return _tokenizer(tokenizer or own or (Path(named) if named else None), manifest.get("tokenizer_sha256"), ckpt, needed)
 
 
 def _tokenizer(path: Path | None, sha256: str | None, where: Path, needed: bool = True) -> Path | None:

@@ -97,6 +97,11 @@ class ChatEncoder:
         flags[start:] = ASSISTANT | LAST
         return np.asarray(ids, np.int64), flags
 
+    def prompt(self, messages: Sequence[dict]) -> list[int]:
+        """The ids a model continues to answer `messages`: the conversation and the assistant's header (what
+        `apply_chat_template(messages, add_generation_prompt=True)` gives)."""
+        return [self.sp.bos_id()] + [i for part, _ in self._parts(messages) for i in part] + self.headers["assistant"]
+
     def _parts(self, messages: Sequence[dict]) -> list[tuple[list[int], list[int]]]:
         """Per message: the ids of its header, content + <|end|> and newline, and their flags (ASSISTANT on an
         assistant's content and <|end|>)."""

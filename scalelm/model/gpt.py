@@ -104,14 +104,18 @@ class Embedding(nn.Module):
     def logits(self, x: Activations) -> torch.Tensor:
         return self.head(x, weight=self.word.weight)
 
+    def embed(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """input_ids (b, s) at position_ids (b, s; default 0..s-1) -> hidden (s, b, h), whole, before dropout."""
+        hidden = self.word(input_ids)  # (b, s, h)
+        if self.position is not None:
+            positions = torch.arange(input_ids.shape[1], device=input_ids.device) if position_ids is None else position_ids
+            hidden = hidden + self.position(positions)
+        return hidden.transpose(0, 1).contiguous()  # (s, b, h)
+
     def forward(self, inputs: Activations) -> Activations:
         """input_ids (b, s), or (input_ids, position_ids, document_ids) -> hidden (s, b, h) [+ the same documents]."""
         input_ids, documents = split(inputs)
-        hidden = self.word(input_ids)  # (b, s, h)
-        if self.position is not None:
-            positions = documents[0] if documents else torch.arange(input_ids.shape[1], device=input_ids.device)
-            hidden = hidden + self.position(positions)
-        hidden = hidden.transpose(0, 1).contiguous()  # (s, b, h)
+        hidden = self.embed(input_ids, documents[0] if documents else None)
         if self.sequence_parallel:
             hidden = tensor_parallel.scatter_to_sequence_parallel_region(hidden)  # (s/tp, b, h)
             with tensor_parallel.get_cuda_rng_tracker().fork():  # each rank drops out its own part
@@ -139,18 +143,33 @@ class Block(nn.Module):
         hidden, documents = split(x)
         # Attention sees the whole sequence even when the layer's input holds only this rank's part.
         seq_len = hidden.shape[0] * self.sequence_factor
-        rotary = self.rope(seq_len) if self.rope is not None else None  # (s, 1, 1, d): positions 0..s-1
         mask = None  # the whole window: causal, or for a bidirectional model every position (the layer spec's)
         if documents:
             position_ids, document_ids = documents
-            if rotary is not None:
-                rotary = rotary[:, 0][position_ids.t()]  # (s, b, 1, d): each token's own position
+            rotary = self.rotary(seq_len, position_ids)
             mask = document_mask(document_ids, self.packed_attention, self.causal)
+        else:
+            rotary = self.rotary(seq_len)
         if self.sequence_factor > 1:
             # each rank holds its own part of the sequence, so its dropout masks must be its own
             with tensor_parallel.get_cuda_rng_tracker().fork():
                 return join(self.layer(hidden, attention_mask=mask, rotary_pos_emb=rotary)[0], documents)
         return join(self.layer(hidden, attention_mask=mask, rotary_pos_emb=rotary)[0], documents)
+
+
+    def rotary(self, length: int, position_ids: torch.Tensor | None = None) -> torch.Tensor | None:
+        """RoPE's angles for positions 0..length-1, (length, 1, 1, d), or with position_ids (b, length) each token's
+        own, (length, b, 1, d); None without RoPE."""
+        if self.rope is None:
+            return None
+        angles = self.rope(length if position_ids is None else int(position_ids.max()) + 1)
+        return angles if position_ids is None else angles[:, 0][position_ids.t()]
+
+    def cached(self, hidden: torch.Tensor, mask: torch.Tensor, rotary: torch.Tensor | None, cache) -> torch.Tensor:
+        """hidden (s, b, h) of new tokens, whole (no sequence parallelism), after those in `cache` (megatron-core's
+        StaticInferenceContext, which this layer's attention appends their keys and values to): mask (b, 1, s, t),
+        True where a query may not see a key, t = the cached tokens and these; rotary (t, b, 1, d), every slot's."""
+        return self.layer(hidden, attention_mask=mask, rotary_pos_emb=rotary, inference_context=cache)[0]
 
 
 class FinalNorm(nn.Module):
@@ -289,5 +308,8 @@ class GPT(nn.Module):
         x = self.embedding(input_ids if position_ids is None else (input_ids, position_ids, document_ids))
         for block in self.blocks:
             x = recompute(block, x) if self.recompute_blocks else block(x)
-        x = self.norm(x)
+        return self.logits(self.norm(x))
+
+    def logits(self, x: Activations) -> torch.Tensor:
+        """The head on the final norm's output: logits (s, b, V/tp), or a classification head's scores."""
         return self.embedding.logits(x) if self.head is None else self.head(x)

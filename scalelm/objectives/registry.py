@@ -6,6 +6,7 @@ imports them all. Everything else asks the registry, or the objective itself, an
     objective_for(cfg, stage)            the run's objective (the stage's field), its config checked
     trainers(kind)                       the objectives that train on a kind of shards, for data errors
     for_evaluation(cfg, trained, kind)   what `scalelm eval` measures a model with on a kind of shards
+    generates(trained)                   whether text can be sampled from a model trained with it
 """
 
 from __future__ import annotations
@@ -91,6 +92,12 @@ def for_evaluation(cfg, trained: str, shards, reference: bool, what: str) -> Obj
         raise ConfigError(f"{what} is a bidirectional model (model.causal=false), and {KINDS[kind].what} are measured by "
                           f"how well a model predicts each next token ({measures[0].name}), which it sees")
     return measures[0](cfg)
+
+
+def generates(trained: str) -> bool:
+    """Whether a model trained with the objective `trained` ends in next-token logits, which text is sampled from."""
+    cls = _BY_NAME[trained]
+    return cls.head == "lm" and cls.causal
 
 
 def _registered() -> list[type]:

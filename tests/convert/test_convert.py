@@ -16,20 +16,13 @@ from scalelm.cli import main
 from scalelm.convert.gguf import read_gguf
 from scalelm.convert.source import read_model
 from scalelm.infer.evaluate import evaluate_hf
-from scalelm.infer.generate import Sampling, generate
+from scalelm.infer.generate_hf import generate
+from scalelm.infer.sampling import Sampling
 from tests.helpers.ranks import run_ranks
 from tests.helpers.trained import MODELS, TINY
 from tests.helpers.workloads import evaluate_run, pretrain_run
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("convert")]  # one worker, which trains the models once
-
-
-@pytest.fixture(scope="module")
-def exported(trained, tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("hf")
-    for name, ckpt in trained.items():
-        assert main(["convert", "to-hf", str(ckpt), str(root / name)]) == 0
-    return {name: root / name for name in trained}
 
 
 def parity_of(out: str) -> float:
@@ -129,7 +122,7 @@ def test_generate_is_deterministic_for_a_seed(trained, exported):
 def test_generate_streams_to_the_terminal(exported, capsys):
     assert main(["generate", str(exported["gpt"]), "--prompt", "The river", "--max-new-tokens", "8", "--seed", "7"]) == 0
     streamed = capsys.readouterr().out.strip()
-    assert streamed and streamed == generate(exported["gpt"], "The river", Sampling(8, seed=7), stream=False).strip()
+    assert streamed and streamed == generate(exported["gpt"], "The river", Sampling(8, 0.8, 50, 0.95, seed=7), stream=False).strip()
 
 
 def test_eval_prints_the_same_perplexity_for_checkpoint_and_export(trained, exported, pipeline, capsys):

@@ -1,0 +1,44 @@
+"""What the spawned ranks of the generation tests run: a tiny model's samples beside the training forward pass's
+log-probs of the same sequences."""
+
+from __future__ import annotations
+
+import torch
+
+from scalelm.infer.rollouts import generate
+from scalelm.infer.sampling import Sampling
+from scalelm.model.build import build_model
+from scalelm.objectives import Output
+from scalelm.objectives.next_token import NextToken
+from scalelm.parallel.engine import Engine
+from scalelm.parallel.topology import destroy_distributed, init_distributed
+from tests.helpers.workloads import VOCAB, tiny_config
+
+CONTEXT = 48
+PROMPTS = [[5, 6, 7], [9, 10, 11, 12, 13, 14, 15], [3], [40, 41, 42, 43]]
+SETTINGS = {"greedy": dict(temperature=0, max_new_tokens=10),
+            "sampled": dict(temperature=0.9, top_k=20, top_p=0.9, min_p=0.05, repetition_penalty=1.3, num_samples=2,
+                            max_new_tokens=10)}
+
+
+def samples_and_forward(overrides: list[str], batch_size: int = 32) -> dict:
+    """{setting: (rollouts, [the training forward's log-probs of each sample's completion tokens])}; EOS is id 2."""
+    cfg = tiny_config([f"train.seq_len={CONTEXT}", *overrides])
+    layout = init_distributed(cfg.parallel, 0)
+    try:
+        engine = Engine(cfg, layout, build_model(cfg, layout, VOCAB), NextToken())
+        out = {}
+        for name, settings in SETTINGS.items():
+            rollouts = generate(engine, PROMPTS, Sampling(**settings), eos={2}, context=CONTEXT, batch_size=batch_size)
+            forward = []
+            for i in range(len(rollouts.finish)):
+                start, k = int(rollouts.prompt_lengths[i]), int(rollouts.completion_mask[i].sum())
+                # the sequence, padded after its end to an even length (sequence parallelism splits it in two),
+                # which a causal model's earlier positions do not see
+                seq = torch.nn.functional.pad(rollouts.input_ids[i, :start + k], (0, (start + k) % 2 + 1))
+                micro = [{"input_ids": seq[None, :-1], "labels": seq[None, 1:], "loss_mask": torch.ones(1, len(seq) - 1)}]
+                forward.append(engine.forward_only(micro, 1, Output.LOGPROBS)[0][0, start - 1:start - 1 + k])
+            out[name] = (rollouts, forward)
+        return out
+    finally:
+        destroy_distributed()
