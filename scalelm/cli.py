@@ -252,8 +252,8 @@ def _generate(sub) -> None:
     """scalelm generate."""
     p = sub.add_parser("generate", help="sample text from a checkpoint (scalelm's decoder) or a Hugging Face export",
                        description="Continue prompts with the model of a scalelm checkpoint on scalelm's own decoder, in "
-                                   "any layout without pipeline parallelism (--nproc-per-node, parallel.tensor=N), with "
-                                   "no conversion; or, for a Hugging Face folder or with --backend hf, with transformers, "
+                                   "any layout (--nproc-per-node, parallel.tensor=N, parallel.pipeline=N), with no "
+                                   "conversion; or, for a Hugging Face folder or with --backend hf, with transformers, "
                                    "streaming. Each sample ends at end of text (or end of turn), a --stop text, or "
                                    "--max-new-tokens.")
     p.add_argument("model", type=Path, metavar="MODEL", help="a checkpoint (step-* or checkpoint.dir), or a Hugging Face folder")

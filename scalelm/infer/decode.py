@@ -7,13 +7,15 @@ keys and values of earlier tokens kept in a cache preallocated for the batch.
 The cache is megatron-core's `StaticInferenceContext`, the one its attention layers append to and read from; its
 buffers (slots, batch, this rank's key-value heads, head dim) are allocated here, on the model's device. Under
 tensor parallelism each rank caches its own heads and the last token's logits are gathered over the vocabulary
-(b x V numbers a step); sequence parallelism is off while decoding (a step holds one token, which does not split),
+(b x V numbers a step). Under pipeline parallelism each stage runs its layers on the step's tokens and sends their
+hidden state to the next, whose last stage picks the tokens and tells every stage; sequence parallelism is off while decoding (a step holds one token, which does not split),
 which changes how the layers talk, not what they compute.
 
 What makes it equal to a training forward pass, token for token:
 - positions count from each row's first real token (learned positions and RoPE alike), not from its slot;
-- every attention call gets an explicit mask (causal, padding closed), never SDPA's `is_causal`, which aligns a
-  single query with the first key instead of the last;
+- a batch with padding gives every attention call a mask (causal, padding closed); one without gives none, and
+  megatron-core's attention tells ours that a step's single query sees every cached key (its mask type no_mask),
+  not SDPA's `is_causal`, which would align that query with the first key instead of the last;
 - the logits are the model's own head's, in fp32 before any sampling setting touches them (sampling.py).
 """
 
@@ -23,11 +25,12 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
-from megatron.core import tensor_parallel
+import torch.distributed as dist
+from megatron.core import parallel_state, tensor_parallel
 from megatron.core.inference.contexts import StaticInferenceContext
 
 from scalelm.infer.sampling import Sampling, pick, seeded
-from scalelm.model.gpt import GPT
+from scalelm.model.gpt import GPT, Block, Embedding, FinalNorm, Head
 
 
 @dataclass
@@ -43,12 +46,45 @@ class Completion:
     finish: str = ""
 
 
-@torch.no_grad()
-def decode(model: GPT, vocab_size: int, context: int, prompts: list[list[int]], work: list[tuple[int, int]],
-           sampling: Sampling, eos: set[int], stopped: Callable[[list[int]], bool] | None = None) -> list[Completion]:
-    """The completion of each (prompt index, sample index) in `work`, one batch; `context`: the model's longest
-    sequence; `stopped(token_ids)`: whether a completion has produced a stop text. Every prompt fits the context."""
-    device = next(model.parameters()).device
+@dataclass
+class Stage:
+    """The layers this rank runs, in order: the whole model, or its pipeline stage's share. The first stage embeds,
+    the last ends in the norm and the head; between stages the hidden state of the step's tokens is sent on."""
+
+    embedding: Embedding | None
+    blocks: list[Block]
+    head: Callable[[torch.Tensor], torch.Tensor] | None  # hidden (s, b, h) -> logits (s, b, V/tp), after the norm
+    vocab_size: int | None  # the last stage's
+
+    @classmethod
+    def of(cls, module: torch.nn.Module) -> "Stage":
+        """`module`: a GPT, or a DeepSpeed PipelineModule of its layers (model/build.py)."""
+        if isinstance(module, GPT):
+            vocab = (module.embedding.head if module.head is None else module.head).vocab_size
+            return cls(module.embedding, list(module.blocks), lambda x: module.logits(module.norm(x)), vocab)
+        layers = module.forward_funcs  # DeepSpeed's; a tied head is partial(_tied_logits, the embedding)
+        norm = next((f for f in layers if isinstance(f, FinalNorm)), None)
+        end = layers[-1] if norm is not None else None
+        vocab = None if end is None else end.vocab_size if isinstance(end, Head) else end.args[0].head.vocab_size
+        return cls(layers[0] if isinstance(layers[0], Embedding) else None,
+                   [f for f in layers if isinstance(f, Block)], None if end is None else lambda x: end(norm(x)), vocab)
+
+    @property
+    def first(self) -> bool:
+        return self.embedding is not None
+
+    @property
+    def last(self) -> bool:
+        return self.head is not None
+
+
+@torch.inference_mode()  # what it returns is Python numbers, so no tensor of it reaches autograd
+def decode(stage: Stage, context: int, prompts: list[list[int]], work: list[tuple[int, int]], sampling: Sampling,
+           eos: set[int], stopped: Callable[[list[int]], bool] | None = None) -> list[Completion]:
+    """The completion of each (prompt index, sample index) in `work`, one batch, on every stage of the pipeline;
+    `context`: the model's longest sequence; `stopped(token_ids)`: whether a completion has produced a stop text.
+    Every prompt fits the context."""
+    device = next(stage.blocks[0].parameters()).device
     rows = [prompts[p] for p, _ in work]
     lengths = torch.tensor([len(r) for r in rows], device=device)
     longest = int(lengths.max())
@@ -61,19 +97,25 @@ def decode(model: GPT, vocab_size: int, context: int, prompts: list[list[int]], 
     slot = torch.arange(slots, device=device)
     positions = (slot[None] - pad[:, None]).clamp(min=0)  # (b, slots)
     real = slot[None] >= pad[:, None]  # (b, slots): a token, not padding
-    rotary = model.blocks[0].rotary(slots, positions)
-    cache = kv_cache(model, len(rows), slots, device)
-    seen = torch.zeros(len(rows), vocab_size, dtype=torch.bool, device=device)
-    for r, row in enumerate(rows):
-        seen[r, torch.tensor(row, device=device)] = True
+    rotary = stage.blocks[0].rotary(slots, positions)
+    cache = kv_cache(stage.blocks, len(rows), slots, device)
+    pipe = _Pipe.of(stage)
+    seen = None
+    if stage.last:
+        seen = torch.zeros(len(rows), stage.vocab_size, dtype=torch.bool, device=device)
+        for r, row in enumerate(rows):
+            seen[r, torch.tensor(row, device=device)] = True
     generators = [seeded(sampling, p, s, device) for p, s in work]
     out = [Completion(p, s) for p, s in work]
 
+    padded = bool(pad.any())  # without padding, attention is plain causal (prefill) or sees every key (a step)
     causal = torch.ones(longest, longest, dtype=torch.bool, device=device).tril()
     allowed = (causal[None] & real[:, None, :longest]) | torch.eye(longest, dtype=torch.bool, device=device)
-    logits = _step(model, ids[:, :longest], positions[:, :longest], ~allowed[:, None], rotary, cache, vocab_size)
+    logits = _step(stage, pipe, ids[:, :longest], positions[:, :longest], ~allowed[:, None] if padded else None,
+                   rotary, cache)
     for t in range(max(limits)):
-        tokens, logprobs, sampling_logprobs = pick(logits, seen, sampling, generators)
+        tokens, logprobs, sampling_logprobs = pipe.from_last(pick(logits, seen, sampling, generators) if stage.last
+                                                             else None, len(rows), device)
         for r, c in enumerate(out):
             if c.finish:
                 continue
@@ -88,16 +130,17 @@ def decode(model: GPT, vocab_size: int, context: int, prompts: list[list[int]], 
             break
         now = longest + t
         ids[:, now] = tokens
-        seen[torch.arange(len(rows), device=device), tokens] = True
-        logits = _step(model, ids[:, now:now + 1], positions[:, now:now + 1], ~real[:, None, None, :now + 1], rotary,
-                       cache, vocab_size)
+        if seen is not None:
+            seen[torch.arange(len(rows), device=device), tokens] = True
+        logits = _step(stage, pipe, ids[:, now:now + 1], positions[:, now:now + 1],
+                       ~real[:, None, None, :now + 1] if padded else None, rotary, cache)
     return out
 
 
-def kv_cache(model: GPT, batch: int, slots: int, device: torch.device) -> StaticInferenceContext:
+def kv_cache(blocks: list[Block], batch: int, slots: int, device: torch.device) -> StaticInferenceContext:
     """megatron-core's static cache with a key and a value buffer per layer, (slots, batch, heads here, head dim)."""
     cache = StaticInferenceContext(batch, slots)
-    for block in model.blocks:
+    for block in blocks:
         attention = block.layer.self_attention
         shape = (slots, batch, attention.num_query_groups_per_partition, attention.hidden_size_per_attention_head)
         dtype = next(attention.parameters()).dtype
@@ -106,13 +149,58 @@ def kv_cache(model: GPT, batch: int, slots: int, device: torch.device) -> Static
     return cache
 
 
-def _step(model: GPT, ids: torch.Tensor, positions: torch.Tensor, masked: torch.Tensor, rotary: torch.Tensor | None,
-          cache: StaticInferenceContext, vocab_size: int) -> torch.Tensor:
-    """ids (b, s), the tokens after those cached, at `positions` (b, s) -> the last one's logits (b, V), fp32."""
-    hidden = model.embedding.embed(ids, positions)
-    for block in model.blocks:
+def _step(stage: Stage, pipe: "_Pipe", ids: torch.Tensor, positions: torch.Tensor, masked: torch.Tensor | None,
+          rotary: torch.Tensor | None, cache: StaticInferenceContext) -> torch.Tensor | None:
+    """ids (b, s), the tokens after those cached, at `positions` (b, s) -> on the last stage the last one's logits
+    (b, V), fp32; None on the others, which pass their hidden state on."""
+    block = stage.blocks[0]
+    if stage.first:
+        hidden = stage.embedding.embed(ids, positions)
+    else:
+        hidden = pipe.receive((ids.shape[1], ids.shape[0], block.layer.config.hidden_size),
+                              next(block.parameters()).dtype, ids.device)
+    for block in stage.blocks:
         hidden = block.cached(hidden, masked, rotary, cache)
     cache.sequence_len_offset += ids.shape[1]
     cache.enable_decode_mode()
-    logits = model.logits(model.norm(hidden[-1:]))[0]  # (b, V/tp)
-    return tensor_parallel.gather_from_tensor_model_parallel_region(logits)[:, :vocab_size].float()
+    if not stage.last:
+        pipe.send(hidden)
+        return None
+    logits = stage.head(hidden[-1:])[0]  # (b, V/tp)
+    return tensor_parallel.gather_from_tensor_model_parallel_region(logits)[:, :stage.vocab_size].float()
+
+
+@dataclass
+class _Pipe:
+    """The pipeline's ranks around this one (global), and its group; without a pipeline, nothing is sent."""
+
+    previous: int | None
+    next: int | None
+    last: int
+    group: object | None
+
+    @classmethod
+    def of(cls, stage: Stage) -> "_Pipe":
+        if stage.first and stage.last:
+            return cls(None, None, 0, None)
+        return cls(None if stage.first else parallel_state.get_pipeline_model_parallel_prev_rank(),
+                   None if stage.last else parallel_state.get_pipeline_model_parallel_next_rank(),
+                   parallel_state.get_pipeline_model_parallel_last_rank(),
+                   parallel_state.get_pipeline_model_parallel_group())
+
+    def send(self, hidden: torch.Tensor) -> None:
+        dist.send(hidden.contiguous(), self.next)
+
+    def receive(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        hidden = torch.empty(shape, dtype=dtype, device=device)
+        dist.recv(hidden, self.previous)
+        return hidden
+
+    def from_last(self, picked: tuple[torch.Tensor, ...] | None, rows: int,
+                  device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The last stage's (tokens, logprobs, sampling_logprobs), on every stage of the pipeline."""
+        if self.group is None:
+            return picked
+        both = torch.stack([t.double() for t in picked]) if picked is not None else torch.empty(3, rows, dtype=torch.float64, device=device)
+        dist.broadcast(both, self.last, group=self.group)
+        return both[0].long(), both[1].float(), both[2].float()

@@ -5,7 +5,8 @@ layout it trains on. What a trainer (RL), an evaluation or `scalelm generate` ca
 
 Each data-parallel group decodes its share; the tensor ranks of a group decode the same rows together (their
 heads and vocabulary split) and pick the same tokens (the logits they pick from are gathered, the generators
-seeded alike). The results are gathered on every rank, in (prompt, sample) order.
+seeded alike); its pipeline stages pass each step's hidden state on, and the last tells the others the tokens.
+The results are gathered on every rank, in (prompt, sample) order.
 """
 
 from __future__ import annotations
@@ -17,9 +18,9 @@ import torch
 
 from scalelm import compat
 from scalelm.errors import ConfigError
-from scalelm.infer.decode import Completion, decode
+from scalelm.infer.decode import Completion, Stage, decode
 from scalelm.infer.sampling import Sampling
-from scalelm.model.gpt import GPT, ScoreHead
+from scalelm.objectives import registry
 from scalelm.parallel.topology import gather_objects
 
 
@@ -55,30 +56,26 @@ def generate(engine, prompts: list[list[int]], sampling: Sampling, eos: set[int]
     rank. `context`: the model's longest sequence (a prompt must leave room for one token); `stopped`: whether a
     completion's tokens have produced a stop text. Collective."""
     layout = engine.layout
-    model = engine.module
-    if layout.pipeline > 1 or not isinstance(model, GPT):
-        raise ConfigError("generation runs on layouts without pipeline parallelism for now: use parallel.pipeline=1 "
-                          "(tensor and data parallelism both work)")
-    if isinstance(model.head, ScoreHead):
-        raise ConfigError("this is a classification model (finetune.head=classification): it scores text and "
-                          "generates none")
+    if not registry.generates(engine.objective.name):
+        raise ConfigError(f"the model ends in a classification head ({engine.objective.name}): it scores text and "
+                          f"generates none")
     for i, prompt in enumerate(prompts):
         if not prompt or len(prompt) >= context:
             raise ConfigError(f"prompt {i} is {len(prompt)} tokens: a prompt needs 1 to {context - 1} "
                               f"(the model's context is {context})")
-    vocab_size = model.embedding.head.vocab_size if model.head is None else model.head.vocab_size
     work = [(p, s) for p in range(len(prompts)) for s in range(sampling.num_samples)]
     mine = work[layout.dp_rank::layout.data]
-    training = model.training
+    model = engine.module
+    stage, training = Stage.of(model), model.training
     model.eval()
     try:
         with compat.sequence_parallel_off(model):
             done = [c for start in range(0, len(mine), batch_size)
-                    for c in decode(model, vocab_size, context, prompts, mine[start:start + batch_size], sampling, eos,
-                                    stopped)]
+                    for c in decode(stage, context, prompts, mine[start:start + batch_size], sampling, eos, stopped)]
     finally:
         model.train(training)
-    everyone = gather_objects(done if layout.tp_rank == 0 else None)
+    first_of_group = layout.tp_rank == 0 and stage.last  # every tensor rank and stage of a group has the same samples
+    everyone = gather_objects(done if first_of_group else None)
     completions = sorted((c for part in everyone if part for c in part), key=lambda c: (c.prompt, c.sample))
     return _padded(prompts, completions)
 

@@ -85,10 +85,12 @@ class SDPAttention(MegatronModule):
             b, n, s, d = out.shape
             return out.permute(2, 0, 1, 3).reshape(s, b, n * d)
         allowed = None if attention_mask is None else ~attention_mask
+        # megatron-core's attention says no_mask when a decoding step's one query follows its cached keys
+        causal = self.causal if attn_mask_type is None else attn_mask_type != AttnMaskType.no_mask
         # NOTE: heads are split over tensor-parallel ranks, so their dropout masks must differ: the
         # model-parallel RNG stream gives each rank its own.
         with tensor_parallel.get_cuda_rng_tracker().fork():
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout, is_causal=allowed is None and self.causal,
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout, is_causal=allowed is None and causal,
                                                  scale=self.softmax_scale, enable_gqa=q.shape[1] != k.shape[1])
         b, n, s, d = out.shape
         return out.permute(2, 0, 1, 3).reshape(s, b, n * d)  # (s, b, n * d)

@@ -165,10 +165,11 @@ class Block(nn.Module):
         angles = self.rope(length if position_ids is None else int(position_ids.max()) + 1)
         return angles if position_ids is None else angles[:, 0][position_ids.t()]
 
-    def cached(self, hidden: torch.Tensor, mask: torch.Tensor, rotary: torch.Tensor | None, cache) -> torch.Tensor:
+    def cached(self, hidden: torch.Tensor, mask: torch.Tensor | None, rotary: torch.Tensor | None, cache) -> torch.Tensor:
         """hidden (s, b, h) of new tokens, whole (no sequence parallelism), after those in `cache` (megatron-core's
         StaticInferenceContext, which this layer's attention appends their keys and values to): mask (b, 1, s, t),
-        True where a query may not see a key, t = the cached tokens and these; rotary (t, b, 1, d), every slot's."""
+        True where a query may not see a key, t = the cached tokens and these, or None: causal when the cache is
+        empty, else every key; rotary (t, b, 1, d), every slot's."""
         return self.layer(hidden, attention_mask=mask, rotary_pos_emb=rotary, inference_context=cache)[0]
 
 

@@ -33,11 +33,12 @@ def samples_and_forward(overrides: list[str], batch_size: int = 32) -> dict:
             forward = []
             for i in range(len(rollouts.finish)):
                 start, k = int(rollouts.prompt_lengths[i]), int(rollouts.completion_mask[i].sum())
-                # the sequence, padded after its end to an even length (sequence parallelism splits it in two),
-                # which a causal model's earlier positions do not see
-                seq = torch.nn.functional.pad(rollouts.input_ids[i, :start + k], (0, (start + k) % 2 + 1))
-                micro = [{"input_ids": seq[None, :-1], "labels": seq[None, 1:], "loss_mask": torch.ones(1, len(seq) - 1)}]
-                forward.append(engine.forward_only(micro, 1, Output.LOGPROBS)[0][0, start - 1:start - 1 + k])
+                # the sequence, padded after its end to the context (one shape for the pipeline, even for sequence
+                # parallelism), which a causal model's earlier positions do not see
+                seq = torch.nn.functional.pad(rollouts.input_ids[i, :start + k], (0, CONTEXT + 1 - start - k))
+                micro = [{"input_ids": seq[None, :-1], "labels": seq[None, 1:], "loss_mask": torch.ones(1, CONTEXT)}]
+                (logprobs,) = engine.forward_only(micro, 1, Output.LOGPROBS)
+                forward.append(None if logprobs is None else logprobs[0, start - 1:start - 1 + k])  # None: not the last stage
             out[name] = (rollouts, forward)
         return out
     finally:

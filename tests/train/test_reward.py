@@ -95,5 +95,9 @@ def test_what_a_reward_model_cannot_be_is_refused(reward, tmp_path):
 
     with pytest.raises(ConversionError, match="is a classification model"):
         generate(reward["ckpt"], "hi", Sampling(), stream=False)
+    from scalelm.infer.generate import Prompt, generate_checkpoint
+
+    with pytest.raises(ConfigError, match="is not a causal language model .trained with reward.: it scores text"):
+        generate_checkpoint(reward["ckpt"], [Prompt(text="hi")], Sampling())
     with pytest.raises(ConfigError, match="set finetune.head=classification and finetune.num_labels=1"):
         load_finetune_config(None, [f"train.init_from={reward['ckpt']}", "train.seq_len=128", "finetune.objective=reward"])
