@@ -133,3 +133,20 @@ def test_deepspeed_names_a_pipeline_stage_as_model_build_reads_it():
         f"DeepSpeed {deepspeed.__version__} names pipeline layers otherwise: update model/build.py canonical_parameters"
     assert "lp_fragment_address" in source(tensor_fragment) and callable(tensor_fragment.get_hp_fragment), \
         f"DeepSpeed {deepspeed.__version__}: the fragment mapping moved: update compat.fragment"
+
+
+def test_megatron_reads_what_decoding_sets():
+    """compat.sequence_parallel_off flips the `sequence_parallel` flag megatron's linears read in their forward; the
+    decoder (infer/decode.py) fills a StaticInferenceContext's buffers itself, which the attention must take as its
+    cache, and moves its offset."""
+    from megatron.core.inference.contexts import StaticInferenceContext
+    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+    from megatron.core.transformer.attention import Attention
+
+    for linear in (ColumnParallelLinear, RowParallelLinear):
+        assert "self.sequence_parallel" in inspect.getsource(linear.forward), linear
+    adjust = inspect.getsource(Attention._adjust_key_value_for_inference)
+    assert "self.layer_number not in inference_context.key_value_memory_dict" in adjust
+    assert "inference_context.sequence_len_offset" in adjust
+    context = StaticInferenceContext(2, 8)
+    assert context.key_value_memory_dict == {} and context.sequence_len_offset == 0 and context.is_static_batching()
