@@ -2,11 +2,14 @@
 `generate` on the same weights (written as a Hugging Face folder), the same prompts and this machine, in one run.
 
     python bench/generate_throughput.py [--shapes tiny,125m] [--batches 1,32] [--new-tokens 128] [--prompt-tokens 16]
+                                        [--layouts pp2,tp2]
 
 Greedy decoding of exactly --new-tokens tokens per row (no end of text), fp32, on the CPU (or the first GPU). Per
 shape and batch size: new tokens per second (the median of --repeats runs), time to the first token (a run of one
 new token), the growth of the resident set's peak while decoding, and whether both produced the same tokens.
 Shapes: tiny (configs/tiny.yaml, context 256) and 125m (configs/gpt3-125m.yaml, context 2048), a vocabulary of 8,000.
+With --layouts, scalelm's decoder alone on two spawned CPU ranks in each layout (pp2: two pipeline stages, each step's
+hidden state sent from one to the next; tp2: two tensor ranks), next to one process, in tokens/s.
 """
 
 from __future__ import annotations
@@ -51,12 +54,14 @@ def measure(run, repeats: int) -> tuple[float, int, list]:
     return statistics.median(times), peak, out
 
 
+def overrides(context: int) -> list[str]:
+    return [f"model.vocab_size={VOCAB}", f"train.seq_len={context}", "train.precision=fp32", "train.micro_batch_size=1",
+            "train.global_batch_size=1", "model.dropout=0", "model.attention_dropout=0"]
+
+
 def bench_shape(name: str, batches: list[int], new: int, prompt: int, repeats: int) -> list[str]:
     path, context = SHAPES[name]
-    cfg = load_config(Path(__file__).parents[1] / path, [f"model.vocab_size={VOCAB}", f"train.seq_len={context}",
-                                                         "train.precision=fp32",
-                                                         "train.micro_batch_size=1", "train.global_batch_size=1",
-                                                         "model.dropout=0", "model.attention_dropout=0"])
+    cfg = load_config(Path(__file__).parents[1] / path, overrides(context))
     rows = []
     with single_process() as layout, tempfile.TemporaryDirectory() as folder:
         engine = Engine(cfg, layout, build_model(cfg, layout, VOCAB), NextToken(cfg))
@@ -93,6 +98,25 @@ def bench_shape(name: str, batches: list[int], new: int, prompt: int, repeats: i
     return rows
 
 
+LAYOUTS = {"pp2": ["parallel.pipeline=2"], "tp2": ["parallel.tensor=2"]}
+
+
+def bench_layouts(name: str, layouts: list[str], batches: list[int], new: int, prompt: int, repeats: int) -> None:
+    from tests.helpers.decoding import decoding_speed
+    from tests.helpers.ranks import run_ranks
+
+    path, context = SHAPES[name]
+    config = str(Path(__file__).parents[1] / path)
+    for batch in batches:
+        alone = run_ranks(1, decoding_speed, config, overrides(context), batch, new, prompt, repeats)[0]
+        figures = [f"one process {alone:8,.0f}"]
+        for layout in layouts:
+            speed = run_ranks(2, decoding_speed, config, [*overrides(context), *LAYOUTS[layout]], batch, new, prompt,
+                              repeats)[0]
+            figures.append(f"{layout} {speed:8,.0f} ({speed / alone:4.2f})")
+        print(f"{name:5} batch {batch:3}  scalelm tok/s: " + "   ".join(figures), flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shapes", default="tiny,125m")
@@ -100,6 +124,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--prompt-tokens", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--layouts", default=None, help="pp2,tp2: scalelm's decoder on two ranks, next to one process")
     args = parser.parse_args()
     quiet_engines(hf=True)
     pin_mmap_threshold()
@@ -107,8 +132,12 @@ def main() -> None:
     print(f"greedy, {args.new_tokens} new tokens after {args.prompt_tokens}, fp32, "
           f"{'GPU ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU'}, "
           f"{torch.get_num_threads()} threads; figures: scalelm / transformers")
+    batches = [int(b) for b in args.batches.split(",")]
     for shape in args.shapes.split(","):
-        bench_shape(shape, [int(b) for b in args.batches.split(",")], args.new_tokens, args.prompt_tokens, args.repeats)
+        if args.layouts:
+            bench_layouts(shape, args.layouts.split(","), batches, args.new_tokens, args.prompt_tokens, args.repeats)
+        else:
+            bench_shape(shape, batches, args.new_tokens, args.prompt_tokens, args.repeats)
 
 
 if __name__ == "__main__":

@@ -281,6 +281,9 @@ def _generate(sub) -> None:
     p.add_argument("--backend", choices=["scalelm", "hf"], default=None,
                    help="scalelm (a checkpoint's default) or hf (transformers; a Hugging Face folder's only one)")
     p.add_argument("--nproc-per-node", type=int, default=1, help="a checkpoint: start this many local ranks")
+    p.add_argument("--preflight", type=int, default=None, metavar="RANKS",
+                   help="only check, for RANKS ranks, what they would check before they start (the checkpoint, the "
+                        "layout, the tokenizer, the prompts), and exit: 0 if they can start, else one line saying why")
     p.add_argument("--tokenizer", type=Path, default=None, help="the SentencePiece model, where the checkpoint's is "
                                                                 "not at the path it names")
     p.add_argument("--base", type=Path, default=None, help=BASE_HELP)

@@ -239,7 +239,7 @@ def to_peft(args: argparse.Namespace) -> None:
 
 def generate(args: argparse.Namespace) -> int:
     quiet_engines(hf=True)
-    from scalelm.infer.generate import Prompt, generate_checkpoint, read_prompts
+    from scalelm.infer.generate import Prompt, generate_checkpoint, prepared, read_prompts
     from scalelm.infer.sampling import Sampling
 
     sampling = Sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.min_p,
@@ -255,11 +255,16 @@ def generate(args: argparse.Namespace) -> int:
         return _generate_hf(args, sampling)
     if hf_folder:
         raise ConfigError(f"{args.model} is a Hugging Face folder, which scalelm's decoder does not read: use --backend hf")
-    if args.nproc_per_node > 1:
+    prompts = read_prompts(args.prompts) if args.prompts else [Prompt(text=args.prompt)]
+    if args.preflight is not None or args.nproc_per_node > 1:
+        # what the ranks would each refuse, refused once before they start (slurm/pretrain.sh runs --preflight)
+        prepared(args.model, prompts, sampling, args.chat, args.system, args.overrides, args.tokenizer, -1,
+                 args.preflight or args.nproc_per_node)
+        if args.preflight is not None:
+            return 0
         from scalelm.launch.torchrun import relaunch
 
         return relaunch(args.nproc_per_node, _without_nproc(args.argv))
-    prompts = read_prompts(args.prompts) if args.prompts else [Prompt(text=args.prompt)]
     records = generate_checkpoint(args.model, prompts, sampling, chat=args.chat, system=args.system,
                                   overrides=args.overrides, base=args.base, tokenizer=args.tokenizer)
     if records is None:  # not rank 0

@@ -19,6 +19,8 @@ def quiet_engines(hf: bool = False) -> None:
     warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
     # DeepSpeed's pipeline backpropagates through a broadcast of its tied weights, which torch warns of on every rank
     warnings.filterwarnings("ignore", message=".*c10d::broadcast_: an autograd kernel was not registered.*")
+    if not torch.cuda.is_available():  # advice about CUDA streams for tensor-parallel layers, on a machine without any
+        warnings.filterwarnings("ignore", message=".*CUDA_DEVICE_MAX_CONNECTIONS.*")
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # every model here is a local folder

@@ -4,9 +4,10 @@
 #   sbatch [sbatch options] slurm/pretrain.sh --config CFG [key=value ...]
 #   sbatch --nodes=16 --job-name=gpt3-6.7b slurm/pretrain.sh --config configs/gpt3-6.7b.yaml parallel.tensor=8
 #   sbatch --nodes=2 slurm/pretrain.sh finetune --config configs/sft-gpt3-1.3b.yaml train.init_from=...
+#   sbatch --nodes=2 slurm/pretrain.sh generate CKPT --prompts p.jsonl --out samples.jsonl parallel.tensor=8
 #
 # Options given to sbatch override the #SBATCH lines below. Everything after the script's name goes to
-# `scalelm pretrain` unchanged, or to `scalelm finetune` when the first word is `finetune`.
+# `scalelm pretrain` unchanged, or to `scalelm finetune` or `scalelm generate` when the first word names it.
 # slurm/README.md explains each setting, the logs and preemption.
 #
 # ---- what to set ---------------------------------------------------------------------------------
@@ -31,12 +32,13 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}
 
 set -uo pipefail
 stage=pretrain
-if [ "${1:-}" = pretrain ] || [ "${1:-}" = finetune ]; then
+if [ "${1:-}" = pretrain ] || [ "${1:-}" = finetune ] || [ "${1:-}" = generate ]; then
   stage=$1
   shift
 fi
 if [ $# -eq 0 ]; then
   echo "usage: sbatch [sbatch options] slurm/pretrain.sh [finetune] --config CFG [key=value ...]" >&2
+  echo "       sbatch [sbatch options] slurm/pretrain.sh generate CKPT --prompts FILE --out FILE [key=value ...]" >&2
   exit 2
 fi
 

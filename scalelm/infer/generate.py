@@ -69,7 +69,7 @@ def generate_checkpoint(path: Path, prompts: Sequence[Prompt], sampling: Samplin
     from scalelm.infer.rollouts import generate
 
     with before_the_ranks_meet():
-        cfg, manifest, job = _prepared(path, prompts, sampling, chat, system, overrides, tokenizer, *env_rank()[:2])
+        cfg, manifest, job = prepared(path, prompts, sampling, chat, system, overrides, tokenizer, *env_rank()[:2])
     with process_group(cfg.parallel, cfg.train.seed) as layout:
         engine = Engine(cfg, layout, build_model(cfg, layout, cfg.model.vocab_size), NextToken(cfg))
         init_weights(cfg, engine, manifest.get("tokenizer_sha256"), base)
@@ -108,9 +108,10 @@ class _Job:
                 "sampling_logprobs": rollouts.sampling_logprobs[i, :k].tolist(), "finish_reason": rollouts.finish[i]}
 
 
-def _prepared(path: Path, prompts: Sequence[Prompt], sampling: Sampling, chat: bool, system: str | None,
+def prepared(path: Path, prompts: Sequence[Prompt], sampling: Sampling, chat: bool, system: str | None,
               overrides: Sequence[str], tokenizer: Path | None, rank: int, world: int):
-    """(config, manifest, job) of a generation on `world` ranks; every error before the ranks meet."""
+    """(config, manifest, job) of a generation on `world` ranks, this one `rank`: every error before the ranks meet (a
+    launcher calls it before it starts them, with rank -1, which prints no note)."""
     from scalelm.convert.source import checkpoint_tokenizer
     from scalelm.convert.vocab import specials
     from scalelm.data.chat import ChatEncoder

@@ -43,3 +43,29 @@ def samples_and_forward(overrides: list[str], batch_size: int = 32) -> dict:
         return out
     finally:
         destroy_distributed()
+
+
+def decoding_speed(config: str, overrides: list[str], batch: int, new: int, prompt: int, repeats: int) -> float:
+    """New tokens per second of scalelm's decoder on this launch's layout (greedy, no end of text), the median of
+    `repeats` runs; bench/generate_throughput.py's layouts."""
+    import statistics
+    import time
+
+    from scalelm.config import load_config
+
+    cfg = load_config(config, overrides)
+    layout = init_distributed(cfg.parallel, 0)
+    try:
+        engine = Engine(cfg, layout, build_model(cfg, layout, cfg.model.vocab_size), NextToken(cfg))
+        gen = torch.Generator().manual_seed(batch)
+        prompts = torch.randint(4, cfg.model.vocab_size, (batch, prompt), generator=gen).tolist()
+        sampling = Sampling(max_new_tokens=new, temperature=0)
+        generate(engine, prompts, Sampling(max_new_tokens=2, temperature=0), eos=set(), context=cfg.train.seq_len)
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            generate(engine, prompts, sampling, eos=set(), context=cfg.train.seq_len, batch_size=batch)
+            times.append(time.perf_counter() - start)
+        return batch * new / statistics.median(times)
+    finally:
+        destroy_distributed()

@@ -62,6 +62,7 @@ def _error(capsys, argv) -> str:
 def test_bad_inputs_are_one_line_each(trained, capsys, tmp_path):
     ckpt = str(trained["gpt"])
     assert "context is 32" in _error(capsys, ["generate", ckpt, "--prompt", "the " * 40])
+    assert "context is 32" in _error(capsys, ["generate", ckpt, "--prompt", "the " * 40, "--nproc-per-node", "2"])  # no rank started
     (tmp_path / "empty.jsonl").write_text("\n")
     assert "holds no prompt" in _error(capsys, ["generate", ckpt, "--prompts", str(tmp_path / "empty.jsonl")])
     (tmp_path / "bad.jsonl").write_text('{"prompt": "a"}\n{"prompt": \n')
@@ -75,3 +76,11 @@ def test_bad_inputs_are_one_line_each(trained, capsys, tmp_path):
     cut = int(re.search(r"--max-new-tokens 40 is cut to (\d+) for the longest prompt: the model's context is 32 tokens",
                         out.err).group(1))
     assert 20 < cut < 32 and out.out.strip()
+
+
+def test_a_stop_text_ends_the_sample_and_is_cut_from_it(trained, tmp_path):
+    (whole,) = _generated(trained["llama"], tmp_path / "whole", "--temperature", "0", "--max-new-tokens", "12")[:1]
+    stop = whole["text"].strip()[3:6]
+    (cut,) = _generated(trained["llama"], tmp_path / "cut", "--temperature", "0", "--max-new-tokens", "12", "--stop", stop)[:1]
+    assert cut["finish_reason"] == "stop" and stop not in cut["text"] and whole["text"].startswith(cut["text"])
+    assert cut["token_ids"] == whole["token_ids"][:len(cut["token_ids"])] and len(cut["token_ids"]) < 12

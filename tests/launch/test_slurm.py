@@ -78,3 +78,22 @@ def test_a_job_on_shards_that_do_not_fit_ends_in_one_line(slurm, chat, sft_start
     (line,) = log.splitlines()  # checked before srun started any rank: one line, nothing from the ranks or srun
     assert line.startswith(f"scalelm: error: {chat['shards']} (train) holds conversations") and \
         "longer than train.seq_len=64" in line
+
+
+def test_sbatch_generates_on_tensor_parallel_ranks_what_one_process_does(slurm, sft_start, tmp_path):
+    from scalelm.infer.generate import Prompt, generate_checkpoint
+    from scalelm.infer.sampling import Sampling
+
+    (tmp_path / "prompts.jsonl").write_text('{"prompt": "The king"}\n{"messages": [{"role": "user", "content": "Hi"}]}\n')
+    job_id = slurm.sbatch([*CPU_JOB, "--job-name=gen", f"--output={tmp_path}/%x-%j.out", str(REPO / "slurm/pretrain.sh"),
+                           "generate", str(sft_start), "--prompts", str(tmp_path / "prompts.jsonl"), "--out",
+                           str(tmp_path / "out.jsonl"), "--max-new-tokens", "6", "--seed", "5", "parallel.tensor=2"],
+                          cwd=tmp_path)
+    job = slurm.wait(job_id, timeout_s=300)
+    log = (tmp_path / f"gen-{job_id}.out").read_text()
+    assert job["JobState"] == "COMPLETED" and job["ExitCode"] == "0:0", log[-3000:]
+    assert "wrote 2 samples of 2 prompts" in log
+    ranks = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    alone = generate_checkpoint(sft_start, [Prompt(text="The king"), Prompt(messages=({"role": "user", "content": "Hi"},))],
+                                Sampling(max_new_tokens=6, temperature=0.8, top_k=50, top_p=0.95, seed=5))
+    assert [r["token_ids"] for r in ranks] == [r["token_ids"] for r in alone]
