@@ -280,15 +280,12 @@ def _generate(sub) -> None:
     p.add_argument("--system", default=None, help="with --chat: a system message before it")
     p.add_argument("--backend", choices=["scalelm", "hf"], default=None,
                    help="scalelm (a checkpoint's default) or hf (transformers; a Hugging Face folder's only one)")
-    p.add_argument("--nproc-per-node", type=int, default=1, help="a checkpoint: start this many local ranks")
     p.add_argument("--preflight", type=int, default=None, metavar="RANKS",
                    help="only check, for RANKS ranks, what they would check before they start (the checkpoint, the "
                         "layout, the tokenizer, the prompts), and exit: 0 if they can start, else one line saying why")
     p.add_argument("--tokenizer", type=Path, default=None, help="the SentencePiece model, where the checkpoint's is "
                                                                 "not at the path it names")
-    p.add_argument("--base", type=Path, default=None, help=BASE_HELP)
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="a checkpoint: layout and precision, e.g. "
-                                                                     "parallel.tensor=2 train.precision=fp32")
+    _in_framework_flags(p)
     p.set_defaults(run=commands.generate)
 
 
@@ -309,10 +306,7 @@ def _eval(sub) -> None:
                                                                   "micro-batch size; 4 for a Hugging Face folder)")
     p.add_argument("--seq-len", type=int, default=None, help="tokens per window (default: the checkpoint's train.seq_len; "
                                                              "a Hugging Face model's context)")
-    p.add_argument("--nproc-per-node", type=int, default=1, help="a checkpoint: start this many local ranks")
-    p.add_argument("--base", type=Path, default=None, help=BASE_HELP)
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="a checkpoint: layout and precision, e.g. "
-                                                                     "parallel.tensor=2 train.precision=fp32")
+    _in_framework_flags(p)
     p.set_defaults(run=commands.evaluate)
 
 
@@ -364,6 +358,14 @@ def _preflight_flag(p: argparse.ArgumentParser) -> None:
                    help="only check, for a run on RANKS ranks, what a run checks before its ranks start (the config, "
                         "the data against it, the tokenizer, the checkpoints), and exit: 0 if it can start, else one "
                         "line saying why (slurm/pretrain.sh runs it before srun)")
+
+
+def _in_framework_flags(p: argparse.ArgumentParser) -> None:
+    """What a command that runs a checkpoint on scalelm's ranks takes: how many, a LoRA base, the layout."""
+    p.add_argument("--nproc-per-node", type=int, default=1, help="a checkpoint: start this many local ranks")
+    p.add_argument("--base", type=Path, default=None, help=BASE_HELP)
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="a checkpoint: layout and precision, e.g. "
+                                                                     "parallel.tensor=2 train.precision=fp32")
 
 
 def _conversion_flags(p: argparse.ArgumentParser) -> None:

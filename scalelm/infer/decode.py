@@ -8,8 +8,8 @@ The cache is megatron-core's `StaticInferenceContext`, the one its attention lay
 buffers (slots, batch, this rank's key-value heads, head dim) are allocated here, on the model's device. Under
 tensor parallelism each rank caches its own heads and the last token's logits are gathered over the vocabulary
 (b x V numbers a step). Under pipeline parallelism each stage runs its layers on the step's tokens and sends their
-hidden state to the next, whose last stage picks the tokens and tells every stage; sequence parallelism is off while decoding (a step holds one token, which does not split),
-which changes how the layers talk, not what they compute.
+hidden state to the next; the last stage picks the tokens and tells every stage. Sequence parallelism is off while
+decoding (a step holds one token, which does not split), which changes how the layers talk, not what they compute.
 
 What makes it equal to a training forward pass, token for token:
 - positions count from each row's first real token (learned positions and RoPE alike), not from its slot;

@@ -62,11 +62,11 @@ def generate_checkpoint(path: Path, prompts: Sequence[Prompt], sampling: Samplin
                         tokenizer: Path | None = None) -> list[dict] | None:
     """One record per sample (the --out line), in prompt order, on rank 0 (None on the others); collective."""
     from scalelm.checkpoint.resume import init_weights
+    from scalelm.infer.rollouts import generate
     from scalelm.model.build import build_model
     from scalelm.objectives.next_token import NextToken
     from scalelm.parallel.engine import Engine
     from scalelm.parallel.topology import before_the_ranks_meet, env_rank, process_group
-    from scalelm.infer.rollouts import generate
 
     with before_the_ranks_meet():
         cfg, manifest, job = prepared(path, prompts, sampling, chat, system, overrides, tokenizer, *env_rank()[:2])
