@@ -264,7 +264,7 @@ def generate(args: argparse.Namespace) -> int:
             return 0
         from scalelm.launch.torchrun import relaunch
 
-        return relaunch(args.nproc_per_node, _without_nproc(args.argv))
+        return relaunch(args.nproc_per_node, [*args.argv, "--nproc-per-node", "1"])  # each rank: the last one counts
     records = generate_checkpoint(args.model, prompts, sampling, chat=args.chat, system=args.system,
                                   overrides=args.overrides, base=args.base, tokenizer=args.tokenizer)
     if records is None:  # not rank 0
@@ -287,25 +287,13 @@ def _generate_hf(args: argparse.Namespace, sampling) -> int:
 
     unused = [flag for flag, used in (("--prompts", args.prompts), ("--out", args.out), ("--stop", args.stop),
                                       ("--num-samples", args.num_samples > 1), ("--nproc-per-node", args.nproc_per_node > 1),
-                                      ("key=value", args.overrides), ("--tokenizer", args.tokenizer)) if used]
+                                      ("key=value", args.overrides), ("--tokenizer", args.tokenizer),
+                                      ("--preflight", args.preflight is not None)) if used]
     if unused:
         raise ConfigError(f"{', '.join(unused)}: scalelm's decoder only (a checkpoint, without --backend hf)")
     generate(args.model, args.prompt, sampling, chat=args.chat, system=args.system, base=args.base)
     print()
     return 0
-
-
-def _without_nproc(argv: list[str]) -> list[str]:
-    """The command line's arguments less --nproc-per-node and its value, for each relaunched rank."""
-    out, skip = [], False
-    for arg in argv:
-        if skip:
-            skip = False
-        elif arg == "--nproc-per-node":
-            skip = True
-        elif not arg.startswith("--nproc-per-node="):
-            out.append(arg)
-    return out
 
 
 def evaluate(args: argparse.Namespace) -> int:

@@ -9,8 +9,13 @@ import pytest
 from scalelm.data.prepare import prepare
 from scalelm.data.shards import write_shards
 from scalelm.data.tokenizer import train_tokenizer
+from scalelm.data.workers import preload_workers
 from tests.helpers.corpus import write_conversations, write_corpus
+from tests.helpers.ranks import PRELOAD
 from tests.helpers.trained import train_models
+
+# one forkserver per test process serves the spawned ranks and the data workers alike, whichever asks first
+preload_workers(PRELOAD)
 
 
 @pytest.fixture(scope="session")

@@ -41,7 +41,6 @@ so a resumed loader maps physical worker w to logical worker (w + k) % W.
 from __future__ import annotations
 
 import copy
-import multiprocessing
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -56,11 +55,8 @@ from scalelm.data.files import sha256_file
 from scalelm.data.reference import with_reference
 from scalelm.data.shards import read_manifest
 from scalelm.data.window_stream import Layout, ReaderDataset, WindowStream, window_counts
+from scalelm.data.workers import WORKERS
 from scalelm.errors import DataError
-
-# the forkserver imports the readers (and torch) once; each worker is a fork of it, not of a training rank
-WORKERS = multiprocessing.get_context("forkserver")
-WORKERS.set_forkserver_preload(["scalelm.data.window_stream"])
 
 STATE_VERSION = 2
 
@@ -145,9 +141,7 @@ class TokenLoader:
             batches = iter(dataset)
         else:
             # its own generator: by default a DataLoader draws its workers' base seed from torch's global RNG,
-            # which would shift the dropout streams of a resumed run. Workers start from a forkserver, not a
-            # fork of this process: a training rank runs threads (gloo, the watchdog, checkpoint writers), and a
-            # fork taken while one of them holds a lock can crash the child (seen once in CI: a segfault)
+            # which would shift the dropout streams of a resumed run. Workers start from a forkserver (workers.py)
             batches = iter(DataLoader(dataset, batch_size=None, num_workers=self.layout.num_workers,
                                       prefetch_factor=4, persistent_workers=False, generator=torch.Generator(),
                                       multiprocessing_context=WORKERS))

@@ -30,6 +30,7 @@ from megatron.core import parallel_state, tensor_parallel
 from megatron.core.inference.contexts import StaticInferenceContext
 
 from scalelm.infer.sampling import Sampling, pick, seeded
+from scalelm.model.attention import SDPAttention
 from scalelm.model.gpt import GPT, Block, Embedding, FinalNorm, Head
 
 
@@ -56,6 +57,18 @@ class Stage:
     head: Callable[[torch.Tensor], torch.Tensor] | None  # hidden (s, b, h) -> logits (s, b, V/tp), after the norm
     vocab_size: int | None  # the last stage's
 
+    @property
+    def masks(self) -> bool:
+        """Whether its attention takes an explicit mask, which a left-padded batch needs: scalelm's SDPA does;
+        Transformer Engine's causal attention (a GPU's spec) reads none, so its batches must hold prompts of one
+        length (rollouts.py groups them so)."""
+        return all(isinstance(block.layer.self_attention.core_attention, SDPAttention) for block in self.blocks)
+
+    @property
+    def vocabulary(self) -> int | None:
+        """The real vocabulary, known to the first and the last stage."""
+        return self.vocab_size or (self.embedding.vocab_size if self.embedding is not None else None)
+
     @classmethod
     def of(cls, module: torch.nn.Module) -> "Stage":
         """`module`: a GPT, or a DeepSpeed PipelineModule of its layers (model/build.py)."""
@@ -78,7 +91,7 @@ class Stage:
         return self.head is not None
 
 
-@torch.inference_mode()  # what it returns is Python numbers, so no tensor of it reaches autograd
+@torch.no_grad()  # NOTE: not inference_mode: a tensor cached on the way (RoPE's angles) would then fail training's backward
 def decode(stage: Stage, context: int, prompts: list[list[int]], work: list[tuple[int, int]], sampling: Sampling,
            eos: set[int], stopped: Callable[[list[int]], bool] | None = None) -> list[Completion]:
     """The completion of each (prompt index, sample index) in `work`, one batch, on every stage of the pipeline;
@@ -95,7 +108,8 @@ def decode(stage: Stage, context: int, prompts: list[list[int]], work: list[tupl
     for r, row in enumerate(rows):
         ids[r, int(pad[r]):longest] = torch.tensor(row, device=device)
     slot = torch.arange(slots, device=device)
-    positions = (slot[None] - pad[:, None]).clamp(min=0)  # (b, slots)
+    # (b, slots); a row that has reached its limit is still fed (and ignored) while others go on, past the context
+    positions = (slot[None] - pad[:, None]).clamp(min=0, max=context - 1)
     real = slot[None] >= pad[:, None]  # (b, slots): a token, not padding
     rotary = stage.blocks[0].rotary(slots, positions)
     cache = kv_cache(stage.blocks, len(rows), slots, device)
@@ -116,12 +130,13 @@ def decode(stage: Stage, context: int, prompts: list[list[int]], work: list[tupl
     for t in range(max(limits)):
         tokens, logprobs, sampling_logprobs = pipe.from_last(pick(logits, seen, sampling, generators) if stage.last
                                                              else None, len(rows), device)
-        for r, c in enumerate(out):
+        picked = zip(tokens.tolist(), logprobs.tolist(), sampling_logprobs.tolist())
+        for r, (c, (token, logprob, sampling_logprob)) in enumerate(zip(out, picked)):
             if c.finish:
                 continue
-            c.token_ids.append(int(tokens[r]))
-            c.logprobs.append(float(logprobs[r]))
-            c.sampling_logprobs.append(float(sampling_logprobs[r]))
+            c.token_ids.append(token)
+            c.logprobs.append(logprob)
+            c.sampling_logprobs.append(sampling_logprob)
             if c.token_ids[-1] in eos or (stopped is not None and stopped(c.token_ids)):
                 c.finish = "stop"
             elif len(c.token_ids) == limits[r]:

@@ -97,7 +97,8 @@ class _Job:
     def stopped(self, token_ids: list[int]) -> bool:
         if not self.sampling.stop:
             return False
-        text = self.sp.decode(token_ids[-16:])  # a stop text ends within the last tokens, or it would have stopped
+        # a stop text ends within the last tokens (each a character or more), or it would have stopped before
+        text = self.sp.decode(token_ids[-(max(len(s) for s in self.sampling.stop) + 8):])
         return any(s in text for s in self.sampling.stop)
 
     def record(self, rollouts, i: int) -> dict:

@@ -63,15 +63,24 @@ def generate(engine, prompts: list[list[int]], sampling: Sampling, eos: set[int]
         if not prompt or len(prompt) >= context:
             raise ConfigError(f"prompt {i} is {len(prompt)} tokens: a prompt needs 1 to {context - 1} "
                               f"(the model's context is {context})")
+    model = engine.module
+    if any(compat.zero3_partitioned(p) for p in model.parameters()):
+        raise ConfigError("generation does not run on ZeRO-3's partitioned weights (each data-parallel rank decodes "
+                          "its own prompts, for its own number of steps): use parallel.zero_stage=1 or 2")
+    stage, training = Stage.of(model), model.training
+    if stage.vocabulary is not None and any(not 0 <= i < stage.vocabulary for prompt in prompts for i in prompt):
+        raise ConfigError(f"a prompt holds a token id outside the model's vocabulary of {stage.vocabulary}")
     work = [(p, s) for p in range(len(prompts)) for s in range(sampling.num_samples)]
     mine = work[layout.dp_rank::layout.data]
-    model = engine.module
-    stage, training = Stage.of(model), model.training
+    if not stage.masks:  # no padding, so no mask: batches of prompts of one length
+        mine = sorted(mine, key=lambda w: len(prompts[w[0]]))
+    batches = [mine[start:start + batch_size] for start in range(0, len(mine), batch_size)]
+    if not stage.masks:
+        batches = [[w for w in b if len(prompts[w[0]]) == n] for b in batches for n in sorted({len(prompts[w[0]]) for w in b})]
     model.eval()
     try:
         with compat.sequence_parallel_off(model):
-            done = [c for start in range(0, len(mine), batch_size)
-                    for c in decode(stage, context, prompts, mine[start:start + batch_size], sampling, eos, stopped)]
+            done = [c for batch in batches for c in decode(stage, context, prompts, batch, sampling, eos, stopped)]
     finally:
         model.train(training)
     first_of_group = layout.tp_rank == 0 and stage.last  # every tensor rank and stage of a group has the same samples

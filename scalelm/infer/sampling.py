@@ -18,18 +18,21 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from scalelm.errors import ConfigError
+
+GREEDY_BELOW = 1e-5  # a temperature under this is greedy
 
 
 @dataclass(frozen=True)
 class Sampling:
     max_new_tokens: int = 64
     temperature: float = 1.0
-    """0 picks the most likely token every time (greedy)."""
+    """0 (or below 1e-5) picks the most likely token every time (greedy)."""
     top_k: int = 0
-    """Draw among the k most likely tokens; 0: all."""
+    """Draw among the k most likely tokens (and any tied with the k-th); 0: all."""
     top_p: float = 1.0
     """Draw among the most likely tokens whose probabilities add up to p; 1: all."""
     min_p: float = 0.0
@@ -48,18 +51,21 @@ class Sampling:
                                ("top_p", 0 < self.top_p <= 1, "in (0, 1]"),
                                ("min_p", 0 <= self.min_p < 1, "in [0, 1)"),
                                ("repetition_penalty", self.repetition_penalty > 0, "above 0 (1 is off)"),
-                               ("num_samples", self.num_samples >= 1, "at least 1")):
+                               ("num_samples", self.num_samples >= 1, "at least 1"),
+                               ("seed", self.seed >= 0, "0 or more")):
             if not ok:
                 raise ConfigError(f"--{name.replace('_', '-')}={getattr(self, name)}: use {rule}")
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        """Temperature 0, or one so small that dividing by it would overflow the logits: the most likely token."""
+        return self.temperature < GREEDY_BELOW
 
 
 def seeded(sampling: Sampling, prompt: int, sample: int, device: torch.device) -> torch.Generator:
-    """The generator of one sample: the same for (seed, prompt, sample) on any layout."""
-    return torch.Generator(device).manual_seed((sampling.seed * 1_000_003 + prompt) * 1_009 + sample)
+    """The generator of one sample: the same for (seed, prompt, sample) on any layout, and unlike any other's."""
+    seed = np.random.SeedSequence([sampling.seed, prompt, sample]).generate_state(1, np.uint64)[0]
+    return torch.Generator(device).manual_seed(int(seed) >> 1)
 
 
 def penalised(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:

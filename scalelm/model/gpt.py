@@ -99,6 +99,7 @@ class Embedding(nn.Module):
                 tc.init_method(self.position.weight)
         self.dropout = nn.Dropout(model.dropout)
         self.sequence_parallel = tc.sequence_parallel
+        self.vocab_size = vocab_size  # the real one; the table holds it padded
         self.head = Head(model, tc, vocab_size, seed) if model.tie_embeddings else None  # holds no weight
 
     def logits(self, x: Activations) -> torch.Tensor:
@@ -162,7 +163,7 @@ class Block(nn.Module):
         own, (length, b, 1, d); None without RoPE."""
         if self.rope is None:
             return None
-        angles = self.rope(length if position_ids is None else int(position_ids.max()) + 1)
+        angles = self.rope(length)  # every position_id is below the length: a window's, or a decoding batch's slots
         return angles if position_ids is None else angles[:, 0][position_ids.t()]
 
     def cached(self, hidden: torch.Tensor, mask: torch.Tensor | None, rotary: torch.Tensor | None, cache) -> torch.Tensor:

@@ -16,20 +16,26 @@ from tests.helpers.workloads import VOCAB, tiny_config
 
 CONTEXT = 48
 PROMPTS = [[5, 6, 7], [9, 10, 11, 12, 13, 14, 15], [3], [40, 41, 42, 43]]
-SETTINGS = {"greedy": dict(temperature=0, max_new_tokens=10),
-            "sampled": dict(temperature=0.9, top_k=20, top_p=0.9, min_p=0.05, repetition_penalty=1.3, num_samples=2,
-                            max_new_tokens=10)}
+# setting: (sampling, end-of-text ids); greedy runs every row to the context (past it, were it not cut)
+SETTINGS = {"greedy": (dict(temperature=0, max_new_tokens=60), set()),
+            "sampled": (dict(temperature=0.9, top_k=20, top_p=0.9, min_p=0.05, repetition_penalty=1.3, num_samples=2,
+                             max_new_tokens=10), {2})}
 
 
-def samples_and_forward(overrides: list[str], batch_size: int = 32) -> dict:
-    """{setting: (rollouts, [the training forward's log-probs of each sample's completion tokens])}; EOS is id 2."""
+def samples_and_forward(overrides: list[str], batch_size: int = 32, masks: bool = True) -> dict:
+    """{setting: (rollouts, [the training forward's log-probs of each sample's completion tokens])}. Without `masks`,
+    as on an attention that takes none (Transformer Engine's): batches of prompts of one length."""
+    if not masks:
+        from scalelm.infer.decode import Stage
+
+        Stage.masks = property(lambda self: False)  # in this rank's process only
     cfg = tiny_config([f"train.seq_len={CONTEXT}", *overrides])
     layout = init_distributed(cfg.parallel, 0)
     try:
         engine = Engine(cfg, layout, build_model(cfg, layout, VOCAB), NextToken())
         out = {}
-        for name, settings in SETTINGS.items():
-            rollouts = generate(engine, PROMPTS, Sampling(**settings), eos={2}, context=CONTEXT, batch_size=batch_size)
+        for name, (settings, eos) in SETTINGS.items():
+            rollouts = generate(engine, PROMPTS, Sampling(**settings), eos=eos, context=CONTEXT, batch_size=batch_size)
             forward = []
             for i in range(len(rollouts.finish)):
                 start, k = int(rollouts.prompt_lengths[i]), int(rollouts.completion_mask[i].sum())
@@ -41,6 +47,24 @@ def samples_and_forward(overrides: list[str], batch_size: int = 32) -> dict:
                 forward.append(None if logprobs is None else logprobs[0, start - 1:start - 1 + k])  # None: not the last stage
             out[name] = (rollouts, forward)
         return out
+    finally:
+        destroy_distributed()
+
+
+def refused_on_zero3(overrides: list[str]) -> str:
+    """The error generation from a ZeRO-3 training engine raises."""
+    from scalelm.errors import ConfigError
+    from tests.helpers.workloads import training_engine
+
+    cfg = tiny_config([f"train.seq_len={CONTEXT}", "parallel.zero_stage=3", "train.global_batch_size=4", *overrides])
+    layout = init_distributed(cfg.parallel, 0)
+    try:
+        engine = training_engine(cfg, layout, build_model(cfg, layout, VOCAB))
+        try:
+            generate(engine, PROMPTS, Sampling(), eos={2}, context=CONTEXT)
+        except ConfigError as e:
+            return str(e)
+        return "not refused"
     finally:
         destroy_distributed()
 

@@ -16,6 +16,7 @@ from typing import Any, Callable
 import torch
 import torch.multiprocessing as mp
 
+from scalelm.data.workers import preload_workers
 from scalelm.parallel.topology import free_port
 
 
@@ -45,7 +46,7 @@ class _PortTaken(Exception):
 def _run_once(world_size: int, fn: Callable[..., Any], args: tuple, timeout: float) -> list[Any]:
     # NOTE: where there is a GPU, the engines' imports ask CUDA about it, which a fork does not survive: spawn
     ctx = mp.get_context("spawn" if torch.cuda.is_available() else "forkserver")
-    ctx.set_forkserver_preload(PRELOAD)  # read when the server starts, at the first call
+    preload_workers(PRELOAD)  # read when the server starts, at the first call (or the data workers')
     results = ctx.Queue()
     port = free_port()
     procs = [ctx.Process(target=_entry, args=(rank, world_size, port, fn, args, results)) for rank in range(world_size)]

@@ -6,7 +6,7 @@ import torch
 
 from scalelm.errors import ConfigError
 from scalelm.infer.sampling import Sampling, pick
-from tests.helpers.decoding import samples_and_forward
+from tests.helpers.decoding import CONTEXT, refused_on_zero3, samples_and_forward
 from tests.helpers.ranks import run_ranks
 from tests.helpers.workloads import LLAMA
 
@@ -42,12 +42,16 @@ def test_one_process_reports_the_forward_passes_logprobs_and_batches_change_noth
     _assert_logprobs_are_the_forward_pass(alone[model])
     greedy, sampled = alone[model]["greedy"][0], alone[model]["sampled"][0]
     assert greedy.sampling_logprobs.abs().sum() == 0 and (sampled.sampling_logprobs < 0).any()
+    # each row runs to the context, however far the others go on after it
+    assert greedy.finish == ["length"] * 4 and (greedy.prompt_lengths + greedy.completion_mask.sum(1) == CONTEXT).all()
     assert sampled.prompt_index.tolist() == [0, 0, 1, 1, 2, 2, 3, 3]
     assert any(sampled.completion(i) != sampled.completion(i + 1) for i in range(0, 8, 2))  # two samples differ
     one_by_one = run_ranks(1, samples_and_forward, MODELS[model], 1)[0]  # each row decoded alone: no padding
-    for name, (rollouts, _) in one_by_one.items():
-        assert torch.equal(rollouts.input_ids, alone[model][name][0].input_ids), name
-        assert torch.allclose(rollouts.logprobs, alone[model][name][0].logprobs, atol=1e-5)
+    by_length = run_ranks(1, samples_and_forward, MODELS[model], 32, False)[0]  # as for an attention without masks
+    for result in (one_by_one, by_length):
+        for name, (rollouts, _) in result.items():
+            assert torch.equal(rollouts.input_ids, alone[model][name][0].input_ids), name
+            assert torch.allclose(rollouts.logprobs, alone[model][name][0].logprobs, atol=1e-5)
 
 
 @pytest.mark.slow
@@ -115,6 +119,11 @@ def test_bad_settings_are_one_clear_line():
     for settings, message in ((dict(temperature=-1), r"--temperature=-1: use 0 \(greedy\) or more"),
                               (dict(top_p=0), r"--top-p=0: use in \(0, 1\]"), (dict(top_p=1.5), "--top-p=1.5"),
                               (dict(min_p=1), "--min-p=1"), (dict(max_new_tokens=0), "--max-new-tokens=0"),
-                              (dict(num_samples=0), "--num-samples=0")):
+                              (dict(num_samples=0), "--num-samples=0"), (dict(seed=-1), "--seed=-1: use 0 or more")):
         with pytest.raises(ConfigError, match=message):
             Sampling(**settings)
+
+
+def test_zero3_weights_are_refused_not_hung():
+    message = run_ranks(2, refused_on_zero3, [])[0]
+    assert message.startswith("generation does not run on ZeRO-3's partitioned weights"), message

@@ -3,6 +3,7 @@ node1 and a worker node on node2 (tests/hosts.py, each host with its own /tmp/ra
 hosts finetune; then two pretrain, node2 is lost mid-run, and Ray restarts the workers on the host that is left,
 which resume from the newest checkpoint and finish the run."""
 
+import json
 import os
 import shutil
 import subprocess
@@ -115,3 +116,21 @@ def test_a_lost_host_ray_restarts_the_workers_on_the_other_and_they_resume(ray_h
     assert 10 <= resumed_at < steps  # the new workers went on from the checkpoint, not from scratch
     assert "2 ranks, node1: ranks 0-1" in events  # the restarted pair, both on the host that is left
     assert f"saved {run / 'checkpoints' / f'step-{steps:08d}'} (end of run" in events
+
+
+def test_ray_job_generates_on_two_workers_what_one_process_does(ray_hosts, sft_start, tmp_path):
+    from scalelm.infer.generate import Prompt, generate_checkpoint
+    from scalelm.infer.sampling import Sampling
+
+    prompts, out = tmp_path / "prompts.jsonl", tmp_path / "out.jsonl"
+    prompts.write_text('{"prompt": "The king"}\n{"prompt": "A"}\n')
+    submission, job = submit(
+        ray_hosts, sys.executable, "-m", "scalelm.launch.ray", "generate", "--workers", "2", "--placement", "spread",
+        str(sft_start), "--prompts", str(prompts), "--out", str(out), "--max-new-tokens", "6", "--seed", "5",
+        "parallel.tensor=2")
+    log, _ = job.communicate(timeout=600)
+    assert job.returncode == 0, log[-3000:]
+    assert "wrote 2 samples of 2 prompts" in job_log(ray_hosts, submission)
+    alone = generate_checkpoint(sft_start, [Prompt(text="The king"), Prompt(text="A")],
+                                Sampling(max_new_tokens=6, temperature=0.8, top_k=50, top_p=0.95, seed=5))
+    assert [json.loads(line)["token_ids"] for line in out.read_text().splitlines()] == [r["token_ids"] for r in alone]
