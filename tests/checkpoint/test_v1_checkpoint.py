@@ -1,5 +1,5 @@
 """A checkpoint written by an earlier scalelm (tests/data/v1, made at commit cac9950 by
-tests/data/make_v1_checkpoint.py): it loads, resumes bit for bit where that run went on, and converts."""
+tests/data/make_v1_checkpoint.py): it loads, resumes where that run went on, and converts."""
 
 import json
 import os
@@ -36,13 +36,17 @@ def v1(tmp_path) -> Path:
     return tmp_path / "v1"
 
 
-def test_a_v1_checkpoint_resumes_bit_for_bit(v1):
+def test_a_v1_checkpoint_resumes_where_its_run_went_on(v1):
+    """The figures of steps 4-6 were recorded where the fixture was made: a CPU with other vector units (AVX-512 or
+    not) rounds the matmuls differently in the last bits, so they are compared to 1e-5 here. (That a resume is bit
+    for bit on one machine is tests/checkpoint/test_checkpoint_resume.py's.)"""
     before = {r["step"]: r for r in map(json.loads, (v1 / "run/metrics.jsonl").read_text().splitlines())}
     (resumed,) = run_ranks(1, resume_v1, v1)
     assert [r["step"] for r in resumed] == [4, 5, 6]
     for record in resumed:
-        for key in ("loss", "lr", "grad_norm", "accuracy"):
-            assert record[key] == before[record["step"]][key], (record["step"], key)
+        assert record["lr"] == before[record["step"]]["lr"], record["step"]  # the schedule's: exact anywhere
+        for key in ("loss", "grad_norm", "accuracy"):
+            assert record[key] == pytest.approx(before[record["step"]][key], rel=1e-5), (record["step"], key)
 
 
 def test_a_v1_checkpoint_converts_to_hugging_face(v1, tmp_path):
