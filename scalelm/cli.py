@@ -35,8 +35,7 @@ from typing import Sequence
 
 from scalelm import commands
 from scalelm.errors import PeerLost, ScalelmError, Stopped
-
-BASE_HELP = "a LoRA checkpoint's base, where it is not at the path the checkpoint names (its SHA-256 must match)"
+from scalelm.infer.generate import BASE_HELP, add_arguments
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -256,36 +255,10 @@ def _generate(sub) -> None:
                                    "conversion; or, for a Hugging Face folder or with --backend hf, with transformers, "
                                    "streaming. Each sample ends at end of text (or end of turn), a --stop text, or "
                                    "--max-new-tokens.")
-    p.add_argument("model", type=Path, metavar="MODEL", help="a checkpoint (step-* or checkpoint.dir), or a Hugging Face folder")
-    prompts = p.add_mutually_exclusive_group(required=True)
-    prompts.add_argument("--prompt", help="the text to continue (with --chat: the user's message)")
-    prompts.add_argument("--prompts", type=Path, metavar="FILE.jsonl",
-                         help='one prompt a line: {"prompt": TEXT} or {"messages": [{"role": ..., "content": ...}, ...]}')
-    p.add_argument("--out", type=Path, default=None, metavar="FILE.jsonl",
-                   help="write one JSON line per sample (prompt_index, sample, text, token_ids, logprobs, "
-                        "sampling_logprobs, finish_reason) instead of printing the texts")
-    p.add_argument("--num-samples", type=int, default=1, help="samples per prompt (default 1)")
-    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate at most (default 64)")
-    p.add_argument("--temperature", type=float, default=0.8, help="0 is greedy (default 0.8)")
-    p.add_argument("--top-k", type=int, default=50, help="sample among the k most likely tokens; 0 is off (default 50)")
-    p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass; 1 is off (default 0.95)")
-    p.add_argument("--min-p", type=float, default=0.0, help="drop tokens below this fraction of the most likely one's "
-                                                             "probability; 0 is off (default)")
-    p.add_argument("--repetition-penalty", type=float, default=1.0, help="above 1, tokens already seen are made "
-                                                                         "less likely; 1 is off (default)")
-    p.add_argument("--stop", action="append", default=[], metavar="TEXT", help="end a sample where this text appears "
-                                                                               "(it is cut from the text; repeatable)")
-    p.add_argument("--seed", type=int, default=0, help="the same seed gives the same text, on any layout (default 0)")
-    p.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template as the user's turn")
-    p.add_argument("--system", default=None, help="with --chat: a system message before it")
+    add_arguments(p)  # shared with the Ray launcher (python -m scalelm.launch.ray generate)
     p.add_argument("--backend", choices=["scalelm", "hf"], default=None,
                    help="scalelm (a checkpoint's default) or hf (transformers; a Hugging Face folder's only one)")
-    p.add_argument("--preflight", type=int, default=None, metavar="RANKS",
-                   help="only check, for RANKS ranks, what they would check before they start (the checkpoint, the "
-                        "layout, the tokenizer, the prompts), and exit: 0 if they can start, else one line saying why")
-    p.add_argument("--tokenizer", type=Path, default=None, help="the SentencePiece model, where the checkpoint's is "
-                                                                "not at the path it names")
-    _in_framework_flags(p)
+    p.add_argument("--nproc-per-node", type=int, default=1, help="a checkpoint: start this many local ranks")
     p.set_defaults(run=commands.generate)
 
 
@@ -306,7 +279,10 @@ def _eval(sub) -> None:
                                                                   "micro-batch size; 4 for a Hugging Face folder)")
     p.add_argument("--seq-len", type=int, default=None, help="tokens per window (default: the checkpoint's train.seq_len; "
                                                              "a Hugging Face model's context)")
-    _in_framework_flags(p)
+    p.add_argument("--nproc-per-node", type=int, default=1, help="a checkpoint: start this many local ranks")
+    p.add_argument("--base", type=Path, default=None, help=BASE_HELP)
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="a checkpoint: layout and precision, e.g. "
+                                                                     "parallel.tensor=2 train.precision=fp32")
     p.set_defaults(run=commands.evaluate)
 
 
@@ -358,14 +334,6 @@ def _preflight_flag(p: argparse.ArgumentParser) -> None:
                    help="only check, for a run on RANKS ranks, what a run checks before its ranks start (the config, "
                         "the data against it, the tokenizer, the checkpoints), and exit: 0 if it can start, else one "
                         "line saying why (slurm/pretrain.sh runs it before srun)")
-
-
-def _in_framework_flags(p: argparse.ArgumentParser) -> None:
-    """What a command that runs a checkpoint on scalelm's ranks takes: how many, a LoRA base, the layout."""
-    p.add_argument("--nproc-per-node", type=int, default=1, help="a checkpoint: start this many local ranks")
-    p.add_argument("--base", type=Path, default=None, help=BASE_HELP)
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="a checkpoint: layout and precision, e.g. "
-                                                                     "parallel.tensor=2 train.precision=fp32")
 
 
 def _conversion_flags(p: argparse.ArgumentParser) -> None:

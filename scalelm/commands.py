@@ -4,7 +4,6 @@ needs to read. Errors meant for people are raised as ScalelmError and printed by
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
@@ -239,11 +238,9 @@ def to_peft(args: argparse.Namespace) -> None:
 
 def generate(args: argparse.Namespace) -> int:
     quiet_engines(hf=True)
-    from scalelm.infer.generate import Prompt, generate_checkpoint, prepared, read_prompts
-    from scalelm.infer.sampling import Sampling
+    from scalelm.infer.generate import check, run, sampling_of
 
-    sampling = Sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.min_p,
-                        args.repetition_penalty, tuple(args.stop), args.num_samples, args.seed)
+    sampling = sampling_of(args)
     if args.chat is False and args.system:
         raise ConfigError("--system goes with --chat")
     if not args.model.exists():
@@ -255,30 +252,14 @@ def generate(args: argparse.Namespace) -> int:
         return _generate_hf(args, sampling)
     if hf_folder:
         raise ConfigError(f"{args.model} is a Hugging Face folder, which scalelm's decoder does not read: use --backend hf")
-    prompts = read_prompts(args.prompts) if args.prompts else [Prompt(text=args.prompt)]
     if args.preflight is not None or args.nproc_per_node > 1:
-        # what the ranks would each refuse, refused once before they start (slurm/pretrain.sh runs --preflight)
-        prepared(args.model, prompts, sampling, args.chat, args.system, args.overrides, args.tokenizer, -1,
-                 args.preflight or args.nproc_per_node)
+        check(args, args.preflight or args.nproc_per_node)  # slurm/pretrain.sh runs --preflight before srun
         if args.preflight is not None:
             return 0
         from scalelm.launch.torchrun import relaunch
 
         return relaunch(args.nproc_per_node, [*args.argv, "--nproc-per-node", "1"])  # each rank: the last one counts
-    records = generate_checkpoint(args.model, prompts, sampling, chat=args.chat, system=args.system,
-                                  overrides=args.overrides, base=args.base, tokenizer=args.tokenizer)
-    if records is None:  # not rank 0
-        return 0
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text("".join(json.dumps(r) + "\n" for r in records))
-        print(f"wrote {len(records)} samples of {len(prompts)} prompts to {args.out}")
-        return 0
-    for r in records:
-        if len(records) > 1:
-            print(f"--- prompt {r['prompt_index']}, sample {r['sample']} ({r['finish_reason']})")
-        print(r["text"])
-    return 0
+    return run(args)
 
 
 def _generate_hf(args: argparse.Namespace, sampling) -> int:

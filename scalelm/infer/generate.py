@@ -11,16 +11,90 @@ A Hugging Face folder, or `--backend hf`, is sampled with transformers instead (
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
-from scalelm.checkpoint import store
-from scalelm.config import load_config, validate
 from scalelm.errors import ConfigError
-from scalelm.infer.sampling import Sampling
+
+if TYPE_CHECKING:
+    from scalelm.infer.sampling import Sampling
+
+BASE_HELP = "a LoRA checkpoint's base, where it is not at the path the checkpoint names (its SHA-256 must match)"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The command's arguments (light to import: every `scalelm` command builds its parser), less how it is
+    launched: `scalelm generate` adds --backend and --nproc-per-node, the Ray launcher its worker options."""
+    p.add_argument("model", type=Path, metavar="MODEL", help="a checkpoint (step-* or checkpoint.dir), or a Hugging Face folder")
+    prompts = p.add_mutually_exclusive_group(required=True)
+    prompts.add_argument("--prompt", help="the text to continue (with --chat: the user's message)")
+    prompts.add_argument("--prompts", type=Path, metavar="FILE.jsonl",
+                         help='one prompt a line: {"prompt": TEXT} or {"messages": [{"role": ..., "content": ...}, ...]}')
+    p.add_argument("--out", type=Path, default=None, metavar="FILE.jsonl",
+                   help="write one JSON line per sample (prompt_index, sample, text, token_ids, logprobs, "
+                        "sampling_logprobs, finish_reason) instead of printing the texts")
+    p.add_argument("--num-samples", type=int, default=1, help="samples per prompt (default 1)")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate at most (default 64)")
+    p.add_argument("--temperature", type=float, default=0.8, help="0 is greedy (default 0.8)")
+    p.add_argument("--top-k", type=int, default=50, help="sample among the k most likely tokens; 0 is off (default 50)")
+    p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass; 1 is off (default 0.95)")
+    p.add_argument("--min-p", type=float, default=0.0, help="drop tokens below this fraction of the most likely one's "
+                                                             "probability; 0 is off (default)")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help="above 1, tokens already seen are made "
+                                                                         "less likely; 1 is off (default)")
+    p.add_argument("--stop", action="append", default=[], metavar="TEXT", help="end a sample where this text appears "
+                                                                               "(it is cut from the text; repeatable)")
+    p.add_argument("--seed", type=int, default=0, help="the same seed gives the same text, on any layout (default 0)")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template as the user's turn")
+    p.add_argument("--system", default=None, help="with --chat: a system message before it")
+    p.add_argument("--preflight", type=int, default=None, metavar="RANKS",
+                   help="only check, for RANKS ranks, what they would check before they start (the checkpoint, the "
+                        "layout, the tokenizer, the prompts), and exit: 0 if they can start, else one line saying why")
+    p.add_argument("--tokenizer", type=Path, default=None, help="the SentencePiece model, where the checkpoint's is "
+                                                                "not at the path it names")
+    p.add_argument("--base", type=Path, default=None, help=BASE_HELP)
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="a checkpoint: layout and precision, e.g. "
+                                                                     "parallel.tensor=2 train.precision=fp32")
+
+
+def sampling_of(args: argparse.Namespace) -> "Sampling":
+    from scalelm.infer.sampling import Sampling
+
+    return Sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.min_p, args.repetition_penalty,
+                    tuple(args.stop), args.num_samples, args.seed)
+
+
+def prompts_of(args: argparse.Namespace) -> list["Prompt"]:
+    return read_prompts(args.prompts) if args.prompts else [Prompt(text=args.prompt)]
+
+
+def check(args: argparse.Namespace, world: int) -> None:
+    """What `world` ranks would each refuse, refused once before they start (by their launcher)."""
+    prepared(args.model, prompts_of(args), sampling_of(args), args.chat, args.system, args.overrides, args.tokenizer,
+             -1, world)
+
+
+def run(args: argparse.Namespace) -> int:
+    """The command on this rank: the samples written to --out, or printed, by rank 0. Collective."""
+    prompts = prompts_of(args)
+    records = generate_checkpoint(args.model, prompts, sampling_of(args), chat=args.chat, system=args.system,
+                                  overrides=args.overrides, base=args.base, tokenizer=args.tokenizer)
+    if records is None:  # not rank 0
+        return 0
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text("".join(json.dumps(r) + "\n" for r in records))
+        print(f"wrote {len(records)} samples of {len(prompts)} prompts to {args.out}")
+        return 0
+    for r in records:
+        if len(records) > 1:
+            print(f"--- prompt {r['prompt_index']}, sample {r['sample']} ({r['finish_reason']})")
+        print(r["text"])
+    return 0
 
 
 @dataclass(frozen=True)
@@ -57,7 +131,7 @@ def read_prompts(path: Path) -> list[Prompt]:
     return prompts
 
 
-def generate_checkpoint(path: Path, prompts: Sequence[Prompt], sampling: Sampling, chat: bool = False,
+def generate_checkpoint(path: Path, prompts: Sequence[Prompt], sampling: "Sampling", chat: bool = False,
                         system: str | None = None, overrides: Sequence[str] = (), base: Path | None = None,
                         tokenizer: Path | None = None) -> list[dict] | None:
     """One record per sample (the --out line), in prompt order, on rank 0 (None on the others); collective."""
@@ -109,10 +183,12 @@ class _Job:
                 "sampling_logprobs": rollouts.sampling_logprobs[i, :k].tolist(), "finish_reason": rollouts.finish[i]}
 
 
-def prepared(path: Path, prompts: Sequence[Prompt], sampling: Sampling, chat: bool, system: str | None,
+def prepared(path: Path, prompts: Sequence[Prompt], sampling: "Sampling", chat: bool, system: str | None,
               overrides: Sequence[str], tokenizer: Path | None, rank: int, world: int):
     """(config, manifest, job) of a generation on `world` ranks, this one `rank`: every error before the ranks meet (a
     launcher calls it before it starts them, with rank -1, which prints no note)."""
+    from scalelm.checkpoint import store
+    from scalelm.config import load_config, validate
     from scalelm.convert.source import checkpoint_tokenizer
     from scalelm.convert.vocab import specials
     from scalelm.data.chat import ChatEncoder

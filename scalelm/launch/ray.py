@@ -37,6 +37,15 @@ def build_parser() -> argparse.ArgumentParser:
     return _worker_options(p)
 
 
+def parsed(parser: argparse.ArgumentParser, argv: Sequence[str]) -> argparse.Namespace:
+    """argv parsed, key=value overrides taken after options too (argparse takes positionals only before them)."""
+    args, extra = parser.parse_known_args(argv)
+    if any("=" not in e or e.startswith("-") for e in extra):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.overrides += extra
+    return args
+
+
 def _worker_options(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, required=True, help="ranks in all: tensor x pipeline x data parallel")
     p.add_argument("--gpus-per-worker", type=float, default=None,
@@ -55,10 +64,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     stage = argv.pop(0) if argv[:1] in (["pretrain"], ["finetune"], ["generate"]) else "pretrain"
     if stage == "generate":
         return generate(argv)
-    args, extra = parser.parse_known_args(argv)
-    if any("=" not in e or e.startswith("-") for e in extra):
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    args.overrides += extra  # key=value may follow options too
+    args = parsed(parser, argv)
     if args.workers < 1 or args.max_failures < 0:
         parser.error("--workers must be 1 or more and --max-failures 0 or more")
     quiet_engines()
@@ -120,6 +126,15 @@ def scaling(args: argparse.Namespace):
                          placement_strategy=args.placement.upper())
 
 
+def generate_parser() -> argparse.ArgumentParser:
+    from scalelm.infer.generate import add_arguments
+
+    p = _worker_options(argparse.ArgumentParser(prog="python -m scalelm.launch.ray generate",
+                                                description="scalelm generate on Ray Train workers."))
+    add_arguments(p)
+    return p
+
+
 def generate(argv: list[str]) -> int:
     """`python -m scalelm.launch.ray generate --workers N [Ray options] CKPT [scalelm generate's options]`: the
     checkpoint sampled on N workers (scalelm generate's layout: parallel.* overrides); worker 0 writes --out."""
@@ -128,24 +143,22 @@ def generate(argv: list[str]) -> int:
     from ray.train import RunConfig
     from ray.train.torch import TorchTrainer
 
-    from scalelm.cli import main as scalelm
+    from scalelm.infer.generate import check
 
-    ours = _worker_options(argparse.ArgumentParser(prog="python -m scalelm.launch.ray generate",
-                                                   description="scalelm generate on Ray Train workers; the options "
-                                                               "not listed here are scalelm generate's."))
-    args, theirs = ours.parse_known_args(argv)
+    args = parsed(generate_parser(), argv)
     if args.workers < 1:
-        ours.error("--workers must be 1 or more")
-    for flag, value in zip(theirs, theirs[1:]):
-        if flag in ("--prompts", "--out") and not Path(value).is_absolute():
-            print(f"scalelm: error: {flag} {value} is a relative path: Ray workers do not run in this directory; give "
-                  f"an absolute path on storage every node can read", file=sys.stderr)
-            return 2
-    status = scalelm(["generate", *theirs, "--preflight", str(args.workers)])  # refused here, once, in one line
-    if status:
-        return status
+        generate_parser().error("--workers must be 1 or more")
+    try:
+        for flag, path in (("MODEL", args.model), ("--prompts", args.prompts), ("--out", args.out)):
+            if path is not None and not path.is_absolute():
+                raise ConfigError(f"{flag} {path} is a relative path: Ray workers do not run in this directory; give an "
+                                  f"absolute path on storage every node can read")
+        check(args, args.workers)  # what the workers would refuse, refused here, once
+    except ScalelmError as e:
+        print(f"scalelm: error: {e}", file=sys.stderr)
+        return 2
     ray.init(address=args.address, log_to_driver=True)
-    trainer = TorchTrainer(generate_worker, train_loop_config={"argv": ["generate", *theirs]}, scaling_config=scaling(args),
+    trainer = TorchTrainer(generate_worker, train_loop_config={"argv": argv}, scaling_config=scaling(args),
                            run_config=RunConfig(name="ray-generate"))
     try:
         trainer.fit()
@@ -158,11 +171,9 @@ def generate(argv: list[str]) -> int:
 def generate_worker(loop_config: dict) -> None:
     """One rank of `generate`, on a Ray Train worker."""
     quiet_engines(hf=True)
-    from scalelm.cli import main as scalelm
+    from scalelm.infer.generate import run
 
-    status = scalelm(loop_config["argv"])
-    if status:
-        raise TrainingError(f"scalelm generate exited with status {status} on this worker")
+    run(parsed(generate_parser(), loop_config["argv"]))
 
 
 def train_worker(loop_config: dict) -> None:
