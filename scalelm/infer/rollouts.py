@@ -72,11 +72,9 @@ def generate(engine, prompts: list[list[int]], sampling: Sampling, eos: set[int]
         raise ConfigError(f"a prompt holds a token id outside the model's vocabulary of {stage.vocabulary}")
     work = [(p, s) for p in range(len(prompts)) for s in range(sampling.num_samples)]
     mine = work[layout.dp_rank::layout.data]
-    if not stage.masks:  # no padding, so no mask: batches of prompts of one length
-        mine = sorted(mine, key=lambda w: len(prompts[w[0]]))
-    batches = [mine[start:start + batch_size] for start in range(0, len(mine), batch_size)]
-    if not stage.masks:
-        batches = [[w for w in b if len(prompts[w[0]]) == n] for b in batches for n in sorted({len(prompts[w[0]]) for w in b})]
+    groups = [mine] if stage.masks else [  # without masks, no padding: batches of prompts of one length
+        [w for w in mine if len(prompts[w[0]]) == n] for n in sorted({len(prompts[p]) for p, _ in mine})]
+    batches = [group[start:start + batch_size] for group in groups for start in range(0, len(group), batch_size)]
     model.eval()
     try:
         with compat.sequence_parallel_off(model):

@@ -144,19 +144,15 @@ class Block(nn.Module):
         hidden, documents = split(x)
         # Attention sees the whole sequence even when the layer's input holds only this rank's part.
         seq_len = hidden.shape[0] * self.sequence_factor
+        rotary = self.rotary(seq_len, documents[0] if documents else None)  # packed: each token's own position
         mask = None  # the whole window: causal, or for a bidirectional model every position (the layer spec's)
         if documents:
-            position_ids, document_ids = documents
-            rotary = self.rotary(seq_len, position_ids)
-            mask = document_mask(document_ids, self.packed_attention, self.causal)
-        else:
-            rotary = self.rotary(seq_len)
+            mask = document_mask(documents[1], self.packed_attention, self.causal)
         if self.sequence_factor > 1:
             # each rank holds its own part of the sequence, so its dropout masks must be its own
             with tensor_parallel.get_cuda_rng_tracker().fork():
                 return join(self.layer(hidden, attention_mask=mask, rotary_pos_emb=rotary)[0], documents)
         return join(self.layer(hidden, attention_mask=mask, rotary_pos_emb=rotary)[0], documents)
-
 
     def rotary(self, length: int, position_ids: torch.Tensor | None = None) -> torch.Tensor | None:
         """RoPE's angles for positions 0..length-1, (length, 1, 1, d), or with position_ids (b, length) each token's

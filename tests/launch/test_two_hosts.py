@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from scalelm.checkpoint import store
 from scalelm.parallel.watchdog import beat_interval
 from tests.helpers.launched import ACROSS, ENV, REPO, losses, pretrain_args, steps_logged
 
@@ -111,7 +112,9 @@ def test_a_stopped_rank_times_out_and_a_second_run_on_its_checkpoints_is_refused
     nodes[0].wait()
 
     # the same checkpoints from the other host: the hold is stale (not renewed since the stop), the run takes it over
-    newest = int((checkpoints / "latest").read_text().strip().split("-")[1])
+    # the newest committed checkpoint, as a resume picks it: `latest` may still name the one before, when the stop
+    # came between a background save's commit and its update of `latest`
+    newest = int(store.committed(checkpoints)[0].name.split("-")[1])
     again = pretrain_args(pipeline, run, f"train.steps={newest + 2}", "parallel.timeout=10")
     resumed = two_hosts.run("node2", [sys.executable, "-m", "scalelm", *again], cwd=REPO, env=ENV, capture_output=True,
                             text=True, timeout=300)
