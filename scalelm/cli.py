@@ -4,7 +4,8 @@
     scalelm tokenizer train DIR --out T.model documents -> SentencePiece model
     scalelm shard DIR --tokenizer T.model --out SHARDS       (--chat: JSONL conversations -> chat shards;
                                               --preference: JSONL preference pairs -> preference shards;
-                                              --labels: JSONL labelled texts -> shards for a classifier)
+                                              --labels: JSONL labelled texts -> shards for a classifier;
+                                              --prompts: JSONL prompts (and answers) -> prompt shards for RL)
     scalelm inspect SHARDS                    what a shard set holds; --verify checks every shard
     scalelm pretrain --config CFG [key=value ...] [--nproc-per-node N]
     scalelm finetune --config CFG [key=value ...] [--nproc-per-node N]   SFT (chat shards) or DPO (preference
@@ -127,14 +128,18 @@ def _shard(sub) -> None:
                                    "message lists) and write both sides of each pair in the chat template, for DPO "
                                    "(finetune.objective=dpo); pairs with an empty or identical reply, or too long for "
                                    "--seq-len, are dropped and counted. With --labels, read JSONL {text, label} (a class "
-                                   "id or name) for a classification head (finetune.objective=classify).")
-    p.add_argument("inputs", nargs="+", metavar="DIR", help="prepared documents, or with --chat / --preference "
-                                                            ".jsonl[.gz|.zst] files")
+                                   "id or name) for a classification head (finetune.objective=classify). With --prompts, "
+                                   "read JSONL prompts ({messages} ending before the assistant's turn, or {prompt} text), "
+                                   "each with an optional answer and metadata for the reward, for RL.")
+    p.add_argument("inputs", nargs="+", metavar="DIR", help="prepared documents, or with --chat, --preference, --labels "
+                                                            "or --prompts .jsonl[.gz|.zst] files")
     kind = p.add_mutually_exclusive_group()
     kind.add_argument("--chat", action="store_true", help="the inputs are conversations: write chat shards")
     kind.add_argument("--preference", action="store_true", help="the inputs are preference pairs: write preference shards")
     kind.add_argument("--labels", action="store_true", help="the inputs are labelled texts (text, label): write shards "
                                                             "for a classifier (finetune.objective=classify)")
+    kind.add_argument("--prompts", action="store_true", help="the inputs are prompts (messages or prompt text, optional "
+                                                             "answer and metadata): write prompt shards for RL")
     p.add_argument("--seq-len", type=int, default=2048, help="--chat: the longest conversation kept; --preference: the "
                                                               "longest pair (both sides together); --labels: the most "
                                                               "tokens kept of a text; in tokens (the run's "

@@ -61,6 +61,8 @@ def shard(args: argparse.Namespace) -> None:
         return _shard_preference(args)
     if args.labels:
         return _shard_labelled(args)
+    if args.prompts:
+        return _shard_prompts(args)
     started = time.perf_counter()
     m = write_shards(args.inputs, args.tokenizer, args.out, shard_size=parse_size(args.shard_size),
                      val_fraction=args.val_fraction, workers=args.workers, overwrite=args.overwrite)
@@ -100,6 +102,19 @@ def _shard_labelled(args: argparse.Namespace) -> None:
         print(f"{split}: {s['texts']:,} texts, {s['tokens']:,} tokens in {len(s['shards'])} shards ({classes}); "
               f"{s['truncated']:,} cut to --seq-len {args.seq_len}")
     print(f"{len(names)} classes -> {args.out}/ in {time.perf_counter() - started:.1f}s")
+
+
+def _shard_prompts(args: argparse.Namespace) -> None:
+    from scalelm.data.prompt_shards import write_prompt_shards
+    from scalelm.data.shards import parse_size
+
+    started = time.perf_counter()
+    m = write_prompt_shards(args.inputs, args.tokenizer, args.out, shard_size=parse_size(args.shard_size),
+                            val_fraction=args.val_fraction, overwrite=args.overwrite)
+    for split, s in m["splits"].items():
+        print(f"{split}: {s['prompts']:,} prompts ({s['with_answer']:,} with answers), the longest {s['longest']:,} "
+              f"tokens; {s['tokens']:,} tokens in {len(s['shards'])} shards")
+    print(f"-> {args.out}/ in {time.perf_counter() - started:.1f}s")
 
 
 def _shard_preference(args: argparse.Namespace) -> None:

@@ -85,6 +85,10 @@ def check_fits(sets: list[ShardSet], seq_len: int, train_on: str) -> bool:
     """Whether the sources are chat shards (all or none), each fit for this run; raises DataError if not."""
     if train_on not in TRAIN_ON:
         raise ValueError(f"train_on={train_on!r}: use one of {', '.join(TRAIN_ON)}")
+    for s in sets:
+        if s.prompts:
+            raise DataError(f"{s.source} holds prompts (`scalelm shard --prompts`), which an RL run samples completions "
+                            f"of, not windows of tokens to train or evaluate on: give text, chat or preference shards")
     kinds = {s.chat is not None for s in sets}
     if len(kinds) > 1:
         raise DataError("chat shards and text shards cannot be blended: train on one kind at a time")

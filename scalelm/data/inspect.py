@@ -21,7 +21,9 @@ def inspect_shards(source: str, verify: bool = False, tokenizer: str | Path | No
     yield (f"{source}: {first.dtype.name} tokens, vocabulary {first.vocab_size}, eos {first.eos_id}, "
            f"tokenizer sha256 {first.tokenizer_sha256[:12]}…")
     for s in sets:
-        chat = (f" ({sum(len(shard.lengths) for shard in s.shards):,} conversations of up to {s.chat['seq_len']} tokens, "
+        count = sum(len(shard.lengths) for shard in s.shards) if s.chat else 0
+        chat = (f" ({count:,} prompts, {s.chat['with_answer']:,} with answers, the longest {s.chat['longest']:,} tokens)"
+                if s.prompts else f" ({count:,} conversations of up to {s.chat['seq_len']} tokens, "
                 f"{s.chat['targets']['assistant']:,} assistant targets)" if s.chat else "")
         yield f"  {s.split}: {s.tokens:,} tokens in {len(s.shards)} shards{chat}"
     if tokenizer is not None and first.shards:
@@ -29,8 +31,8 @@ def inspect_shards(source: str, verify: bool = False, tokenizer: str | Path | No
         if sha256_file(tokenizer) != first.tokenizer_sha256:
             raise DataError(f"{tokenizer} is not the tokenizer {source} was made with (sha256 "
                             f"{first.tokenizer_sha256[:12]}…): decode with that one")
-        sample = read_shard(first.shards[0], first.dtype)[:64].tolist()
-        yield f"  first tokens of {Path(first.shards[0].url).name}: {sp.decode(sample)!r}"
+        sample = read_shard(first.shards[0], first.dtype)[: first.shards[0].lengths[0] if first.prompts else 64].tolist()
+        yield f"  first {'prompt' if first.prompts else 'tokens'} of {Path(first.shards[0].url).name}: {sp.decode(sample)!r}"
     if verify:
         bad = 0
         for s in sets:

@@ -14,7 +14,8 @@ Chat shards (`kind: chat`, written by data/chat_shards.py) hold conversations in
 `{key}.tokens` a `{key}.flags` byte per token (what it is a target for, data/chat.py), and the
 manifest lists each shard's conversation lengths, from which the loader packs them into windows.
 Preference shards (data/preference_shards.py) are chat shards of pairs; labelled shards
-(data/labelled_shards.py) hold texts, the manifest listing each one's class beside its length.
+(data/labelled_shards.py) hold texts, the manifest listing each one's class beside its length. Prompt shards
+(data/prompt_shards.py) hold prompts for RL, beside `{key}.tokens` a `{key}.json` list of each one's text and answer.
 
 `write_shards` tokenizes on every core; `read_manifest` and `read_shard` are the reading side the
 loader uses, over local paths or any URL WebDataset opens (http(s)://, pipe:, gs://, ...).
@@ -123,11 +124,13 @@ class ShardSetWriter:
         return sum(self.split_documents.values())
 
     def write(self, split: str, tokens: np.ndarray, documents: int, flags: np.ndarray | None = None,
-              lengths: Sequence[int] | None = None, classes: Sequence[int] | None = None) -> None:
+              lengths: Sequence[int] | None = None, classes: Sequence[int] | None = None,
+              records: Sequence[dict] | None = None) -> None:
         """One chunk: `documents` whole documents' tokens, each followed by EOS; or, for chat shards,
-        conversations back to back with their `flags` and `lengths` (and for labelled texts their `classes`)."""
+        conversations back to back with their `flags` and `lengths` (and for labelled texts their `classes`;
+        for prompts, no flags and their `records`, stored as `{key}.json`)."""
         if documents:
-            self.sinks[split].write(tokens, flags, lengths, classes)
+            self.sinks[split].write(tokens, flags, lengths, classes, records)
             self.split_documents[split] += documents
 
     def close(self, splits: dict[str, dict] | None = None, **extra) -> dict:
@@ -152,20 +155,24 @@ class _ShardSink:
         self._bytes = 0
 
     def write(self, tokens: np.ndarray, flags: np.ndarray | None = None, lengths: Sequence[int] | None = None,
-              classes: Sequence[int] | None = None) -> None:
+              classes: Sequence[int] | None = None, records: Sequence[dict] | None = None) -> None:
         if self._writer is None or self._bytes >= self.shard_size:
             self._roll()
         entry = self.shards[-1]
         sample = {"__key__": f"{entry['chunks']:08d}", "tokens": tokens.tobytes()}
         if flags is not None:
             sample["flags"] = flags.astype(np.uint8).tobytes()
+        if lengths is not None:
             entry.setdefault("lengths", []).extend(int(n) for n in lengths)
         if classes is not None:
             entry.setdefault("classes", []).extend(int(c) for c in classes)
+        if records is not None:
+            sample["json"] = json.dumps(list(records)).encode()
         self._writer.write(sample)
         entry["chunks"] += 1
         entry["tokens"] += int(tokens.size)
-        self._bytes += tokens.nbytes + (0 if flags is None else flags.size) + 1024  # payload plus tar headers
+        payload = tokens.nbytes + (0 if flags is None else flags.size) + len(sample.get("json", b""))
+        self._bytes += payload + 1024  # plus tar headers
 
     def close(self) -> dict:
         self._finish()
@@ -257,9 +264,15 @@ class ShardSet:
         return self.chat.get("labels") if self.chat else None
 
     @property
+    def prompts(self) -> bool:
+        """Prompts for RL (`scalelm shard --prompts`, read by data/prompts.py), not windows to train on."""
+        return bool(self.chat and self.chat.get("prompts"))
+
+    @property
     def kind(self) -> str:
-        """What the shards hold, a key of KINDS: text, chat, pairs or labels."""
-        return "pairs" if self.pairs else "labels" if self.labels is not None else "chat" if self.chat else "text"
+        """What the shards hold, a key of KINDS: text, chat, pairs, labels or prompts."""
+        return ("pairs" if self.pairs else "prompts" if self.prompts else "labels" if self.labels is not None
+                else "chat" if self.chat else "text")
 
 
 @dataclass(frozen=True)
@@ -273,7 +286,8 @@ class Kind:
 KINDS = {"text": Kind("text shards", "documents", "`scalelm shard`"),
          "chat": Kind("chat shards", "conversations", "`scalelm shard --chat`"),
          "pairs": Kind("preference pairs", "preference pairs", "`scalelm shard --preference`"),
-         "labels": Kind("labelled texts", "labelled texts", "`scalelm shard --labels`")}
+         "labels": Kind("labelled texts", "labelled texts", "`scalelm shard --labels`"),
+         "prompts": Kind("prompt shards", "prompts", "`scalelm shard --prompts`")}
 
 
 def join_url(source: str, name: str) -> str:
@@ -318,8 +332,9 @@ def read_manifest(source: str | Path, split: str, tokenizer_sha256: str | None =
                              tuple(s["classes"]) if "classes" in s else None)
                        for s in manifest["splits"][split]["shards"])
         chat = manifest.get("chat")
-        if chat is not None:
-            chat = {**chat, **{k: manifest["splits"][split][k] for k in ("targets", "truncated", "dropped_overlong")}}
+        if chat is not None:  # the split's figures beside the set's (a prompt set's `prompts` stays True)
+            keys = ("longest", "with_answer") if chat.get("prompts") else ("targets", "truncated", "dropped_overlong")
+            chat = {**chat, **{k: manifest["splits"][split][k] for k in keys}}
         return ShardSet(source, split, np.dtype(manifest["dtype"]), manifest["eos_id"], manifest["vocab_size"],
                         made_with, shards, chat)
     except (KeyError, TypeError) as e:
