@@ -17,6 +17,7 @@ What it declares, so that nothing else needs its name:
   causal          whether it needs a causal model (model.causal); a bidirectional one sees the tokens it predicts
   output          what it needs from the model, which the engine computes (Output)
   reference       whether each batch must carry a reference's log-probs (batch["reference"], by document)
+  samples         whether it trains on the model's own completions (RL: its batches come from rollouts)
   unit, fields, metrics   what its loss is a mean over, the batch fields it reads, its metric sums
 and it checks its own part of the config (`check`), and says how its figures read in the log and in `scalelm eval`.
 """
@@ -69,6 +70,7 @@ class Objective(Protocol):
     causal: ClassVar[bool]
     output: ClassVar[Output]
     reference: ClassVar[bool]
+    samples: ClassVar[bool]
     unit: ClassVar[str]
     fields: ClassVar[tuple[str, ...]]
     metrics: ClassVar[tuple[str, ...]]
@@ -107,7 +109,7 @@ class Defaults:
     """What most objectives declare alike: a language-model head on a causal model, no reference, a name a config may
     give, no rules of their own, no word in the progress line. An objective subclasses it and says what differs."""
 
-    head, causal, reference = "lm", True, False
+    head, causal, reference, samples = "lm", True, False, False
     trains, any_language_model = True, False
 
     def __init__(self, cfg=None):

@@ -3,7 +3,8 @@ validation and checkpoints are calls out of it. The two commands differ in their
 finetune.objective: scalelm/objectives), the data it trains on and where they start (train/finetune.py), not in
 the loop.
 
-    a batch source      train/sources.py: token shards, transformed as the objective needs (its reference)
+    a batch source      train/sources.py: token shards, transformed as the objective needs (its reference); or for
+                        RL, the model's own completions, sampled and scored (rl/source.py)
     the engine          parallel/engine.py, handed the model, the objective, AdamW (train/optim.py) and the
                         schedule (train/schedule.py)
     each step           source.take -> engine.forward_backward -> engine.optimizer_step -> log, guard, validate, save
@@ -32,6 +33,7 @@ from scalelm.objectives import Objective, Stage
 from scalelm.parallel.engine import Engine
 from scalelm.parallel.topology import before_the_ranks_meet, env_rank, gather_objects, process_group, rank_hosts
 from scalelm.parallel.watchdog import Watchdog
+from scalelm.rl.source import rollout_source
 from scalelm.train import metrics
 from scalelm.train.guards import LossGuard
 from scalelm.train.log import RunLog
@@ -72,10 +74,12 @@ def _train(cfg: Config, stage: Stage, objective: Objective, layout, tokenizer_sh
         reference, more = run_reference(cfg, objective, layout, manifest.get("reference") if ckpt else None)
         notes += more
         scored = reference["model"]["sha256"] if reference else None
-        loader = loader_from_config(cfg, "train", layout.dp_rank, layout.data, reference=scored)
-        model = build_model(cfg, layout, cfg.model.vocab_size, loader.documents, objective.num_labels())
+        # RL samples its batches (rl/source.py); every other objective reads token shards
+        loader = None if objective.samples else loader_from_config(cfg, "train", layout.dp_rank, layout.data, scored)
+        model = build_model(cfg, layout, cfg.model.vocab_size, loader is not None and loader.documents,
+                            objective.num_labels())
         engine = Engine(cfg, layout, model, objective, AdamW(cfg.optim), Schedule(cfg.optim))
-        source = batch_source(loader, engine)
+        source = rollout_source(cfg, engine) if loader is None else batch_source(loader, engine)
         run = RunState()
         if ckpt is not None:
             run, more = load_checkpoint(cfg, layout, engine, source, ckpt, manifest, tokenizer_sha)
@@ -88,7 +92,7 @@ def _train(cfg: Config, stage: Stage, objective: Objective, layout, tokenizer_sh
         log = RunLog(cfg, objective, active=layout.rank == 0, total_steps=cfg.train.steps, first_step=run.step, stage=stage)
         if cfg.finetune.lora:
             notes.append(_lora_note(cfg, objective))
-        for note in notes + ([loader.packing()] if loader.chat else []):
+        for note in notes + ([loader.packing()] if loader is not None and loader.chat else []):
             log.note(run.step, note)
         guard = LossGuard(cfg.train.max_bad_steps, cfg.train.spike_zscore, run.guard)
         validation = _Validation(cfg, layout, engine, scored) if cfg.train.eval_every else None
@@ -102,8 +106,8 @@ def _train(cfg: Config, stage: Stage, objective: Objective, layout, tokenizer_sh
                 micro = source.take(engine.grad_accum)
                 outcome = engine.forward_backward(micro)
                 engine.optimizer_step()
-                log.step(_record(step, outcome, lr, engine.grad_norm, tokens_per_step / (time.perf_counter() - started),
-                                 flops, peak, layout))
+                log.step(_record(step, outcome, source.report(), lr, engine.grad_norm,
+                                 tokens_per_step / (time.perf_counter() - started), flops, peak, layout))
                 try:
                     note = guard.check(step, outcome.loss, engine.step_applied)
                 except TrainingError as e:
@@ -179,11 +183,11 @@ def _flops(cfg: Config) -> tuple[float, float]:
             flops_per_token_megatron(cfg.model, cfg.model.vocab_size, cfg.train.seq_len, full))
 
 
-def _record(step: int, outcome, lr: float, grad_norm: float | None, tokens_per_s: float, flops: tuple[float, float],
-            peak: float | None, layout) -> StepRecord:
+def _record(step: int, outcome, measured: dict[str, float], lr: float, grad_norm: float | None, tokens_per_s: float,
+            flops: tuple[float, float], peak: float | None, layout) -> StepRecord:
     per_device = tokens_per_s / layout.world
     return StepRecord(step, outcome.loss, lr, grad_norm, tokens_per_s,
                       mfu=per_device * flops[0] / peak if peak else None,
                       mfu_megatron=per_device * flops[1] / peak if peak else None,
                       mem=metrics.memory_bytes(layout.device), units={outcome.unit: outcome.units},
-                      metrics=outcome.metrics)
+                      metrics={**outcome.metrics, **measured})

@@ -20,6 +20,7 @@ import torch
 from scalelm import objectives
 from scalelm.checkpoint import store
 from scalelm.config import Config, validate
+from scalelm.data.files import sha256_file
 from scalelm.data.loader import loader_from_config
 from scalelm.data.shards import KINDS, read_manifest
 from scalelm.data.tokenizer import resolve_vocab_size
@@ -40,7 +41,11 @@ def preflight(cfg: Config, stage: Stage, world: int) -> Objective:
     cfg.model.vocab_size = resolve_vocab_size(cfg)  # saved with checkpoints, resolved
     check_data(cfg, stage, objective)
     data = world // (cfg.parallel.tensor * cfg.parallel.pipeline)
-    loader_from_config(cfg, "train", 0, data)  # opening them checks the tokenizer, the shards' lengths and windows
+    if objective.samples:  # RL: prompt shards, made with data.tokenizer (the rollouts read them whole)
+        for source in cfg.data.train:
+            read_manifest(source, "train", sha256_file(cfg.data.tokenizer))
+    else:
+        loader_from_config(cfg, "train", 0, data)  # opening them checks the tokenizer, the shards' lengths and windows
     if cfg.train.eval_every:
         loader_from_config(cfg, "val", 0, data)
     for key, path in (("train.init_from", cfg.train.init_from),

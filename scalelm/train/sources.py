@@ -5,13 +5,15 @@
     source.state_dict()           its position, saved with every checkpoint (per data-parallel rank)
     source.load_state_dict(s)     exactly there again (the same layout)
     source.continue_from(states)  as near there as another data-parallel size or worker count allows; a note
+    source.report()               what making the last step's batches measured, for its log line ({} for most;
+                                  a rollout's rewards and sampling time)
 
 `Loader` reads token shards (data/loader.py's TokenLoader), `InHand` holds micro-batches already made (an
 evaluation's). `ReferencePass` transforms another
 source's batches: it adds each document's log-prob by the engine's own model with its LoRA adapters off, the
 reference of DPO under LoRA (its objective declares `reference`, and shards scored with a reference carry it
-already). What comes next plugs in the same way: a rollout source holds the engine and samples from it; a masker
-(masked-LM) or a teacher (distillation) transforms the batches of the source it wraps.
+already). The rollout source of RL (rl/source.py) holds the engine and samples from it. What comes next plugs in
+the same way: a masker (masked-LM) or a teacher (distillation) transforms the batches of the source it wraps.
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ class BatchSource(Protocol):
     def load_state_dict(self, state: dict) -> None: ...
 
     def continue_from(self, states: list[dict | None]) -> str: ...
+
+    def report(self) -> dict[str, float]: ...
 
 
 class Loader:
@@ -63,6 +67,9 @@ class Loader:
         self._batches = None
         return note
 
+    def report(self) -> dict[str, float]:
+        return {}
+
 
 class InHand:
     """Micro-batches already made (an evaluation's windows, dealt out by it), as a source to transform: `take`
@@ -82,6 +89,9 @@ class InHand:
 
     def continue_from(self, states: list[dict | None]) -> str:
         return ""
+
+    def report(self) -> dict[str, float]:
+        return {}
 
 
 class ReferencePass:
@@ -113,6 +123,9 @@ class ReferencePass:
 
     def continue_from(self, states: list[dict | None]) -> str:
         return self.source.continue_from(states)
+
+    def report(self) -> dict[str, float]:
+        return self.source.report()
 
 
 def batch_source(loader: TokenLoader, engine) -> BatchSource:
