@@ -76,5 +76,6 @@ def _mismatch(source: str, found: str, objective: Objective, stage: Stage) -> st
                 f"{wanted.command}, or train on them with " + " or ".join(f"{field}={cls.name}" for cls in here))
     if stage == "pretrain":
         return f"{source} holds {there.what} ({there.command}): finetune on them with `scalelm finetune`"
-    return (f"{source} holds {there.what}: `scalelm {stage}` trains on {wanted.holds} (write them with {wanted.command}); "
-            f"to continue pretraining use `scalelm pretrain` with train.init_from")
+    return (f"{source} holds {there.what}, and {field}={objective.name} trains on {wanted.what} (write them with "
+            f"{wanted.command})" + ("; to continue pretraining on them use `scalelm pretrain` with train.init_from"
+                                   if found == "text" else ""))

@@ -35,7 +35,7 @@ def run_ranks(world_size: int, fn: Callable[..., Any], *args: Any, timeout: floa
     raise AssertionError("unreachable")
 
 
-PRELOAD = ["tests.helpers.workloads", "tests.helpers.batches", "tests.helpers.decoding", "scalelm.train.loop",
+PRELOAD = ["tests.helpers.workloads", "tests.helpers.rl", "tests.helpers.batches", "tests.helpers.decoding", "scalelm.train.loop",
            "scalelm.train.finetune", "scalelm.parallel.engine", "scalelm.infer.evaluate", "scalelm.train.score"]
 
 

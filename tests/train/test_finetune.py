@@ -91,7 +91,7 @@ def test_two_ranks_and_eval_on_assistant_tokens_agree_with_transformers(chat, st
 def test_what_does_not_fit_is_refused(chat, pipeline, start, tmp_path):
     with pytest.raises(ConfigError, match="scalelm finetune starts from a model: set train.init_from"):
         load_finetune_config(None, [f"data.train={chat['shards']}"])
-    with pytest.raises(DataError, match="holds text shards: `scalelm finetune` trains on conversations"):
+    with pytest.raises(DataError, match="holds text shards, and finetune.objective=sft trains on chat shards .*; to continue pretraining"):
         train(load_finetune_config(None, sft(chat, start, tmp_path / "a", f"data.train={pipeline['shards']}")), "finetune")
     with pytest.raises(DataError, match="holds chat shards .*: finetune on them with `scalelm finetune`"):
         pretrain(load_config(None, [f"data.train={chat['shards']}", f"data.tokenizer={pipeline['tokenizer']}",
