@@ -1,0 +1,55 @@
+"""GRPO on every layout equals one process: the same completions (the decoder samples on the training layout, each
+completion from its own seeded generator), the same rewards, and after two steps (the second off-policy: rl.ppo_epochs=2)
+the same losses and weights to 1e-5 in fp32, on spawned gloo ranks. LoRA with a KL to its base (the adapters off) on
+two tensor ranks too."""
+
+import pytest
+import torch
+
+from scalelm.convert.source import read_model
+from scalelm.data.prompt_shards import write_prompt_shards
+from tests.helpers.ranks import run_ranks
+from tests.helpers.rl import RL, rl_run, write_prompts
+
+pytestmark = [pytest.mark.slow]
+
+LORA = ["finetune.lora.rank=4", "finetune.lora.alpha=8", "finetune.lora.targets=[qkv,proj,fc1,fc2]", "rl.kl_coef=0.05"]
+LAYOUTS = {"tp2": (2, ["parallel.tensor=2"]), "pp2": (2, ["parallel.pipeline=2"]),
+           "dp2": (2, ["parallel.zero_stage=1"]), "dp2-zero2": (2, ["parallel.zero_stage=2"]),
+           "lora-tp2": (2, ["parallel.tensor=2", *LORA])}
+
+
+@pytest.fixture(scope="module")
+def common(pipeline, sft_start, tmp_path_factory):
+    root = tmp_path_factory.mktemp("rl-layouts")
+    write_prompt_shards([write_prompts(root / "raw")], pipeline["tokenizer"], root / "shards", val_fraction=0.0,
+                        progress=False)
+    return [f"data.train={root / 'shards'}", f"train.init_from={sft_start}", *RL, "train.steps=2", "rl.ppo_epochs=2",
+            # NOTE: AdamW divides by the root of the second moment, so an element whose gradient is float noise (1e-9)
+            # moves by up to lr; an epsilon of 1e-4 keeps such elements still, and the weights compare to 1e-5
+            "optim.eps=1e-4"], root
+
+
+@pytest.fixture(scope="module")
+def alone(common):
+    overrides, root = common
+    return {lora: rl_run(overrides + [f"log.dir={root / ('alone-lora' if lora else 'alone')}"] + (LORA if lora else []))
+            for lora in (False, True)}
+
+
+@pytest.mark.parametrize("name", LAYOUTS)
+def test_a_layout_equals_one_process(name, common, alone, sft_start):
+    overrides, root = common
+    world, layout = LAYOUTS[name]
+    found = run_ranks(world, rl_run, overrides + [f"log.dir={root / name}", *layout])[0]
+    expected = alone["lora" in name]
+    assert found["completions"] == expected["completions"]
+    for ours, theirs in zip(found["records"], expected["records"], strict=True):
+        assert ours["reward_mean"] == theirs["reward_mean"] and ours["completion_tokens"] == theirs["completion_tokens"]
+        for key in ("loss", "logprob_gap", "entropy", "kl"):
+            assert ours[key] == pytest.approx(theirs[key], abs=1e-5), key
+    assert expected["records"][1]["logprob_gap"] > 1e-4  # the second step is off-policy: the ratio is tested
+    for key, weight in expected["weights"].items():
+        torch.testing.assert_close(found["weights"][key], weight, atol=1e-5, rtol=0, msg=lambda m: key + m)
+    start = read_model(sft_start, verify=False).weights
+    assert max((expected["weights"][k] - w).abs().max().item() for k, w in start.items()) > 1e-4  # the steps moved it
