@@ -93,6 +93,32 @@ def zero3_partitioned(param: torch.nn.Parameter) -> bool:
     return hasattr(param, "ds_id")
 
 
+_HELD = -1  # a submodule id no module has: while it is among a parameter's active submodules, ZeRO-3 keeps it whole
+
+
+@contextmanager
+def zero3_whole(model: torch.nn.Module) -> Iterator[None]:
+    """Every ZeRO-3 partitioned parameter of `model` whole on every rank for the duration (one all-gather over the
+    data-parallel group in, one partition out; collective), and kept whole while the model's layers are called in
+    any order, any number of times: each data-parallel rank may then run its own number of forward passes (a decoder
+    does). ZeRO-3's hooks release a parameter after each submodule's forward unless a submodule still uses it
+    (DeepSpeed 0.19.8: `ds_active_sub_modules`); one that is never called is marked as using every parameter."""
+    params = [p for p in model.parameters() if zero3_partitioned(p)]
+    if not params:
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(params):
+        for p in params:
+            p.ds_active_sub_modules.add(_HELD)
+        try:
+            yield
+        finally:
+            for p in params:
+                p.ds_active_sub_modules.discard(_HELD)
+
+
 def whole_shape(param: torch.nn.Parameter) -> tuple[int, ...]:
     """The shape of `param` before ZeRO-3 partitioned it (this rank's shape otherwise)."""
     return tuple(getattr(param, "ds_shape", param.shape))

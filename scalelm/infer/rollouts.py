@@ -6,7 +6,8 @@ layout it trains on. What a trainer (RL), an evaluation or `scalelm generate` ca
 Each data-parallel group decodes its share; the tensor ranks of a group decode the same rows together (their
 heads and vocabulary split) and pick the same tokens (the logits they pick from are gathered, the generators
 seeded alike); its pipeline stages pass each step's hidden state on, and the last tells the others the tokens.
-The results are gathered on every rank, in (prompt, sample) order.
+The results are gathered on every rank, in (prompt, sample) order. Under ZeRO-3 the weights are gathered whole for
+the duration (compat.zero3_whole): each data-parallel rank then decodes for its own number of steps.
 """
 
 from __future__ import annotations
@@ -64,9 +65,6 @@ def generate(engine, prompts: list[list[int]], sampling: Sampling, eos: set[int]
             raise ConfigError(f"prompt {i} is {len(prompt)} tokens: a prompt needs 1 to {context - 1} "
                               f"(the model's context is {context})")
     model = engine.module
-    if any(compat.zero3_partitioned(p) for p in model.parameters()):
-        raise ConfigError("generation does not run on ZeRO-3's partitioned weights (each data-parallel rank decodes "
-                          "its own prompts, for its own number of steps): use parallel.zero_stage=1 or 2")
     stage, training = Stage.of(model), model.training
     if stage.vocabulary is not None and any(not 0 <= i < stage.vocabulary for prompt in prompts for i in prompt):
         raise ConfigError(f"a prompt holds a token id outside the model's vocabulary of {stage.vocabulary}")
@@ -77,7 +75,7 @@ def generate(engine, prompts: list[list[int]], sampling: Sampling, eos: set[int]
     batches = [group[start:start + batch_size] for group in groups for start in range(0, len(group), batch_size)]
     model.eval()
     try:
-        with compat.sequence_parallel_off(model):
+        with compat.sequence_parallel_off(model), compat.zero3_whole(model):
             done = [c for batch in batches for c in decode(stage, context, prompts, batch, sampling, eos, stopped)]
     finally:
         model.train(training)

@@ -1,4 +1,4 @@
-"""GRPO on every layout equals one process: the same completions (the decoder samples on the training layout, each
+"""GRPO on every layout (ZeRO-3: its weights gathered for sampling) equals one process: the same completions (the decoder samples on the training layout, each
 completion from its own seeded generator), the same rewards, and after two steps (the second off-policy: rl.ppo_epochs=2)
 the same losses and weights to 1e-5 in fp32, on spawned gloo ranks. LoRA with a KL to its base (the adapters off) on
 two tensor ranks too."""
@@ -16,6 +16,7 @@ pytestmark = [pytest.mark.slow]
 LORA = ["finetune.lora.rank=4", "finetune.lora.alpha=8", "finetune.lora.targets=[qkv,proj,fc1,fc2]", "rl.kl_coef=0.05"]
 LAYOUTS = {"tp2": (2, ["parallel.tensor=2"]), "pp2": (2, ["parallel.pipeline=2"]),
            "dp2": (2, ["parallel.zero_stage=1"]), "dp2-zero2": (2, ["parallel.zero_stage=2"]),
+           "dp2-zero3": (2, ["parallel.zero_stage=3"]),
            "lora-tp2": (2, ["parallel.tensor=2", *LORA])}
 
 
