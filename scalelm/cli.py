@@ -88,6 +88,9 @@ def _prepare(sub) -> None:
                                                                  "`scalelm shard --preference`")
     demo.add_argument("--demo-labels", action="store_true", help="instead, write DIR/texts.jsonl: speeches of six plays "
                                                                   "labelled with their play, for `scalelm shard --labels`")
+    demo.add_argument("--demo-prompts", action="store_true", help="instead, write DIR/prompts.jsonl: those conversations "
+                                                                   "without their replies, for `scalelm shard --prompts` "
+                                                                   "(RL)")
     p.add_argument("--min-chars", type=int, default=100, help="drop documents shorter than this (default 100)")
     p.add_argument("--dedup", choices=["exact", "minhash", "none"], default="minhash",
                    help="exact: identical documents; minhash: also near duplicates (default)")

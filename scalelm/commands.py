@@ -13,7 +13,8 @@ from scalelm.quiet import quiet_engines
 # --demo-NAME: (the function of data/demo_sets.py, the count it reports, the file it writes)
 DEMO_SETS = {"chat": ("demo_conversations", "conversations", "conversations.jsonl"),
              "pairs": ("demo_pairs", "pairs", "pairs.jsonl"),
-             "labels": ("demo_passages", "texts", "texts.jsonl")}
+             "labels": ("demo_passages", "texts", "texts.jsonl"),
+             "prompts": ("demo_prompts", "prompts", "prompts.jsonl")}
 
 
 def prepare(args: argparse.Namespace) -> None:

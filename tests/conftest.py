@@ -43,6 +43,18 @@ def chat(pipeline, tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="session")
+def prompts(pipeline, tmp_path_factory) -> Path:
+    """Prompt shards of plain-text prompts with answers (tests/helpers/rl.py), for the RL tests."""
+    from scalelm.data.prompt_shards import write_prompt_shards
+    from tests.helpers.rl import write_prompts
+
+    root = tmp_path_factory.mktemp("prompts")
+    write_prompt_shards([write_prompts(root / "raw")], pipeline["tokenizer"], root / "shards", val_fraction=0.0,
+                        progress=False)
+    return root / "shards"
+
+
+@pytest.fixture(scope="session")
 def sft_start(pipeline, tmp_path_factory) -> Path:
     """The checkpoint.dir of a tiny model pretrained for 4 steps, whose context fits the chat shards' conversations."""
     from scalelm.config import load_config

@@ -4,6 +4,8 @@
                                                    assistant's (`scalelm shard --chat`)
     demo_pairs           OUT/pairs.jsonl           the same prompt, the real reply chosen and the reply with two
                                                    neighbouring words swapped rejected (`scalelm shard --preference`)
+    demo_prompts         OUT/prompts.jsonl         the same conversations' system and user turns alone, the real
+                                                   reply kept as metadata (`scalelm shard --prompts`, for RL)
     demo_passages        OUT/texts.jsonl           speeches labelled with the play they come from
                                                    (`scalelm shard --labels`)
 
@@ -57,6 +59,22 @@ def demo_pairs(texts: Path, out: Path, max_chars: int = 80, min_words: int = 4) 
                 f.write(json.dumps(pair) + "\n")
                 counts["pairs"] += 1
     _check(counts["pairs"], texts)
+    return counts
+
+
+def demo_prompts(texts: Path, out: Path, max_chars: int = 160) -> dict:
+    """Prompts for RL, as JSONL: each conversation's system and user turns (demo_conversations's, speeches of at most
+    `max_chars`) without the reply, the play, the replying speaker and the real reply kept as metadata. Returns
+    counts."""
+    counts = {"plays": 0, "speeches": 0, "prompts": 0}
+    with _jsonl(out, "prompts.jsonl") as f:
+        for play, speeches in _plays(texts, counts):
+            for system, user, reply in _exchanges(play, speeches, max_chars):
+                speaker = system["content"].removeprefix(f"{play}. You are ").removesuffix(".")
+                f.write(json.dumps({"messages": [system, user], "metadata": {"play": play, "speaker": speaker,
+                                                                             "reply": reply["content"]}}) + "\n")
+                counts["prompts"] += 1
+    _check(counts["prompts"], texts)
     return counts
 
 

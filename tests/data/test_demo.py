@@ -86,6 +86,19 @@ def test_pairs_put_the_real_reply_against_two_of_its_words_swapped(tmp_path):
     assert (tmp_path / "again" / "pairs.jsonl").read_text() == (tmp_path / "out" / "pairs.jsonl").read_text()
 
 
+def test_prompts_are_the_conversations_without_their_replies(tmp_path):
+    import json
+
+    texts = tmp_path / "texts"
+    write_play(texts, "hamlet", [("Ber", "Who's there?"), ("Fran", "Nay, answer me."), ("Ber", "Long live the King!")])
+    counts = demo_sets.demo_prompts(texts, tmp_path / "out")
+    records = [json.loads(line) for line in (tmp_path / "out" / "prompts.jsonl").read_text().splitlines()]
+    assert counts == {"plays": 1, "speeches": 3, "prompts": 2}
+    assert records[0] == {"messages": [{"role": "system", "content": "Hamlet. You are Fran."},
+                                       {"role": "user", "content": "Ber: Who's there?"}],
+                          "metadata": {"play": "Hamlet", "speaker": "Fran", "reply": "Nay, answer me."}}
+
+
 def test_passages_are_balanced_and_labelled_with_their_play(tmp_path):
     import json
 

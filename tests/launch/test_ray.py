@@ -1,6 +1,6 @@
 """`ray job submit -- python -m scalelm.launch.ray` on a real two-node Ray cluster started by the test: a head on
 node1 and a worker node on node2 (tests/hosts.py, each host with its own /tmp/ray). Two workers spread over the
-hosts finetune; then two pretrain, node2 is lost mid-run, and Ray restarts the workers on the host that is left,
+hosts finetune, and run GRPO with a reward module shipped in the job's working directory; then two pretrain, node2 is lost mid-run, and Ray restarts the workers on the host that is left,
 which resume from the newest checkpoint and finish the run."""
 
 import json
@@ -59,12 +59,12 @@ def accepts_jobs(hosts: TwoHosts, env: dict, timeout_s: float) -> str | None:
     return answer
 
 
-def submit(ray_hosts, *command: str) -> tuple[str, subprocess.Popen]:
-    """`ray job submit -- COMMAND` started on node1: (its submission id, the process that follows it)."""
+def submit(ray_hosts, *command: str, options: tuple[str, ...] = ()) -> tuple[str, subprocess.Popen]:
+    """`ray job submit [OPTIONS] -- COMMAND` started on node1: (its submission id, the process that follows it)."""
     hosts, env = ray_hosts
     submission = f"scalelm-test-{uuid.uuid4().hex[:12]}"
-    return submission, hosts.popen("node1", [RAY, "job", "submit", f"--submission-id={submission}", "--", *command],
-                                   env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return submission, hosts.popen("node1", [RAY, "job", "submit", f"--submission-id={submission}", *options, "--",
+                                             *command], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
 def job_log(ray_hosts, submission: str) -> str:
@@ -88,6 +88,24 @@ def test_ray_job_spread_over_two_hosts_finetunes(ray_hosts, chat, sft_start, tmp
     line = next(line for line in events.splitlines() if "2 ranks" in line)
     assert "node1: rank " in line and "node2: rank " in line, line  # one worker on each host
     assert (run / "checkpoints" / "step-00000003" / "manifest.json").is_file()
+
+
+def test_ray_job_runs_grpo_with_a_reward_from_its_working_directory(ray_hosts, prompts, sft_start, tmp_path):
+    """`ray job submit --working-dir DIR`: the reward module in DIR reaches the driver and every worker."""
+    from tests.helpers.rl import RL
+
+    (tmp_path / "job").mkdir()
+    (tmp_path / "job" / "my_rewards.py").write_text((REPO / "tests/helpers/rewards.py").read_text())
+    run = tmp_path / "run"
+    submission, job = submit(
+        ray_hosts, sys.executable, "-m", "scalelm.launch.ray", "finetune", "--config", str(REPO / "configs/grpo-tiny.yaml"),
+        "--workers", "2", "--placement", "spread", f"data.train={prompts}", f"train.init_from={sft_start}",
+        f"log.dir={run}", *RL, "rl.reward=my_rewards:letter_e", "train.steps=2", options=("--working-dir", str(tmp_path / "job")))
+    log, _ = job.communicate(timeout=600)
+    assert job.returncode == 0, log[-3000:]
+    assert "done: step 2" in job_log(ray_hosts, submission)
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2] and all(0 <= r["reward_mean"] <= 1 for r in records)
 
 
 def test_a_lost_host_ray_restarts_the_workers_on_the_other_and_they_resume(ray_hosts, pipeline, tmp_path):

@@ -1,5 +1,6 @@
 """`sbatch slurm/pretrain.sh` on a real one-node SLURM started by the test (tests/local_slurm.py): two CPU ranks
-over gloo; a job stopped by USR1 that requeues itself and finishes from its checkpoint, and a finetuning job.
+over gloo; a job stopped by USR1 that requeues itself and finishes from its checkpoint, a finetuning job and an RL
+one.
 A job across two nodes, and one that loses a node, are tests/e2e/test_slurm_two_hosts.py's."""
 
 import json
@@ -66,6 +67,22 @@ def test_sbatch_finetunes_when_asked(slurm, chat, sft_start, tmp_path):
     assert job["JobState"] == "COMPLETED" and job["ExitCode"] == "0:0", log[-3000:]
     assert "done: step 3" in log and "started from the weights of" in log
     assert json.loads((tmp_path / "checkpoints" / "step-00000003" / "manifest.json").read_text())["layout"]["world"] == 2
+
+
+def test_sbatch_runs_grpo_with_a_reward_from_the_working_directory(slurm, prompts, sft_start, tmp_path):
+    from tests.helpers.rl import RL
+
+    (tmp_path / "my_rewards.py").write_text((REPO / "tests/helpers/rewards.py").read_text())  # a user's module, here
+    job_id = slurm.sbatch([*CPU_JOB, "--job-name=grpo", f"--output={tmp_path}/%x-%j.out", str(REPO / "slurm/pretrain.sh"),
+                           "finetune", "--config", str(REPO / "configs/grpo-tiny.yaml"), f"data.train={prompts}",
+                           f"train.init_from={sft_start}", f"log.dir={tmp_path}", *RL, "rl.reward=my_rewards:letter_e",
+                           "train.steps=2"], cwd=tmp_path)
+    job = slurm.wait(job_id, timeout_s=300)
+    log = (tmp_path / f"grpo-{job_id}.out").read_text()
+    assert job["JobState"] == "COMPLETED" and job["ExitCode"] == "0:0", log[-3000:]
+    assert "done: step 2" in log
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2] and all(0 <= r["reward_mean"] <= 1 for r in records)
 
 
 def test_a_job_on_shards_that_do_not_fit_ends_in_one_line(slurm, chat, sft_start, tmp_path):

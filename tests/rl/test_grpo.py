@@ -7,22 +7,13 @@ import math
 
 import pytest
 
-from scalelm.data.prompt_shards import write_prompt_shards
 from scalelm.errors import ConfigError, TrainingError
 from scalelm.train.finetune import load_finetune_config
 from scalelm.train.log import read_records
 from scalelm.train.loop import train
-from tests.helpers.rl import RL, rl_run, write_prompts
+from tests.helpers.rl import RL, rl_run
 
 pytestmark = [pytest.mark.slow]
-
-
-@pytest.fixture(scope="module")
-def prompts(pipeline, tmp_path_factory):
-    root = tmp_path_factory.mktemp("prompts")
-    write_prompt_shards([write_prompts(root / "raw")], pipeline["tokenizer"], root / "shards", val_fraction=0.0,
-                        progress=False)
-    return root / "shards"
 
 
 def run_of(prompts, start, run, *extra: str) -> list[str]:

@@ -7,9 +7,8 @@ import pytest
 import torch
 
 from scalelm.convert.source import read_model
-from scalelm.data.prompt_shards import write_prompt_shards
 from tests.helpers.ranks import run_ranks
-from tests.helpers.rl import RL, rl_run, write_prompts
+from tests.helpers.rl import RL, rl_run
 
 pytestmark = [pytest.mark.slow]
 
@@ -21,11 +20,9 @@ LAYOUTS = {"tp2": (2, ["parallel.tensor=2"]), "pp2": (2, ["parallel.pipeline=2"]
 
 
 @pytest.fixture(scope="module")
-def common(pipeline, sft_start, tmp_path_factory):
+def common(prompts, sft_start, tmp_path_factory):
     root = tmp_path_factory.mktemp("rl-layouts")
-    write_prompt_shards([write_prompts(root / "raw")], pipeline["tokenizer"], root / "shards", val_fraction=0.0,
-                        progress=False)
-    return [f"data.train={root / 'shards'}", f"train.init_from={sft_start}", *RL, "train.steps=2", "rl.ppo_epochs=2",
+    return [f"data.train={prompts}", f"train.init_from={sft_start}", *RL, "train.steps=2", "rl.ppo_epochs=2",
             # NOTE: AdamW divides by the root of the second moment, so an element whose gradient is float noise (1e-9)
             # moves by up to lr; an epsilon of 1e-4 keeps such elements still, and the weights compare to 1e-5
             "optim.eps=1e-4"], root

@@ -71,3 +71,10 @@ def test_dpo_benchmark_prints_figures():
               "model.num_heads=4", "train.seq_len=512")
     assert "packed" in out and "padded to longest" in out and "real tokens/s" in out
     assert "reference pass" in out and "scoring a step's windows once" in out
+
+
+def test_rl_benchmark_prints_figures():
+    out = run(BENCH / "rl_throughput.py", "--shapes", "tiny", "--steps", "1", "--new-tokens", "4", "--prompts", "2",
+              "--group", "2", "model.num_layers=2", "model.hidden_size=64", "model.num_heads=4")
+    assert re.search(r"GRPO step, 2 prompts x 2, 4 new tokens: .* sampling .* scoring .* training", out)
+    assert re.search(r"sampling the same: scalelm +[\d,]+ tok/s +transformers +[\d,]+ tok/s +ratio", out)
