@@ -20,6 +20,11 @@ class RLConfig:
     length (minus the completion's tokens over rl.max_new_tokens)."""
     reward_weights: list[float] = field(default_factory=list)
     """A weight per rl.reward term; empty: 1 each."""
+    reward_model: str | None = None
+    """A reward model (a checkpoint of finetune.objective=reward) whose score of each completion is one more term, run
+    on the same ranks beside the policy."""
+    reward_model_weight: float = 1.0
+    """The reward model's weight in the sum."""
     answer_pattern: str = r"####\s*(\S+)"
     """exact_match: a regex whose first group (or whole match) in the completion's last match is its final answer."""
     format_pattern: str | None = None

@@ -28,6 +28,8 @@ share of targets whose ratio is clipped where it matters), kl (k3, with a refere
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from scalelm.errors import ConfigError
@@ -58,9 +60,9 @@ class GRPO(Defaults):
         if not cfg.model.causal:
             raise ConfigError(f"{field} samples text, which a bidirectional model (model.causal=false) cannot: set "
                               f"model.causal=true")
-        if not rl.reward:
+        if not rl.reward and not rl.reward_model:
             raise ConfigError(f"{field} needs a reward: set rl.reward to module:function (e.g. rl.reward=my_rewards:score) "
-                              f"or a built-in (exact_match, format, length)")
+                              f"or a built-in (exact_match, format, length), or rl.reward_model to a reward model")
         if rl.reward_weights and len(rl.reward_weights) != len(rl.reward):
             raise ConfigError(f"rl.reward_weights={rl.reward_weights} for {len(rl.reward)} rl.reward terms: give one "
                               f"weight each, or none")
@@ -95,6 +97,11 @@ class GRPO(Defaults):
         from scalelm.rl.rewards import Rewards
 
         Rewards(rl)  # each term found: a module that cannot be imported is refused here, before any rank starts
+        if rl.reward_model:
+            from scalelm.data.files import sha256_file
+            from scalelm.rl import reward_model
+
+            reward_model.check(cfg, sha256_file(cfg.data.tokenizer) if Path(cfg.data.tokenizer).is_file() else None)
         if rl.kl_coef and cfg.finetune.lora is None:
             raise ConfigError(f"rl.kl_coef={rl.kl_coef} needs a reference, which is the base with LoRA's adapters off: "
                               f"set finetune.lora.rank (e.g. 16), or rl.kl_coef=0")

@@ -67,8 +67,9 @@ class Rollout:
 class RolloutSource:
     """Minibatches of the model's own completions, scored (see the module docstring); every rank calls `take`."""
 
-    def __init__(self, cfg, engine, prompts: PromptSet, rewards: Rewards, decode, eos: set[int]):
+    def __init__(self, cfg, engine, prompts: PromptSet, rewards: Rewards, decode, eos: set[int], reward_model=None):
         self.rl, self.engine, self.prompts, self.rewards, self.decode, self.eos = cfg.rl, engine, prompts, rewards, decode, eos
+        self.reward_model = reward_model  # rl/reward_model.py's, or None
         self.objective, layout = engine.objective, engine.layout
         self.rows = cfg.train.micro_batch_size * engine.grad_accum  # this rank's rows of a minibatch
         self.micro, self.seq_len, self.context = cfg.train.micro_batch_size, cfg.train.seq_len, cfg.model.max_position_embeddings
@@ -138,6 +139,9 @@ class RolloutSource:
             samples = [Sample(p.prompt, self.decode(rollouts.completion(i)), {**p.metadata, "answer": p.answer},
                               int(rollouts.completion_mask[i].sum())) for i, p in enumerate(of)]
             rewards, round_errors = self._score(samples)
+            if self.reward_model is not None:  # NaN, a failed term, stays NaN
+                scores = self.reward_model.score([list(p.ids) + rollouts.completion(i) for i, p in enumerate(of)])
+                rewards = [r + self.rl.reward_model_weight * score for r, score in zip(rewards, scores)]
             sampling_s, scoring_s = sampling_s + t1 - t0, scoring_s + time.perf_counter() - t1
             sampled, tokens = sampled + len(samples), tokens + sum(s.tokens for s in samples)
             failed, errors = failed + int(np.isnan(rewards).sum()), errors + round_errors
@@ -251,5 +255,12 @@ def rollout_source(cfg, engine) -> RolloutSource:
     sp = load_tokenizer(cfg.data.tokenizer)
     marks = specials(cfg.data.tokenizer)
     eos = {marks.eos} | ({marks.end_of_turn} if marks.end_of_turn >= 0 else set())
-    prompts = PromptSet(cfg.data.train, "train", sha256_file(cfg.data.tokenizer), cfg.data.seed)
-    return RolloutSource(cfg, engine, prompts, Rewards(cfg.rl), lambda ids: sp.decode([t for t in ids if t not in eos]), eos)
+    sha = sha256_file(cfg.data.tokenizer)
+    prompts = PromptSet(cfg.data.train, "train", sha, cfg.data.seed)
+    model = None
+    if cfg.rl.reward_model:
+        from scalelm.rl.reward_model import RewardModel
+
+        model = RewardModel(cfg, engine.layout, sha, sp.encode("\n"), marks.end_of_turn)
+    return RolloutSource(cfg, engine, prompts, Rewards(cfg.rl), lambda ids: sp.decode([t for t in ids if t not in eos]),
+                         eos, model)
