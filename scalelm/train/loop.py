@@ -104,9 +104,10 @@ def _train(cfg: Config, stage: Stage, objective: Objective, layout, tokenizer_sh
             for step in range(run.step + 1, cfg.train.steps + 1):
                 started, lr, watchdog.step = time.perf_counter(), engine.lr, step
                 micro = source.take(engine.grad_accum)
+                data_s = time.perf_counter() - started  # reading, or for RL sampling and scoring
                 outcome = engine.forward_backward(micro)
                 engine.optimizer_step()
-                log.step(_record(step, outcome, source.report(), lr, engine.grad_norm,
+                log.step(_record(step, outcome, {"data_s": data_s, **source.report()}, lr, engine.grad_norm,
                                  tokens_per_step / (time.perf_counter() - started), flops, peak, layout))
                 try:
                     note = guard.check(step, outcome.loss, engine.step_applied)

@@ -1,4 +1,5 @@
-"""`scalelm plot RUN_DIR --out loss.png`: training and validation loss, and throughput, from metrics.jsonl."""
+"""`scalelm plot RUN_DIR --out loss.png`: training and validation loss, the mean reward of an RL run, and throughput,
+from metrics.jsonl."""
 
 from __future__ import annotations
 
@@ -23,7 +24,13 @@ def plot_run(run_dir: str | Path, out: str | Path) -> Path:
     val = [r for r in records if "val_loss" in r]
     if not train:
         raise DataError(f"{path} holds no training steps yet")
-    fig, (loss_ax, speed_ax) = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
+    rewarded = [r for r in train if r.get("reward_mean") is not None]  # RL: the reward is what rises
+    fig, axes = plt.subplots(3 if rewarded else 2, 1, figsize=(8, 9 if rewarded else 6), sharex=True)
+    loss_ax, speed_ax = axes[0], axes[-1]
+    if rewarded:
+        axes[1].plot([r["step"] for r in rewarded], [r["reward_mean"] for r in rewarded], color="tab:purple")
+        axes[1].set_ylabel("mean reward")
+        axes[1].grid(alpha=0.3)
     loss_ax.plot([r["step"] for r in train], [r["loss"] for r in train], label="train")
     if val:
         loss_ax.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", label="validation")

@@ -11,6 +11,7 @@ from scalelm.errors import ConfigError, TrainingError
 from scalelm.train.finetune import load_finetune_config
 from scalelm.train.log import read_records
 from scalelm.train.loop import train
+from scalelm.train.plot import plot_run
 from tests.helpers.rl import RL, rl_run
 
 pytestmark = [pytest.mark.slow]
@@ -34,6 +35,8 @@ def test_the_reward_rises_and_the_trainer_reads_the_samplers_log_probs(prompts, 
     # one step per rollout: every step is a rollout's first update, where the trainer's log-probs are the sampler's
     assert max(r["logprob_gap"] for r in records) <= 1e-6
     assert all(r["sampling_s"] > 0 and r["completion_tokens"] > 0 and 0 < r["entropy"] < 7 for r in records)
+    assert all(r["data_s"] >= r["sampling_s"] + r["scoring_s"] for r in records)  # the step's time split
+    assert plot_run(run, tmp_path / "rl.png").stat().st_size > 10_000  # with its reward panel
 
 
 def test_several_updates_per_rollout_move_away_from_the_sampler(prompts, sft_start, tmp_path):
