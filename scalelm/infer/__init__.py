@@ -1,1 +1,2 @@
-"""Using a trained model: sampling text from it (generate.py) and measuring its perplexity (evaluate.py)."""
+"""Using a trained model from the command line: sampling text from it (generate.py, on scalelm/generation; or
+transformers, generate_hf.py) and measuring its figures (evaluate.py)."""

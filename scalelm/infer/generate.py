@@ -5,7 +5,7 @@ layout of the launch (one process, or ranks: --nproc-per-node, torchrun, SLURM, 
 
 A prompt file holds one JSON object a line: {"prompt": TEXT} or {"messages": [{"role", "content"}, ...]}. Each sample
 becomes one line of --out: its prompt's index, the sample's index, the text, the token ids, both kinds of
-log-probability (`logprobs`, `sampling_logprobs`: infer/sampling.py) and why it ended ("stop" or "length").
+log-probability (`logprobs`, `sampling_logprobs`: generation/sampling.py) and why it ended ("stop" or "length").
 A Hugging Face folder, or `--backend hf`, is sampled with transformers instead (generate_hf.py).
 """
 
@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Sequence
 from scalelm.errors import ConfigError
 
 if TYPE_CHECKING:
-    from scalelm.infer.sampling import Sampling
+    from scalelm.generation.sampling import Sampling
 
 BASE_HELP = "a LoRA checkpoint's base, where it is not at the path the checkpoint names (its SHA-256 must match)"
 
@@ -62,7 +62,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def sampling_of(args: argparse.Namespace) -> "Sampling":
-    from scalelm.infer.sampling import Sampling
+    from scalelm.generation.sampling import Sampling
 
     return Sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.min_p, args.repetition_penalty,
                     tuple(args.stop), args.num_samples, args.seed)
@@ -136,7 +136,7 @@ def generate_checkpoint(path: Path, prompts: Sequence[Prompt], sampling: "Sampli
                         tokenizer: Path | None = None) -> list[dict] | None:
     """One record per sample (the --out line), in prompt order, on rank 0 (None on the others); collective."""
     from scalelm.checkpoint.resume import init_weights
-    from scalelm.infer.rollouts import generate
+    from scalelm.generation.rollouts import generate
     from scalelm.model.build import build_model
     from scalelm.objectives.next_token import NextToken
     from scalelm.parallel.engine import Engine

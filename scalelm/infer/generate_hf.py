@@ -18,7 +18,7 @@ from typing import Iterator
 import torch
 
 from scalelm.errors import ConfigError, ConversionError
-from scalelm.infer.sampling import Sampling
+from scalelm.generation.sampling import Sampling
 
 
 def generate(model_path: Path, prompt: str, sampling: Sampling, chat: bool = False, system: str | None = None,

@@ -28,8 +28,6 @@ share of targets whose ratio is clipped where it matters), kl (k3, with a refere
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 
 from scalelm.errors import ConfigError
@@ -94,14 +92,6 @@ class GRPO(Defaults):
         if t.eval_every:
             raise ConfigError(f"train.eval_every={t.eval_every}: {cls.name} measures its reward on every rollout "
                               f"(reward_mean in the log); set train.eval_every=0")
-        from scalelm.rl.rewards import Rewards
-
-        Rewards(rl)  # each term found: a module that cannot be imported is refused here, before any rank starts
-        if rl.reward_model:
-            from scalelm.data.files import sha256_file
-            from scalelm.rl import reward_model
-
-            reward_model.check(cfg, sha256_file(cfg.data.tokenizer) if Path(cfg.data.tokenizer).is_file() else None)
         if rl.kl_coef and cfg.finetune.lora is None:
             raise ConfigError(f"rl.kl_coef={rl.kl_coef} needs a reference, which is the base with LoRA's adapters off: "
                               f"set finetune.lora.rank (e.g. 16), or rl.kl_coef=0")

@@ -1,7 +1,7 @@
 """The rollout source: the batch source (train/sources.py) of a policy-gradient objective (objectives/policy.py). It
 holds the engine and samples from it.
 
-    prompts ─take P─▶ generate G each (infer/rollouts.py, the weights as they are, on the training layout)
+    prompts ─take P─▶ generate G each (generation/rollouts.py, the weights as they are, on the training layout)
         ─▶ rewards (rl/rewards.py; split over every rank, gathered) ─▶ advantages by group (the objective's)
         ─▶ rows of prompt + completion, cut into rl.steps_per_rollout minibatches of train.global_batch_size
         ─▶ each optimizer step takes the next minibatch, rl.ppo_epochs times over, then a new rollout is sampled
@@ -35,8 +35,8 @@ import torch
 from scalelm.batch import Batch
 from scalelm.data.prompts import PromptSet
 from scalelm.errors import DataError, TrainingError
-from scalelm.infer.rollouts import generate
-from scalelm.infer.sampling import Sampling
+from scalelm.generation.rollouts import generate
+from scalelm.generation.sampling import Sampling
 from scalelm.model.lora import adapters_off
 from scalelm.objectives import Output
 from scalelm.objectives.tokens import token_logps
@@ -248,19 +248,19 @@ def _decoded(text: str) -> np.ndarray:
 
 def rollout_source(cfg, engine) -> RolloutSource:
     """The run's rollout source: data.train's prompts, rl.reward's rewards, completions read with data.tokenizer."""
-    from scalelm.convert.vocab import specials
+    from scalelm.data.chat import END_OF_TURN
     from scalelm.data.files import sha256_file
     from scalelm.data.tokenizer import load_tokenizer
 
     sp = load_tokenizer(cfg.data.tokenizer)
-    marks = specials(cfg.data.tokenizer)
-    eos = {marks.eos} | ({marks.end_of_turn} if marks.end_of_turn >= 0 else set())
+    end_of_turn = sp.piece_to_id(END_OF_TURN) if sp.piece_to_id(END_OF_TURN) != sp.unk_id() else -1
+    eos = {sp.eos_id()} | ({end_of_turn} if end_of_turn >= 0 else set())  # a chat's reply ends at <|end|>
     sha = sha256_file(cfg.data.tokenizer)
     prompts = PromptSet(cfg.data.train, "train", sha, cfg.data.seed)
     model = None
     if cfg.rl.reward_model:
         from scalelm.rl.reward_model import RewardModel
 
-        model = RewardModel(cfg, engine.layout, sha, sp.encode("\n"), marks.end_of_turn)
+        model = RewardModel(cfg, engine.layout, sha, sp.encode("\n"), end_of_turn)
     return RolloutSource(cfg, engine, prompts, Rewards(cfg.rl), lambda ids: sp.decode([t for t in ids if t not in eos]),
                          eos, model)

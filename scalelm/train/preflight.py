@@ -7,7 +7,8 @@ again when it starts (cheap: manifests and hashes of small files), for ranks lau
 
     the config          every section (config/validate.py) against the world size, and the objective's own rules
     the data            each training source holds the kind of shards the objective trains on; the loaders open:
-                        the tokenizer's identity, chat shards that fit train.seq_len, enough windows for the readers
+                        the tokenizer's identity, chat shards that fit train.seq_len, enough windows for the readers;
+                        for RL the prompt shards' tokenizer and the rewards (rl.check: importable, a reward head)
     the checkpoints     train.init_from and a train.resume path exist and hold a checkpoint
 """
 
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from scalelm import objectives
+from scalelm import objectives, rl
 from scalelm.checkpoint import store
 from scalelm.config import Config, validate
 from scalelm.data.files import sha256_file
@@ -41,9 +42,10 @@ def preflight(cfg: Config, stage: Stage, world: int) -> Objective:
     cfg.model.vocab_size = resolve_vocab_size(cfg)  # saved with checkpoints, resolved
     check_data(cfg, stage, objective)
     data = world // (cfg.parallel.tensor * cfg.parallel.pipeline)
-    if objective.samples:  # RL: prompt shards, made with data.tokenizer (the rollouts read them whole)
+    if objective.samples:  # RL: prompt shards, made with data.tokenizer (the rollouts read them whole); the rewards
         for source in cfg.data.train:
             read_manifest(source, "train", sha256_file(cfg.data.tokenizer))
+        rl.check(cfg)
     else:
         loader_from_config(cfg, "train", 0, data)  # opening them checks the tokenizer, the shards' lengths and windows
     if cfg.train.eval_every:

@@ -17,7 +17,7 @@ from scalelm.convert.gguf import read_gguf
 from scalelm.convert.source import read_model
 from scalelm.infer.evaluate import evaluate_hf
 from scalelm.infer.generate_hf import generate
-from scalelm.infer.sampling import Sampling
+from scalelm.generation.sampling import Sampling
 from tests.helpers.ranks import run_ranks
 from tests.helpers.trained import MODELS, TINY
 from tests.helpers.workloads import evaluate_run, pretrain_run

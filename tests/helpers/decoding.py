@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from scalelm.infer.rollouts import generate
-from scalelm.infer.sampling import Sampling
+from scalelm.generation.rollouts import generate
+from scalelm.generation.sampling import Sampling
 from scalelm.model.build import build_model
 from scalelm.objectives import Output
 from scalelm.objectives.next_token import NextToken
@@ -26,7 +26,7 @@ def samples_and_forward(overrides: list[str], batch_size: int = 32, masks: bool 
     """{setting: (rollouts, [the training forward's log-probs of each sample's completion tokens])}. Without `masks`,
     as on an attention that takes none (Transformer Engine's): batches of prompts of one length."""
     if not masks:
-        from scalelm.infer.decode import Stage
+        from scalelm.generation.decode import Stage
 
         Stage.masks = property(lambda self: False)  # in this rank's process only
     cfg = tiny_config([f"train.seq_len={CONTEXT}", *overrides])

@@ -138,7 +138,7 @@ def test_a_lost_host_ray_restarts_the_workers_on_the_other_and_they_resume(ray_h
 
 def test_ray_job_generates_on_two_workers_what_one_process_does(ray_hosts, sft_start, tmp_path):
     from scalelm.infer.generate import Prompt, generate_checkpoint
-    from scalelm.infer.sampling import Sampling
+    from scalelm.generation.sampling import Sampling
 
     prompts, out = tmp_path / "prompts.jsonl", tmp_path / "out.jsonl"
     prompts.write_text('{"prompt": "The king"}\n{"prompt": "A"}\n')

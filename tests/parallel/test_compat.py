@@ -138,7 +138,7 @@ def test_deepspeed_names_a_pipeline_stage_as_model_build_reads_it():
 
 def test_megatron_reads_what_decoding_sets():
     """compat.sequence_parallel_off flips the `sequence_parallel` flag megatron's linears read in their forward; the
-    decoder (infer/decode.py) fills a StaticInferenceContext's buffers itself, which the attention must take as its
+    decoder (generation/decode.py) fills a StaticInferenceContext's buffers itself, which the attention must take as its
     cache, and moves its offset."""
     from megatron.core.inference.contexts import StaticInferenceContext
     from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear

@@ -11,6 +11,7 @@ from scalelm.data.preference_shards import write_preference_shards
 from scalelm.errors import ConfigError
 from scalelm.train.finetune import load_finetune_config
 from scalelm.train.loop import train
+from scalelm.train.preflight import preflight
 from tests.helpers.corpus import write_pairs
 from tests.helpers.launched import SFT_RUN
 from tests.helpers.ranks import run_ranks
@@ -52,5 +53,5 @@ def test_the_rewards_are_the_reward_models_scores_in_transformers(prompts, sft_s
 def test_a_checkpoint_that_is_not_a_reward_head_is_refused(prompts, sft_start, tmp_path):
     with pytest.raises(ConfigError, match=r"^rl.reward_model=.* was trained with finetune.objective=next_token: a "
                                           r"reward model is a reward head \(finetune.objective=reward"):
-        load_finetune_config(None, [f"data.train={prompts}", f"train.init_from={sft_start}", f"log.dir={tmp_path}", *RL,
-                                    f"rl.reward_model={sft_start}"])
+        preflight(load_finetune_config(None, [f"data.train={prompts}", f"train.init_from={sft_start}",
+                                              f"log.dir={tmp_path}", *RL, f"rl.reward_model={sft_start}"]), "finetune", 1)

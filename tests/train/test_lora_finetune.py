@@ -69,7 +69,7 @@ def test_eval_generate_and_the_merged_export_take_a_lora_checkpoint(trained_lora
     from scalelm.convert.parity import probe_tokens, scalelm_logits
     from scalelm.convert.source import read_lora
     from scalelm.infer.generate_hf import generate
-    from scalelm.infer.sampling import Sampling
+    from scalelm.generation.sampling import Sampling
     from scalelm.model.lora import merge
 
     ckpt = trained_lora["ckpt"]

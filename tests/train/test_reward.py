@@ -91,7 +91,7 @@ def test_what_a_reward_model_cannot_be_is_refused(reward, tmp_path):
     with pytest.raises(ConversionError, match="has a classification head"):
         to_gguf(reward["ckpt"], tmp_path / "x.gguf")
     from scalelm.infer.generate_hf import generate
-    from scalelm.infer.sampling import Sampling
+    from scalelm.generation.sampling import Sampling
 
     with pytest.raises(ConversionError, match="is a classification model"):
         generate(reward["ckpt"], "hi", Sampling(), stream=False)

@@ -29,7 +29,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state, tensor_parallel
 from megatron.core.inference.contexts import StaticInferenceContext
 
-from scalelm.infer.sampling import Sampling, pick, seeded
+from scalelm.generation.sampling import Sampling, pick, seeded
 from scalelm.model.attention import SDPAttention
 from scalelm.model.gpt import GPT, Block, Embedding, FinalNorm, Head
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from scalelm.errors import ConfigError
-from scalelm.infer.sampling import Sampling, pick
+from scalelm.generation.sampling import Sampling, pick
 from tests.helpers.decoding import CONTEXT, samples_and_forward
 from tests.helpers.ranks import run_ranks
 from tests.helpers.workloads import LLAMA

@@ -19,8 +19,8 @@ import torch
 
 from scalelm import compat
 from scalelm.errors import ConfigError
-from scalelm.infer.decode import Completion, Stage, decode
-from scalelm.infer.sampling import Sampling
+from scalelm.generation.decode import Completion, Stage, decode
+from scalelm.generation.sampling import Sampling
 from scalelm.objectives import registry
 from scalelm.parallel.topology import gather_objects
 
