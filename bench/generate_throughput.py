@@ -1,4 +1,4 @@
-"""Generation throughput: scalelm's decoder (infer/decode.py, on the training model's layers) next to transformers'
+"""Generation throughput: scalelm's decoder (generation/decode.py, on the training model's layers) next to transformers'
 `generate` on the same weights (written as a Hugging Face folder), the same prompts and this machine, in one run.
 
     python bench/generate_throughput.py [--shapes tiny,125m] [--batches 1,32] [--new-tokens 128] [--prompt-tokens 16]
@@ -28,8 +28,8 @@ sys.path.insert(0, str(Path(__file__).parents[1]))  # the repository, for tests.
 from scalelm.config import load_config  # noqa: E402
 from scalelm.convert.hf import write_hf_folder  # noqa: E402
 from scalelm.convert.source import ScalelmModel  # noqa: E402
-from scalelm.infer.rollouts import generate  # noqa: E402
-from scalelm.infer.sampling import Sampling  # noqa: E402
+from scalelm.generation.rollouts import generate  # noqa: E402
+from scalelm.generation.sampling import Sampling  # noqa: E402
 from scalelm.model.build import build_model, canonical_parameters  # noqa: E402
 from scalelm.objectives.next_token import NextToken  # noqa: E402
 from scalelm.parallel.engine import Engine  # noqa: E402
