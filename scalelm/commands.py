@@ -166,10 +166,11 @@ def _train(args: argparse.Namespace, stage: str, load) -> int:
 
         return relaunch(args.nproc_per_node, [stage, "--config", args.config, *args.overrides])
     from scalelm.train.loop import train
+    from scalelm.train.records import loss_text
 
     last = train(cfg, stage)
     if last and "loss" in last:
-        print(f"done: step {last['step']}, loss {last['loss']:.4f}"
+        print(f"done: step {last['step']}, loss {loss_text(last['loss'])}"
               + (f", val loss {last['val_loss']:.4f}" if "val_loss" in last else "") + f" -> {cfg.log.dir}/")
     elif last:
         print(f"nothing to do: the newest checkpoint is at step {last['step']}, train.steps={cfg.train.steps}")

@@ -62,7 +62,7 @@ def demo_pairs(texts: Path, out: Path, max_chars: int = 80, min_words: int = 4) 
     return counts
 
 
-def demo_prompts(texts: Path, out: Path, max_chars: int = 160) -> dict:
+def demo_prompts(texts: Path, out: Path, max_chars: int = 100) -> dict:
     """Prompts for RL, as JSONL: each conversation's system and user turns (demo_conversations's, speeches of at most
     `max_chars`) without the reply, the play, the replying speaker and the real reply kept as metadata. Returns
     counts."""

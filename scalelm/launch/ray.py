@@ -81,9 +81,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"scalelm: error: {e}", file=sys.stderr)
         return 2
     from scalelm.train.log import read_records  # after quiet_engines: it imports the engines
+    from scalelm.train.records import loss_text
 
     last = next((r for r in reversed(read_records(cfg.log.dir)) if "loss" in r), None)  # rank 0's, on shared storage
-    print(f"done: step {last['step']}, loss {last['loss']:.4f} -> {cfg.log.dir}/" if last else f"done -> {cfg.log.dir}/")
+    print(f"done: step {last['step']}, loss {loss_text(last['loss'])} -> {cfg.log.dir}/" if last else f"done -> {cfg.log.dir}/")
     return 0
 
 

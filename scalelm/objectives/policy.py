@@ -102,8 +102,8 @@ class GRPO(Defaults):
         longest = shards.chat.get("longest", 0) if shards.chat else 0
         if longest > room:
             raise ConfigError(f"{shards.source} holds a prompt of {longest} tokens, and train.seq_len - rl.max_new_tokens "
-                              f"= {cfg.train.seq_len} - {cfg.rl.max_new_tokens} = {room} leaves room for {room}: raise "
-                              f"train.seq_len or lower rl.max_new_tokens")
+                              f"= {cfg.train.seq_len} - {cfg.rl.max_new_tokens} = {room}: raise train.seq_len, lower "
+                              f"rl.max_new_tokens or leave the longer prompts out")
 
     def dynamic_sampling(self, cfg) -> bool:
         """Whether groups of equal rewards are dropped and replaced (rl.dynamic_sampling; null: dapo's)."""

@@ -19,7 +19,7 @@ from tqdm import tqdm
 from scalelm.config import Config, to_dict
 from scalelm.data.files import make_dir
 from scalelm.objectives import Objective
-from scalelm.train.records import StepRecord
+from scalelm.train.records import StepRecord, loss_text
 
 
 class RunLog:
@@ -49,7 +49,7 @@ class RunLog:
         self.last = record
         if not self.active:
             return
-        summary = (f"loss {step.loss:.4f} lr {step.lr:.2e} {step.tokens_per_s:,.0f} tok/s"
+        summary = (f"loss {loss_text(step.loss)} lr {step.lr:.2e} {step.tokens_per_s:,.0f} tok/s"
                    + self.objective.progress(step.metrics)
                    + (f" MFU {100 * step.mfu:.1f}% (PaLM)" if step.mfu is not None else ""))
         self.bar.update(1)

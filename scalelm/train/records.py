@@ -23,3 +23,8 @@ class StepRecord:
         return {"step": self.step, "loss": self.loss, "lr": self.lr, "grad_norm": self.grad_norm,
                 "tokens_per_s": self.tokens_per_s, "mfu": self.mfu, "mfu_megatron": self.mfu_megatron, "mem": self.mem,
                 **self.units, **self.metrics}
+
+
+def loss_text(loss: float) -> str:
+    """A loss as the log prints it, 4 decimals; one a hair below zero (RL's, on-policy) reads 0.0000, not -0.0000."""
+    return f"{round(loss, 4) + 0.0:.4f}"

@@ -84,7 +84,7 @@ def test_failing_rewards_are_counted_and_too_many_stop_the_run(prompts, sft_star
     (["rl.reward=tests.helpers.rewards:nothing"], r"tests.helpers.rewards has no function 'nothing'"),
     (["rl.reward=exact_matc"], r"did you mean exact_match\?"),
     (["rl.group_size=1", "train.global_batch_size=4"], r"^rl.group_size=1: grpo compares the completions of one prompt"),
-    (["rl.max_new_tokens=28"], r"holds a prompt of \d+ tokens, and train.seq_len - rl.max_new_tokens = 32 - 28 = 4"),
+    (["rl.max_new_tokens=28"], r"holds a prompt of \d+ tokens, and train.seq_len - rl.max_new_tokens = 32 - 28 = 4: raise train.seq_len"),
     (["rl.kl_coef=0.1"], r"rl.kl_coef=0.1 needs a reference.*finetune.lora.rank"),
     (["rl.group_size=3"], r"8 completions, which must be whole groups of rl.group_size=3"),
 ])
