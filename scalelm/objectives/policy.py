@@ -43,7 +43,8 @@ class GRPO(Defaults):
     unit = "completions"
     fields = ("labels", "loss_mask", "old_logps", "advantages", "ref_logps")
     metrics = ("logprob_gap", "clipped", "kl", "entropy")
-    scaled, token_mean = True, False  # advantages over the group's std; the loss a mean over tokens, then completions
+    scaled = True  # advantages over the group's std
+    kl_in_reward = False  # the KL to the reference weighs in the loss, per token (rloo: off the reward, per completion)
 
     def __init__(self, cfg):
         rl = cfg.rl
@@ -92,9 +93,6 @@ class GRPO(Defaults):
         if t.eval_every:
             raise ConfigError(f"train.eval_every={t.eval_every}: {cls.name} measures its reward on every rollout "
                               f"(reward_mean in the log); set train.eval_every=0")
-        if rl.kl_coef and cfg.finetune.lora is None:
-            raise ConfigError(f"rl.kl_coef={rl.kl_coef} needs a reference, which is the base with LoRA's adapters off: "
-                              f"set finetune.lora.rank (e.g. 16), or rl.kl_coef=0")
 
     @classmethod
     def check_data(cls, cfg, shards) -> None:
@@ -119,9 +117,9 @@ class GRPO(Defaults):
             advantages = advantages / (_nanstd(rewards) + 1e-4)
         return advantages.nan_to_num(0.0)
 
-    def penalised(self, rewards: torch.Tensor, old: torch.Tensor, ref: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """The rewards (n,) the advantages are computed from; a KL penalty is rloo's (the others put it in the loss)."""
-        return rewards
+    def penalised(self, rewards: torch.Tensor, kl: torch.Tensor) -> torch.Tensor:
+        """The rewards (n,) less beta x each completion's Σ_t (old - ref) log-probs (kl_in_reward: rloo's)."""
+        return rewards - self.beta * kl
 
     # ------------------------------------------------------------------------------------------------ the loss
 
@@ -215,14 +213,12 @@ class DAPO(GRPO):
 class RLOO(GRPO):
     """REINFORCE leave-one-out: a baseline of the group's other rewards, one ratio per completion, KL in the reward."""
 
-    name = "rloo"
+    name, kl_in_reward = "rloo", True
+    metrics = ("logprob_gap", "clipped", "entropy")  # its KL is the rollout's, reported by the source
 
     @classmethod
     def check(cls, cfg) -> None:
         super().check(cfg)
-        if cfg.rl.kl_coef:
-            raise ConfigError("rl.kl_coef with rloo (a KL penalty on the reward) is not built yet: use rl.kl_coef=0, or "
-                              "grpo, dr_grpo or dapo, which weigh the KL in the loss")
         if cfg.rl.ratio != "token":
             raise ConfigError("rl.ratio=sequence is GSPO's ratio for grpo, dr_grpo and dapo: rloo's ratio is already one "
                               "per completion (of its summed log-probs)")
@@ -232,8 +228,6 @@ class RLOO(GRPO):
         baseline = (rewards.nansum(dim=1, keepdim=True) - rewards) / (scored - 1)
         return (rewards - baseline).nan_to_num(0.0)
 
-    def penalised(self, rewards: torch.Tensor, old: torch.Tensor, ref: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return rewards - self.beta * ((old - ref) * mask).sum(1) if self.beta else rewards
 
     def __call__(self, logits: torch.Tensor, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         mask = batch["loss_mask"].float()
@@ -247,8 +241,7 @@ class RLOO(GRPO):
             clipped = ((ratio < 1 - self.low) & (advantages < 0)) | ((ratio > 1 + self.high) & (advantages > 0))
             per_unit = self._metric_weights(mask)
             metrics = {"logprob_gap": ((logps.detach() - old).abs() * per_unit).sum(),
-                       "clipped": (clipped & real).float().sum(), "kl": torch.zeros(()),
-                       "entropy": (entropy * per_unit).sum()}
+                       "clipped": (clipped & real).float().sum(), "entropy": (entropy * per_unit).sum()}
         return torch.where(real, losses, 0.0).sum(), metrics
 
 

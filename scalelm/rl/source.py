@@ -10,8 +10,9 @@ A rollout holds train.global_batch_size x rl.steps_per_rollout completions, P = 
 the same rollout (generate gathers it everywhere) and takes its own rows of each minibatch: data-parallel rank d the
 d-th block of micro_batch_size x accumulation rows. A row's targets (loss_mask) are its completion's tokens; it carries
 the log-prob each was sampled with (old_logps; the policy's, softmax(logits / T), the same number the trainer
-computes), its completion's advantage and, with rl.kl_coef, the reference's log-probs: a forward pass of the model
-with its LoRA adapters off, made once per rollout.
+computes), its completion's advantage and, with rl.kl_coef, the reference's log-probs (rl/reference.py: the model with its
+LoRA adapters off, or train.init_from's weights in a second engine), made once per rollout; rloo takes the KL off
+its rewards instead.
 
 Dynamic sampling (DAPO's, rl.dynamic_sampling) drops groups whose rewards are all equal, which carry no signal, and
 samples more prompts until the rollout is full, at most rl.max_sampling_rounds times; the rest is filled with dropped
@@ -28,6 +29,7 @@ import base64
 import math
 import time
 from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -37,9 +39,6 @@ from scalelm.data.prompts import PromptSet
 from scalelm.errors import DataError, TrainingError
 from scalelm.generation.rollouts import generate
 from scalelm.generation.sampling import Sampling
-from scalelm.model.lora import adapters_off
-from scalelm.objectives import Output
-from scalelm.objectives.tokens import token_logps
 from scalelm.parallel.topology import gather_objects
 from scalelm.rl.rewards import Rewards, Sample
 
@@ -67,9 +66,10 @@ class Rollout:
 class RolloutSource:
     """Minibatches of the model's own completions, scored (see the module docstring); every rank calls `take`."""
 
-    def __init__(self, cfg, engine, prompts: PromptSet, rewards: Rewards, decode, eos: set[int], reward_model=None):
+    def __init__(self, cfg, engine, prompts: PromptSet, rewards: Rewards, decode, eos: set[int], reward_model=None,
+                 reference=None):
         self.rl, self.engine, self.prompts, self.rewards, self.decode, self.eos = cfg.rl, engine, prompts, rewards, decode, eos
-        self.reward_model = reward_model  # rl/reward_model.py's, or None
+        self.reward_model, self.reference = reward_model, reference  # rl/reward_model.py's, rl/reference.py's, or None
         self.objective, layout = engine.objective, engine.layout
         self.rows = cfg.train.micro_batch_size * engine.grad_accum  # this rank's rows of a minibatch
         self.micro, self.seq_len, self.context = cfg.train.micro_batch_size, cfg.train.seq_len, cfg.model.max_position_embeddings
@@ -127,6 +127,7 @@ class RolloutSource:
     def _sample(self) -> dict[str, float]:
         """A new rollout, sampled, scored and made into rows; collective. Returns its timings."""
         started, kept, spare, scored_all, failed, errors, sampled, tokens = time.perf_counter(), [], [], [], 0, [], 0, 0
+        kls = []  # rloo's Σ_t (old - ref) of each completion
         sampling_s = scoring_s = 0.0
         for round_ in range(self.rl.max_sampling_rounds if self.dynamic else 1):
             taken = self.prompts.take(self.groups - len(kept))
@@ -146,13 +147,19 @@ class RolloutSource:
             sampled, tokens = sampled + len(samples), tokens + sum(s.tokens for s in samples)
             failed, errors = failed + int(np.isnan(rewards).sum()), errors + round_errors
             scored_all += [r for r in rewards if not math.isnan(r)]
-            grouped = torch.tensor(rewards, dtype=torch.float32).view(len(taken), self.rl.group_size)
+            drawn = Rollout([list(p.ids) for p in of], [rollouts.completion(i) for i in range(len(of))],
+                            [rollouts.sampling_logprobs[i, :samples[i].tokens].numpy() for i in range(len(of))],
+                            [0.0] * len(of))
+            rewards = torch.tensor(rewards, dtype=torch.float32)
+            if self.objective.beta and self.objective.kl_in_reward:  # rloo: the KL to the reference, off the reward
+                kl = torch.tensor(self.reference.completion_kl(len(of), lambda rows: self._batch(drawn, rows)))
+                rewards, kls = self.objective.penalised(rewards, kl), kls + kl.tolist()
+            grouped = rewards.view(len(taken), self.rl.group_size)
             advantages = self.objective.advantages(grouped)
             for g in range(len(taken)):
                 rows = range(g * self.rl.group_size, (g + 1) * self.rl.group_size)
-                group = ([list(taken[g][1].ids)] * self.rl.group_size, [rollouts.completion(i) for i in rows],
-                         [rollouts.sampling_logprobs[i, :samples[i].tokens].numpy() for i in rows],
-                         advantages[g].tolist())
+                group = ([drawn.prompts[i] for i in rows], [drawn.completions[i] for i in rows],
+                         [drawn.logprobs[i] for i in rows], advantages[g].tolist())
                 equal = grouped[g][~grouped[g].isnan()].unique().numel() <= 1
                 (spare if self.dynamic and equal else kept).append(group)
             if len(kept) == self.groups:
@@ -168,7 +175,8 @@ class RolloutSource:
         mean = float(np.mean(scored_all)) if scored_all else math.nan
         self.figures = {"reward_mean": mean, "reward_std": float(np.std(scored_all)) if scored_all else math.nan,
                         "reward_failures": failed, "completion_tokens": tokens / sampled,
-                        "groups_dropped": len(spare) if self.dynamic else 0}
+                        "groups_dropped": len(spare) if self.dynamic else 0,
+                        **({"kl": sum(kls) / max(tokens, 1)} if kls else {})}  # per token, as the others report it
         return {"sampling_s": sampling_s, "scoring_s": scoring_s, "sampled_tokens_per_s": tokens / max(sampling_s, 1e-9),
                 "rollout_s": time.perf_counter() - started}
 
@@ -193,15 +201,15 @@ class RolloutSource:
         for m in range(self.rl.steps_per_rollout):
             first = m * self.minibatch + self.dp_rank * self.rows
             rows = range(first, first + self.rows)
-            out.append([self._batch(rows[i:i + self.micro]) for i in range(0, self.rows, self.micro)])
-        if self.objective.beta:  # rloo's KL is a penalty on its rewards, which it refuses for now
+            out.append([self._batch(self.rollout, rows[i:i + self.micro]) for i in range(0, self.rows, self.micro)])
+        if self.objective.beta and not self.objective.kl_in_reward:
             flat = [b for minibatch in out for b in minibatch]
-            for batch, ref in zip(flat, self._reference(flat)):
+            for batch, ref in zip(flat, self.reference.logps(flat)):
                 batch["ref_logps"] = ref
         return out
 
-    def _batch(self, rows: range) -> Batch:
-        r, L = self.rollout, self.seq_len
+    def _batch(self, r: Rollout, rows: Sequence[int]) -> Batch:
+        L = self.seq_len
         batch = {"input_ids": torch.zeros(len(rows), L, dtype=torch.long), "labels": torch.zeros(len(rows), L, dtype=torch.long),
                  "loss_mask": torch.zeros(len(rows), L, dtype=torch.bool), "old_logps": torch.zeros(len(rows), L),
                  "advantages": torch.zeros(len(rows), L)}
@@ -215,22 +223,6 @@ class RolloutSource:
             batch["advantages"][b, start:end] = r.advantages[i]
         batch["origin"] = [f"rollout {self.count} completion {i}" for i in rows]
         return batch
-
-    def _reference(self, batches: list[Batch]) -> list[torch.Tensor]:
-        """Each micro-batch's log-probs by the model with its adapters off (zeros where this stage computes none)."""
-        temperature = self.rl.temperature
-        with adapters_off(self.engine.module):
-            found = self.engine.forward_only(batches if self.engine.reads_data else [], len(batches),
-                                             Output.LOGPROBS if temperature == 1 else Output.LOGITS)
-        refs = []
-        for batch, value in zip(batches, found if self.engine.reads_data else [None] * len(batches)):
-            if value is None:
-                refs.append(torch.zeros(batch["labels"].shape))
-            elif temperature == 1:
-                refs.append(value.cpu())
-            else:
-                refs.append(token_logps(value.float() / temperature, batch["labels"].to(value.device)).cpu())
-        return refs
 
 
 def _seed(seed: int, rollout: int, round_: int) -> int:
@@ -257,10 +249,14 @@ def rollout_source(cfg, engine) -> RolloutSource:
     eos = {sp.eos_id()} | ({end_of_turn} if end_of_turn >= 0 else set())  # a chat's reply ends at <|end|>
     sha = sha256_file(cfg.data.tokenizer)
     prompts = PromptSet(cfg.data.train, "train", sha, cfg.data.seed)
-    model = None
+    model = reference = None
     if cfg.rl.reward_model:
         from scalelm.rl.reward_model import RewardModel
 
         model = RewardModel(cfg, engine.layout, sha, sp.encode("\n"), end_of_turn)
+    if cfg.rl.kl_coef:
+        from scalelm.rl.reference import Reference
+
+        reference = Reference(cfg, engine, sha)
     return RolloutSource(cfg, engine, prompts, Rewards(cfg.rl), lambda ids: sp.decode([t for t in ids if t not in eos]),
-                         eos, model)
+                         eos, model, reference)

@@ -64,6 +64,17 @@ def test_a_run_stopped_mid_rollout_resumes_bit_for_bit(prompts, sft_start, tmp_p
     assert all((resumed["weights"][k] == w).all() for k, w in straight["weights"].items())
 
 
+@pytest.mark.parametrize("objective", ["grpo", "rloo"])
+def test_a_kl_to_the_start_reads_zero_until_the_policy_moves(prompts, sft_start, tmp_path, objective):
+    """Full finetuning: the reference is train.init_from in a second engine (grpo: k3 per token in the loss; rloo: the
+    sampling log-probs against it, off the rewards). The first rollout is sampled from the start itself."""
+    run = tmp_path / "run"
+    train(load_finetune_config(None, run_of(prompts, sft_start, run, "train.steps=3", f"finetune.objective={objective}",
+                                            "rl.kl_coef=0.1")), "finetune")
+    records = [r for r in read_records(run) if "loss" in r]
+    assert abs(records[0]["kl"]) <= 1e-6 and abs(records[2]["kl"]) > 1e-5
+
+
 def test_failing_rewards_are_counted_and_too_many_stop_the_run(prompts, sft_start, tmp_path):
     run = tmp_path / "counted"
     train(load_finetune_config(None, run_of(prompts, sft_start, run, "train.steps=2", "train.global_batch_size=16",
@@ -85,7 +96,6 @@ def test_failing_rewards_are_counted_and_too_many_stop_the_run(prompts, sft_star
     (["rl.reward=exact_matc"], r"did you mean exact_match\?"),
     (["rl.group_size=1", "train.global_batch_size=4"], r"^rl.group_size=1: grpo compares the completions of one prompt"),
     (["rl.max_new_tokens=28"], r"holds a prompt of \d+ tokens, and train.seq_len - rl.max_new_tokens = 32 - 28 = 4: raise train.seq_len"),
-    (["rl.kl_coef=0.1"], r"rl.kl_coef=0.1 needs a reference.*finetune.lora.rank"),
     (["rl.group_size=3"], r"8 completions, which must be whole groups of rl.group_size=3"),
 ])
 def test_bad_inputs_stop_in_one_line(prompts, sft_start, tmp_path, extra, message):
