@@ -106,6 +106,20 @@ def test_bad_inputs_stop_in_one_line(prompts, sft_start, tmp_path, extra, messag
     assert "\n" not in str(e.value)
 
 
+def test_prompt_shards_of_another_tokenizer_are_refused(pipeline, sft_start, tmp_path):
+    from scalelm.data.prompt_shards import write_prompt_shards
+    from scalelm.data.tokenizer import train_tokenizer
+    from scalelm.errors import DataError
+    from scalelm.train.preflight import preflight
+    from tests.helpers.rl import write_prompts
+
+    train_tokenizer([pipeline["docs"]], tmp_path / "other.model", vocab_size=350, workers=1)
+    write_prompt_shards([write_prompts(tmp_path / "raw")], tmp_path / "other.model", tmp_path / "shards",
+                        val_fraction=0.0, progress=False)
+    with pytest.raises(DataError, match=r"shards was made with another tokenizer .* than data.tokenizer"):
+        preflight(load_finetune_config(None, run_of(tmp_path / "shards", sft_start, tmp_path / "run")), "finetune", 1)
+
+
 def test_text_shards_are_not_prompts(pipeline, sft_start, tmp_path):
     from scalelm.errors import DataError
     from scalelm.train.preflight import preflight
