@@ -97,18 +97,24 @@ _HELD = -1  # a submodule id no module has: while it is among a parameter's acti
 
 
 @contextmanager
-def zero3_whole(model: torch.nn.Module) -> Iterator[None]:
+def zero3_whole(model: torch.nn.Module, optimizer: Any) -> Iterator[None]:
     """Every ZeRO-3 partitioned parameter of `model` whole on every rank for the duration (one all-gather over the
     data-parallel group in, one partition out; collective), and kept whole while the model's layers are called in
     any order, any number of times: each data-parallel rank may then run its own number of forward passes (a decoder
-    does). ZeRO-3's hooks release a parameter after each submodule's forward unless a submodule still uses it
-    (DeepSpeed 0.19.8: `ds_active_sub_modules`); one that is never called is marked as using every parameter."""
+    does). DeepSpeed 0.19.8: ZeRO-3's hooks release a parameter after each submodule's forward unless a submodule
+    still uses it (`ds_active_sub_modules`; one that is never called is marked as using every parameter), and its
+    parameter coordinator (`optimizer.parameter_offload`) may be recording a trace of the module calls, which every
+    rank must record alike: the trace is dropped first (`_invalidate_trace`), so that the calls here are not in it and
+    the next training step records a new one."""
     params = [p for p in model.parameters() if zero3_partitioned(p)]
     if not params:
         yield
         return
     import deepspeed
 
+    coordinator = optimizer.parameter_offload.get_param_coordinator()
+    if not coordinator.is_invalid_trace():
+        coordinator._invalidate_trace()
     with deepspeed.zero.GatheredParameters(params):
         for p in params:
             p.ds_active_sub_modules.add(_HELD)

@@ -75,7 +75,7 @@ def generate(engine, prompts: list[list[int]], sampling: Sampling, eos: set[int]
     batches = [group[start:start + batch_size] for group in groups for start in range(0, len(group), batch_size)]
     model.eval()
     try:
-        with compat.sequence_parallel_off(model), compat.zero3_whole(model):
+        with compat.sequence_parallel_off(model), compat.zero3_whole(model, engine.optimizer):
             done = [c for batch in batches for c in decode(stage, context, prompts, batch, sampling, eos, stopped)]
     finally:
         model.train(training)

@@ -51,11 +51,14 @@ def samples_and_forward(overrides: list[str], batch_size: int = 32, masks: bool 
                 (logprobs,) = engine.forward_only(micro, 1, Output.LOGPROBS)
                 forward.append(None if logprobs is None else logprobs[0, start - 1:start - 1 + k])  # None: not the last stage
             out[name] = (rollouts, forward)
-        if zero3:  # partitioned again after generating, and training goes on
+        if zero3:  # partitioned again after generating, and training goes on, generating between steps (as RL does;
+            # each rank decodes its own number of steps, which ZeRO-3's trace of module calls must not record)
             assert all(p.numel() == 0 for p in engine.module.parameters()), "ZeRO-3's weights left whole"
             ids = torch.randint(0, VOCAB, (2, CONTEXT + 1), generator=torch.Generator().manual_seed(0))
-            loss = step(engine, [{"input_ids": ids[:, :-1], "labels": ids[:, 1:]}] * engine.grad_accum)
-            assert 0 < loss < 10, loss
+            for _ in range(3):
+                loss = step(engine, [{"input_ids": ids[:, :-1], "labels": ids[:, 1:]}] * engine.grad_accum)
+                assert 0 < loss < 10, loss
+                generate(engine, PROMPTS, Sampling(**SETTINGS["greedy"][0]), eos=set(), context=CONTEXT)
         return out
     finally:
         destroy_distributed()

@@ -90,6 +90,8 @@ def source(module_or_class) -> str:
     ("ds_shape", "deepspeed.runtime.zero.partition_parameters"),  # compat.whole_shape
     ("ds_numel", "deepspeed.runtime.zero.partition_parameters"),  # compat.whole_numel
     ("not param.ds_active_sub_modules", "deepspeed.runtime.zero.partitioned_param_coordinator"),  # compat.zero3_whole
+    ("def _invalidate_trace(self)", "deepspeed.runtime.zero.partitioned_param_coordinator"),
+    ("def get_param_coordinator(self)", "deepspeed.runtime.zero.parameter_offload"),
     ("fp32_partitioned_groups_flat", "deepspeed.runtime.zero.stage3"),  # compat.flat_partitions
     ("self.loss_scaler", "deepspeed.runtime.zero.stage_1_and_2"),  # compat.loss_scaler_state
     ("self.global_steps += 1", "deepspeed.runtime.engine"),  # compat.engine_counts
