@@ -1,6 +1,6 @@
 """grpo, dr_grpo, dapo, rloo (finetune.objective): policy gradients on the model's own completions, scored by rewards.
 
-Their batches come from rollouts (train/rollout_source.py): completions of prompt shards sampled by the model as it
+Their batches come from rollouts (rl/source.py): completions of prompt shards sampled by the model as it
 is, G per prompt (rl.group_size), each a row of prompt + completion whose targets (loss_mask) are the completion's
 tokens, carrying per target the log-prob it was sampled with (old_logps), its completion's advantage (advantages)
 and, with rl.kl_coef, the reference's log-prob (ref_logps). Per target t of completion i, with
@@ -39,7 +39,7 @@ from scalelm.objectives.tokens import token_entropy, token_logps
 @register
 class GRPO(Defaults):
     name, stage, data, output = "grpo", "finetune", "prompts", Output.LOGITS
-    samples = True  # its batches are the model's own completions (train/rollout_source.py)
+    samples = True  # its batches are the model's own completions (rl/source.py)
     unit = "completions"
     fields = ("labels", "loss_mask", "old_logps", "advantages", "ref_logps")
     metrics = ("logprob_gap", "clipped", "kl", "entropy")
@@ -69,7 +69,7 @@ class GRPO(Defaults):
             raise ConfigError(f"rl.group_size={rl.group_size}: {cls.name} compares the completions of one prompt, so it "
                               f"needs at least 2 (8 is usual)")
         for name, ok, rule in (("max_new_tokens", rl.max_new_tokens >= 1, "at least 1"),
-                               ("temperature", rl.temperature > 0, "above 0 (1 samples the model as it is)"),
+                               ("temperature", rl.temperature >= 1e-3, "1e-3 or more (1 samples the model as it is)"),
                                ("steps_per_rollout", rl.steps_per_rollout >= 1, "at least 1"),
                                ("ppo_epochs", rl.ppo_epochs >= 1, "at least 1"),
                                ("clip", 0 < rl.clip < 1, "in (0, 1)"),
@@ -79,6 +79,12 @@ class GRPO(Defaults):
                                ("max_sampling_rounds", rl.max_sampling_rounds >= 1, "at least 1")):
             if not ok:
                 raise ConfigError(f"rl.{name}={getattr(rl, name)}: use {rule}")
+        dropouts = {"model.dropout": cfg.model.dropout, "model.attention_dropout": cfg.model.attention_dropout,
+                    "finetune.lora.dropout": cfg.finetune.lora.dropout if cfg.finetune.lora else 0.0}
+        for name, value in dropouts.items():
+            if value:
+                raise ConfigError(f"{name}={value}: {cls.name} compares the trainer's log-probs with the sampler's, "
+                                  f"which a dropout draws apart; set {name}=0")
         t = cfg.train
         rollout = t.global_batch_size * rl.steps_per_rollout
         if rollout % rl.group_size:
@@ -227,7 +233,6 @@ class RLOO(GRPO):
         scored = (~rewards.isnan()).sum(dim=1, keepdim=True)
         baseline = (rewards.nansum(dim=1, keepdim=True) - rewards) / (scored - 1)
         return (rewards - baseline).nan_to_num(0.0)
-
 
     def __call__(self, logits: torch.Tensor, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         mask = batch["loss_mask"].float()

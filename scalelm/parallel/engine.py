@@ -138,7 +138,7 @@ class Engine:
         self._sums: torch.Tensor | None = None  # the step's metric sums, added up by each micro-batch's loss
         self._units = 0
         self._fields: list[str] = []  # what the last pipeline stage is handed of each batch
-        self._capture = None  # (output, values) while forward_only runs the pipeline
+        self._capture = None  # (output, temperature, values) while forward_only runs the pipeline
 
     @property
     def module(self) -> torch.nn.Module:
@@ -192,14 +192,16 @@ class Engine:
         self.engine.train()
         return self._outcome(self._data_parallel_mean(total / count))
 
-    def forward_only(self, micro: Sequence[Batch], count: int, output: Output) -> list[torch.Tensor | None]:
+    def forward_only(self, micro: Sequence[Batch], count: int, output: Output,
+                     temperature: float = 1.0) -> list[torch.Tensor | None]:
         """`output` (objectives.Output) of each of `count` micro-batches, the model in eval mode and without gradients:
-        on the ranks that compute the loss (the last pipeline stage), None on a first stage, [] on the others."""
+        on the ranks that compute the loss (the last pipeline stage), None on a first stage, [] on the others.
+        Log-probs are of softmax(logits / temperature)."""
         fields = list(dict.fromkeys([*self.objective.fields, *(["labels"] if output is Output.LOGPROBS else [])]))
         with self._emitting(output), torch.no_grad():
             if self.pipeline:
                 out: list[torch.Tensor] = []
-                self._capture = (output, out)
+                self._capture = (output, temperature, out)
                 micro = [b if "scale" in b else {**b, "scale": torch.ones(())} for b in micro]  # the targets carry one
                 try:
                     self.engine.eval_batch(self._pipeline_batches(micro, fields), num_micro_batches=count)
@@ -211,7 +213,7 @@ class Engine:
             out = []
             for batch in micro:
                 on_device = self._on_device(batch)
-                out.append(self._wanted(self.engine(*model_inputs(on_device)), on_device, output))
+                out.append(self._wanted(self.engine(*model_inputs(on_device)), on_device, output, temperature))
             self.engine.train(training)
             return out
 
@@ -234,9 +236,11 @@ class Engine:
     def _on_device(self, batch: dict) -> dict:
         return {k: v.to(self.device) for k, v in batch.items() if torch.is_tensor(v)}
 
-    def _wanted(self, computed: torch.Tensor, batch: dict, output: Output) -> torch.Tensor:
+    def _wanted(self, computed: torch.Tensor, batch: dict, output: Output, temperature: float = 1.0) -> torch.Tensor:
         """What the model computed (logits, scores or hidden states) as `output` asks for it."""
-        return token_logps(computed, batch["labels"]) if output is Output.LOGPROBS else computed
+        if output is not Output.LOGPROBS:
+            return computed
+        return token_logps(computed.float() / temperature if temperature != 1 else computed, batch["labels"])
 
     def _emitting(self, output: Output):
         """The model ends in its head, or for hidden states before it."""
@@ -262,8 +266,8 @@ class Engine:
         *fields, scale = targets
         batch = dict(zip(self._fields, fields))
         if self._capture is not None:  # forward_only: keep what was asked for, and give DeepSpeed a loss to average
-            output, out = self._capture
-            out.append(self._wanted(computed, batch, output))
+            output, temperature, out = self._capture
+            out.append(self._wanted(computed, batch, output, temperature))
             return torch.zeros((), device=computed.device)
         loss_sum, metrics = self.objective(self._wanted(computed, batch, self.objective.output), batch)
         self._add_metrics(metrics)

@@ -19,8 +19,7 @@ import torch
 from scalelm.batch import Batch
 from scalelm.model.lora import adapters_off, has_adapters
 from scalelm.objectives import Output
-from scalelm.objectives.tokens import token_logps
-from scalelm.parallel.topology import gather_objects
+from scalelm.rl.shares import over_data_parallel
 
 
 class Reference:
@@ -28,38 +27,25 @@ class Reference:
         self.policy, self.temperature, self.micro = engine, cfg.rl.temperature, cfg.train.micro_batch_size
         self.engine = engine if has_adapters(engine.module) else _frozen(cfg, engine, tokenizer_sha256)
 
+    def _off(self):
+        return adapters_off(self.engine.module) if self.engine is self.policy else contextlib.nullcontext()
+
     def logps(self, batches: list[Batch]) -> list[torch.Tensor]:
         """(b, s) log-probs of each micro-batch's labels by the reference; collective over the pipeline."""
-        off = adapters_off(self.engine.module) if self.engine is self.policy else contextlib.nullcontext()
         reads = self.engine.reads_data
-        with off:
-            found = self.engine.forward_only(batches if reads else [], len(batches),
-                                             Output.LOGPROBS if self.temperature == 1 else Output.LOGITS)
-        out = []
-        for batch, value in zip(batches, found if reads else [None] * len(batches)):
-            if value is None:
-                out.append(torch.zeros(batch["labels"].shape))
-            elif self.temperature == 1:
-                out.append(value.cpu())
-            else:
-                out.append(token_logps(value.float() / self.temperature, batch["labels"].to(value.device)).cpu())
-        return out
+        with self._off():
+            found = self.engine.forward_only(batches if reads else [], len(batches), Output.LOGPROBS, self.temperature)
+        return [torch.zeros(batch["labels"].shape) if value is None else value.cpu()
+                for batch, value in zip(batches, found if reads else [None] * len(batches))]
 
     def completion_kl(self, n: int, batch_of) -> list[float]:
-        """Σ_t (old - ref) of each of `n` completions, on every rank; `batch_of(indices)` makes their micro-batch.
-        Data-parallel rank d takes completions d, d + dp, ...; a rank short of them runs a copy. Collective."""
-        layout = self.policy.layout
-        mine = list(range(layout.dp_rank, n, layout.data))
-        count = -(-len(range(0, n, layout.data)) // self.micro)
-        chunks = [mine[b * self.micro:(b + 1) * self.micro] or mine[:1] or [0] for b in range(count)]
-        batches = [batch_of(chunk) for chunk in chunks]
-        found = {}
-        for chunk, batch, ref in zip(chunks, batches, self.logps(batches)):
-            sums = ((batch["old_logps"] - ref) * batch["loss_mask"]).sum(1)
-            found.update({i: float(sums[k]) for k, i in enumerate(chunk)})
-        computes = self.engine.computes_loss and layout.tp_rank == 0
-        merged = {i: v for part in gather_objects(found if computes else None) if part for i, v in part.items()}
-        return [merged[i] for i in range(n)]
+        """Σ_t (old - ref) of each of `n` completions, on every rank; `batch_of(rows)` makes their micro-batch (with
+        old_logps and loss_mask). Collective."""
+        def kl(batch: Batch, ref: torch.Tensor, k: int, row: int) -> float:
+            return float(((batch["old_logps"][k] - ref[k].cpu()) * batch["loss_mask"][k]).sum())
+
+        with self._off():
+            return over_data_parallel(self.engine, n, self.micro, batch_of, Output.LOGPROBS, kl, self.temperature)
 
 
 def _frozen(cfg, engine, tokenizer_sha256: str | None):

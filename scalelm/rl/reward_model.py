@@ -3,7 +3,7 @@
 
 Each completion is scored as the reward head was trained to score a reply: its prompt and the completion, and after
 an end of turn the newline the chat template closes a turn with (data/chat.py; where it fits the reward model's
-context), its score the head's output at the last token. The data-parallel ranks split the completions; the scores are gathered on every rank.
+context), its score the head's output at the last token. The data-parallel ranks split the completions (rl/shares.py); the scores are gathered on every rank.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from scalelm.checkpoint import store
 from scalelm.config import Config, load_config, to_dict
 from scalelm.errors import CheckpointError, ConfigError
 from scalelm.objectives import Output, registry
-from scalelm.parallel.topology import gather_objects
+from scalelm.rl.shares import over_data_parallel
 
 
 def check(cfg: Config, tokenizer_sha256: str | None) -> tuple[Path, dict]:
@@ -31,6 +31,9 @@ def check(cfg: Config, tokenizer_sha256: str | None) -> tuple[Path, dict]:
     if trained != "reward":
         raise ConfigError(f"{field} was trained with finetune.objective={trained}: a reward model is a reward head "
                           f"(finetune.objective=reward, `scalelm finetune` on preference pairs)")
+    if not manifest["config"]["model"].get("causal", True):
+        raise ConfigError(f"{field} is a bidirectional model (model.causal=false): scoring rows of different lengths, "
+                          f"padded, it would read the padding; use a causal reward model")
     if tokenizer_sha256 and manifest.get("tokenizer_sha256") not in (None, tokenizer_sha256):
         raise ConfigError(f"{field} was trained with another tokenizer than data.tokenizer: it would read the "
                           f"completions' token ids as other text")
@@ -69,23 +72,12 @@ class RewardModel:
         """The head's score of each row (prompt + completion), on every rank. Collective."""
         rows = [r + self.newline if r[-1] == self.end_of_turn and len(r) + len(self.newline) <= self.width else r
                 for r in rows]
-        dp, rank = self.layout.data, self.layout.dp_rank
-        mine = list(range(rank, len(rows), dp))
-        count = -(-len(range(0, len(rows), dp)) // self.micro)  # the most micro-batches a data-parallel rank runs
-        width = self.width  # one shape for every call: a pipeline's stages agree on it once
-        batches = []
-        for b in range(count):
-            chunk = mine[b * self.micro:(b + 1) * self.micro] or mine[:1] or [0]  # a rank short of rows runs a copy
-            ids = torch.zeros(self.micro, width, dtype=torch.long)
-            for k, i in enumerate(chunk):
+
+        def batch_of(chosen):
+            ids = torch.zeros(len(chosen), self.width, dtype=torch.long)
+            for k, i in enumerate(chosen):
                 ids[k, :len(rows[i])] = torch.tensor(rows[i])
-            batches.append(({"input_ids": ids}, chunk))
-        found = self.engine.forward_only([b for b, _ in batches] if self.engine.reads_data else [], count, Output.SCORES)
-        scores = {}
-        if self.engine.computes_loss:
-            for (_, chunk), values in zip(batches, found):
-                for k, i in enumerate(chunk):
-                    scores[i] = float(values[len(rows[i]) - 1, k, 0])
-        everyone = gather_objects(scores if self.layout.tp_rank == 0 and self.engine.computes_loss else None)
-        merged = {i: s for part in everyone if part for i, s in part.items()}
-        return [merged[i] for i in range(len(rows))]
+            return {"input_ids": ids}
+
+        return over_data_parallel(self.engine, len(rows), self.micro, batch_of, Output.SCORES,
+                                  lambda batch, scores, k, i: float(scores[len(rows[i]) - 1, k, 0]))

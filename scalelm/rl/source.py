@@ -19,8 +19,9 @@ samples more prompts until the rollout is full, at most rl.max_sampling_rounds t
 groups (they weigh in the loss's denominator, with no gradient).
 
 Resuming: the state is the prompts' position, the rollouts sampled so far (which seed the next) and the rollout in
-use with the steps taken from it: its completions, their sampling log-probs and advantages, so a run stopped
-mid-rollout goes on with the same rows bit for bit (the reference is recomputed: the base does not change).
+use with the steps taken from it: its completions, their sampling log-probs and advantages (once, in data-parallel
+rank 0's state), so a run stopped mid-rollout goes on with the same rows bit for bit (the reference is recomputed:
+the start does not change).
 """
 
 from __future__ import annotations
@@ -98,10 +99,14 @@ class RolloutSource:
         return minibatch if self.engine.reads_data else []
 
     def state_dict(self) -> dict:
+        """Every rank holds the same rollout: data-parallel rank 0's state carries it, the others' say so."""
+        rollout = self.rollout.state() if self.rollout is not None else None
         return {"prompts": self.prompts.state_dict(), "count": self.count, "used": self.used, "figures": self.figures,
-                "rollout": self.rollout.state() if self.rollout is not None else None}
+                "rollout": rollout if self.dp_rank == 0 or rollout is None else {"held_by": 0}}
 
     def load_state_dict(self, state: dict) -> None:
+        if isinstance(state.get("rollout"), dict) and "held_by" in state["rollout"]:
+            raise DataError("the rollout is in data-parallel rank 0's state")  # the resume calls continue_from
         try:
             self.prompts.load_state_dict(state["prompts"])
             self.count, self.used, self.figures = state["count"], state["used"], state["figures"]
@@ -114,8 +119,8 @@ class RolloutSource:
         self._batches = None
 
     def continue_from(self, states: list[dict | None]) -> str:
-        """Every rank holds the whole rollout, so any rank's state serves another data-parallel size."""
-        self.load_state_dict(next(s for s in states if s is not None))
+        """Every rank holds the whole rollout, so rank 0's state serves any data-parallel rank and size."""
+        self.load_state_dict(states[0])
         return f"the rollout in use and the prompts' position carried over to {self.engine.layout.data} data-parallel ranks"
 
     def report(self) -> dict[str, float]:
@@ -142,7 +147,10 @@ class RolloutSource:
             rewards, round_errors = self._score(samples)
             if self.reward_model is not None:  # NaN, a failed term, stays NaN
                 scores = self.reward_model.score([list(p.ids) + rollouts.completion(i) for i, p in enumerate(of)])
-                rewards = [r + self.rl.reward_model_weight * score for r, score in zip(rewards, scores)]
+                round_errors += [(i, f"rl.reward_model: its score is {score}") for i, score in enumerate(scores)
+                                 if not math.isfinite(score) and not math.isnan(rewards[i])]
+                rewards = [r + self.rl.reward_model_weight * score if math.isfinite(score) else math.nan
+                           for r, score in zip(rewards, scores)]
             sampling_s, scoring_s = sampling_s + t1 - t0, scoring_s + time.perf_counter() - t1
             sampled, tokens = sampled + len(samples), tokens + sum(s.tokens for s in samples)
             failed, errors = failed + int(np.isnan(rewards).sum()), errors + round_errors
@@ -165,7 +173,7 @@ class RolloutSource:
             if len(kept) == self.groups:
                 break
         if failed > self.rl.max_reward_failures * sampled:
-            index, message = errors[0]
+            index, message = sorted(errors)[0]
             raise TrainingError(f"the reward failed for {failed} of {sampled} completions of rollout {self.count + 1}, more "
                                 f"than rl.max_reward_failures={self.rl.max_reward_failures}; the first, completion "
                                 f"{index}: {message}")

@@ -12,6 +12,7 @@ from scalelm.train.finetune import load_finetune_config
 from scalelm.train.log import read_records
 from scalelm.train.loop import train
 from scalelm.train.plot import plot_run
+from tests.helpers.ranks import run_ranks
 from tests.helpers.rl import RL, rl_run
 
 pytestmark = [pytest.mark.slow]
@@ -52,12 +53,15 @@ def test_several_updates_per_rollout_move_away_from_the_sampler(prompts, sft_sta
 
 
 def test_a_run_stopped_mid_rollout_resumes_bit_for_bit(prompts, sft_start, tmp_path):
-    """Two minibatches per rollout: the checkpoint after step 3 holds a rollout half used, which the resumed run
-    must finish with the same rows (its completions and sampling log-probs come from the checkpoint)."""
-    common = run_of(prompts, sft_start, tmp_path / "x", "rl.steps_per_rollout=2")
-    straight = rl_run([o.replace("/x", "/straight") for o in common] + ["train.steps=6", "checkpoint.every=3"])
+    """Two minibatches per rollout on two data-parallel ranks: the checkpoint after step 3 holds a rollout half used
+    (in rank 0's state), which the resumed run must finish with the same rows on both ranks (its completions and
+    sampling log-probs come from the checkpoint)."""
+    common = run_of(prompts, sft_start, tmp_path / "x", "rl.steps_per_rollout=2", "parallel.zero_stage=1")
+    straight = run_ranks(2, rl_run, [o.replace("/x", "/straight") for o in common] + ["train.steps=6",
+                                                                                       "checkpoint.every=3"])[0]
     mid = tmp_path / "straight" / "checkpoints" / "step-00000003"
-    resumed = rl_run([o.replace("/x", "/resumed") for o in common] + ["train.steps=6", f"train.resume={mid}"])
+    resumed = run_ranks(2, rl_run, [o.replace("/x", "/resumed") for o in common] + ["train.steps=6",
+                                                                                     f"train.resume={mid}"])[0]
     assert [r["loss"] for r in resumed["records"]] == [r["loss"] for r in straight["records"]][3:]
     assert [r["reward_mean"] for r in resumed["records"]] == [r["reward_mean"] for r in straight["records"]][3:]
     assert resumed["completions"] == straight["completions"]
