@@ -19,3 +19,8 @@ def always_fails(prompt, completion, metadata):
 def nan_for_some(prompt, completion, metadata):
     """letter_e, but NaN for about half the completions (by a checksum of their text, the same on any rank)."""
     return math.nan if zlib.crc32(completion.encode()) % 2 else letter_e(prompt, completion, metadata)
+
+
+def flat_below_20(prompt, completion, metadata):
+    """1 for every completion of a prompt whose number is under 20 (a group with nothing to learn), else letter_e."""
+    return 1.0 if int(metadata["answer"]) < 20 else letter_e(prompt, completion, metadata)

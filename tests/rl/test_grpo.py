@@ -3,6 +3,7 @@ shards, a reward scores them, and GRPO moves the policy; the trainer's log-probs
 update, the reward rises on a toy task, a run stopped mid-rollout resumes bit for bit, and bad inputs stop in one
 line."""
 
+import base64
 import math
 
 import pytest
@@ -77,6 +78,25 @@ def test_a_kl_to_the_start_reads_zero_until_the_policy_moves(prompts, sft_start,
                                             "rl.kl_coef=0.1")), "finetune")
     records = [r for r in read_records(run) if "loss" in r]
     assert abs(records[0]["kl"]) <= 1e-6 and abs(records[2]["kl"]) > 1e-5
+
+
+def test_dapo_drops_groups_of_equal_rewards_and_samples_more(prompts, sft_start, tmp_path):
+    """DAPO's dynamic sampling: half the prompts reward every completion alike (flat_below_20), so their groups are
+    dropped and replaced; every group of the rollout trained on has completions that differ in advantage. The prompt
+    order and the sampling are seeded, so what is drawn is the same every run."""
+    import numpy as np
+
+    from scalelm.checkpoint import store
+
+    run = tmp_path / "run"
+    train(load_finetune_config(None, run_of(prompts, sft_start, run, "train.steps=3", "finetune.objective=dapo",
+                                            "rl.reward=tests.helpers.rewards:flat_below_20", "rl.max_sampling_rounds=8",
+                                            "rl.clip_high=0.28")), "finetune")
+    records = [r for r in read_records(run) if "loss" in r]
+    assert sum(r["groups_dropped"] for r in records) > 0
+    rollout = store.read_manifest(store.resolve(run / "checkpoints"))["loader"][0]["rollout"]
+    advantages = np.frombuffer(base64.b64decode(rollout["advantages"]), np.float32).reshape(-1, 4)
+    assert (np.abs(advantages).max(axis=1) > 0).all()
 
 
 def test_failing_rewards_are_counted_and_too_many_stop_the_run(prompts, sft_start, tmp_path):
