@@ -3,7 +3,8 @@
 
 Each completion is scored as the reward head was trained to score a reply: its prompt and the completion, and after
 an end of turn the newline the chat template closes a turn with (data/chat.py; where it fits the reward model's
-context), its score the head's output at the last token. The data-parallel ranks split the completions (rl/shares.py); the scores are gathered on every rank.
+context), its score the head's output at the last token. The data-parallel ranks split the completions
+(rl/shares.py); the scores are gathered on every rank.
 """
 
 from __future__ import annotations

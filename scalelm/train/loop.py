@@ -33,7 +33,6 @@ from scalelm.objectives import Objective, Stage
 from scalelm.parallel.engine import Engine
 from scalelm.parallel.topology import before_the_ranks_meet, env_rank, gather_objects, process_group, rank_hosts
 from scalelm.parallel.watchdog import Watchdog
-from scalelm.rl.source import rollout_source
 from scalelm.train import metrics
 from scalelm.train.guards import LossGuard
 from scalelm.train.log import RunLog
@@ -43,7 +42,7 @@ from scalelm.train.records import StepRecord
 from scalelm.train.schedule import Schedule
 from scalelm.train.score import run_reference
 from scalelm.train.signals import StopSignals
-from scalelm.train.sources import batch_source
+from scalelm.train.sources import batch_source, run_data
 
 
 def pretrain(cfg: Config) -> dict:
@@ -74,12 +73,10 @@ def _train(cfg: Config, stage: Stage, objective: Objective, layout, tokenizer_sh
         reference, more = run_reference(cfg, objective, layout, manifest.get("reference") if ckpt else None)
         notes += more
         scored = reference["model"]["sha256"] if reference else None
-        # RL samples its batches (rl/source.py); every other objective reads token shards
-        loader = None if objective.samples else loader_from_config(cfg, "train", layout.dp_rank, layout.data, scored)
-        model = build_model(cfg, layout, cfg.model.vocab_size, loader is not None and loader.documents,
-                            objective.num_labels())
+        data = run_data(cfg, objective, layout, scored)  # token shards, or for RL its rollouts
+        model = build_model(cfg, layout, cfg.model.vocab_size, data.documents, objective.num_labels())
         engine = Engine(cfg, layout, model, objective, AdamW(cfg.optim), Schedule(cfg.optim))
-        source = rollout_source(cfg, engine) if loader is None else batch_source(loader, engine)
+        source = data.source(engine)
         run = RunState()
         if ckpt is not None:
             run, more = load_checkpoint(cfg, layout, engine, source, ckpt, manifest, tokenizer_sha)
@@ -92,7 +89,7 @@ def _train(cfg: Config, stage: Stage, objective: Objective, layout, tokenizer_sh
         log = RunLog(cfg, objective, active=layout.rank == 0, total_steps=cfg.train.steps, first_step=run.step, stage=stage)
         if cfg.finetune.lora:
             notes.append(_lora_note(cfg, objective))
-        for note in notes + ([loader.packing()] if loader is not None and loader.chat else []):
+        for note in notes + data.notes:
             log.note(run.step, note)
         guard = LossGuard(cfg.train.max_bad_steps, cfg.train.spike_zscore, run.guard)
         validation = _Validation(cfg, layout, engine, scored) if cfg.train.eval_every else None

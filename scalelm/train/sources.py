@@ -8,8 +8,9 @@
     source.report()               what making the last step's batches measured, for its log line ({} for most;
                                   a rollout's rewards and sampling time)
 
-`Loader` reads token shards (data/loader.py's TokenLoader), `InHand` holds micro-batches already made (an
-evaluation's). `ReferencePass` transforms another
+`run_data(cfg, objective, layout, scored)` is what the loop asks first: whether the batches pack documents (the
+model is built for it) and, once the engine exists, the run's source. `Loader` reads token shards (data/loader.py's
+TokenLoader), `InHand` holds micro-batches already made (an evaluation's). `ReferencePass` transforms another
 source's batches: it adds each document's log-prob by the engine's own model with its LoRA adapters off, the
 reference of DPO under LoRA (its objective declares `reference`, and shards scored with a reference carry it
 already). The rollout source of RL (rl/source.py) holds the engine and samples from it. What comes next plugs in
@@ -18,15 +19,17 @@ the same way: a masker (masked-LM) or a teacher (distillation) transforms the ba
 
 from __future__ import annotations
 
-from typing import Protocol
+from dataclasses import dataclass
+from typing import Any, Callable, Protocol
 
 import torch
 
 from scalelm.batch import Batch
-from scalelm.data.loader import TokenLoader
+from scalelm.data.loader import TokenLoader, loader_from_config
 from scalelm.model.lora import adapters_off, has_adapters
 from scalelm.objectives import Output
 from scalelm.objectives.documents import document_logps
+from scalelm.rl.source import rollout_source
 
 
 class BatchSource(Protocol):
@@ -126,6 +129,25 @@ class ReferencePass:
 
     def report(self) -> dict[str, float]:
         return self.source.report()
+
+
+@dataclass
+class RunData:
+    """What a run trains on, known before its model is built: whether its batches pack documents (the model then takes
+    their positions and ids), what it has to say in the log, and the batch source it makes once the engine exists."""
+
+    documents: bool
+    notes: list[str]
+    source: Callable[[Any], BatchSource]  # engine -> the run's batch source
+
+
+def run_data(cfg, objective, layout, scored: str | None) -> RunData:
+    """The objective's data: token shards read by a loader of this data-parallel rank (`scored`: the SHA-256 of the
+    model whose log-probs DPO's shards carry), or, for an objective that samples (RL), its rollouts (rl/source.py)."""
+    if objective.samples:
+        return RunData(False, [], lambda engine: rollout_source(cfg, engine))
+    loader = loader_from_config(cfg, "train", layout.dp_rank, layout.data, scored)
+    return RunData(loader.documents, [loader.packing()] if loader.chat else [], lambda engine: batch_source(loader, engine))
 
 
 def batch_source(loader: TokenLoader, engine) -> BatchSource:

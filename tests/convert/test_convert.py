@@ -15,9 +15,9 @@ from scalelm.checkpoint import store
 from scalelm.cli import main
 from scalelm.convert.gguf import read_gguf
 from scalelm.convert.source import read_model
+from scalelm.generation.sampling import Sampling
 from scalelm.infer.evaluate import evaluate_hf
 from scalelm.infer.generate_hf import generate
-from scalelm.generation.sampling import Sampling
 from tests.helpers.ranks import run_ranks
 from tests.helpers.trained import MODELS, TINY
 from tests.helpers.workloads import evaluate_run, pretrain_run

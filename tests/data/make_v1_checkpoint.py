@@ -27,13 +27,13 @@ RUN = ["model.num_layers=2", "model.hidden_size=32", "model.num_heads=2", "model
 
 def make(out: Path) -> None:
     import torch
+    from tests.corpus import write_corpus
 
     from scalelm.config import load_config
     from scalelm.data.prepare import prepare
     from scalelm.data.shards import write_shards
     from scalelm.data.tokenizer import train_tokenizer
     from scalelm.train.loop import pretrain
-    from tests.corpus import write_corpus
 
     torch.set_num_threads(1)
     os.chdir(out)

@@ -1,7 +1,8 @@
 """`ray job submit -- python -m scalelm.launch.ray` on a real two-node Ray cluster started by the test: a head on
 node1 and a worker node on node2 (tests/hosts.py, each host with its own /tmp/ray). Two workers spread over the
-hosts finetune, and run GRPO with a reward module shipped in the job's working directory; then two pretrain, node2 is lost mid-run, and Ray restarts the workers on the host that is left,
-which resume from the newest checkpoint and finish the run."""
+hosts finetune, and run GRPO with a reward module shipped in the job's working directory; then two pretrain, node2
+is lost mid-run, and Ray restarts the workers on the host that is left, which resume from the newest checkpoint and
+finish the run."""
 
 import json
 import os
@@ -137,8 +138,8 @@ def test_a_lost_host_ray_restarts_the_workers_on_the_other_and_they_resume(ray_h
 
 
 def test_ray_job_generates_on_two_workers_what_one_process_does(ray_hosts, sft_start, tmp_path):
-    from scalelm.infer.generate import Prompt, generate_checkpoint
     from scalelm.generation.sampling import Sampling
+    from scalelm.infer.generate import Prompt, generate_checkpoint
 
     prompts, out = tmp_path / "prompts.jsonl", tmp_path / "out.jsonl"
     prompts.write_text('{"prompt": "The king"}\n{"prompt": "A"}\n')

@@ -98,8 +98,8 @@ def test_a_job_on_shards_that_do_not_fit_ends_in_one_line(slurm, chat, sft_start
 
 
 def test_sbatch_generates_on_tensor_parallel_ranks_what_one_process_does(slurm, sft_start, tmp_path):
-    from scalelm.infer.generate import Prompt, generate_checkpoint
     from scalelm.generation.sampling import Sampling
+    from scalelm.infer.generate import Prompt, generate_checkpoint
 
     (tmp_path / "prompts.jsonl").write_text('{"prompt": "The king"}\n{"messages": [{"role": "user", "content": "Hi"}]}\n')
     job_id = slurm.sbatch([*CPU_JOB, "--job-name=gen", f"--output={tmp_path}/%x-%j.out", str(REPO / "slurm/pretrain.sh"),

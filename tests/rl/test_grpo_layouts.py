@@ -1,8 +1,9 @@
-"""GRPO on every layout (ZeRO-3: its weights gathered for sampling) equals one process: the same completions (the decoder samples on the training layout, each
-completion from its own seeded generator), the same rewards, and after two steps (the second off-policy: rl.ppo_epochs=2)
-the same losses and weights to 1e-5 in fp32, on spawned gloo ranks. With a KL too: LoRA's to its base (the adapters
-off) on two tensor ranks, a full finetune's to train.init_from (a second engine) on a pipeline, RLOO's off the rewards
-(each data-parallel rank scoring its share) on two data-parallel ranks."""
+"""GRPO on every layout (ZeRO-3: its weights gathered for sampling) equals one process: the same completions (the
+decoder samples on the training layout, each completion from its own seeded generator), the same rewards, and after
+two steps (the second off-policy: rl.ppo_epochs=2) the same losses and weights to 1e-5 in fp32, on spawned gloo ranks.
+With a KL too: LoRA's to its base (the adapters off) on two tensor ranks, a full finetune's to train.init_from (a
+second engine) on a pipeline, RLOO's off the rewards (each data-parallel rank scoring its share) on two data-parallel
+ranks."""
 
 import pytest
 import torch

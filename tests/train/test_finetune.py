@@ -111,8 +111,8 @@ def test_what_does_not_fit_is_refused(chat, pipeline, start, tmp_path):
 
 
 def test_a_finetuned_model_answers_inside_the_template_and_stops_at_end_of_turn(pipeline, start, tmp_path):
-    from scalelm.infer.generate_hf import generate
     from scalelm.generation.sampling import Sampling
+    from scalelm.infer.generate_hf import generate
     from tests.helpers.corpus import make_sentence, make_words
 
     rng, words = random.Random(0), make_words(100)

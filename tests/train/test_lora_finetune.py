@@ -68,8 +68,8 @@ def test_eval_generate_and_the_merged_export_take_a_lora_checkpoint(trained_lora
     from scalelm.cli import main
     from scalelm.convert.parity import probe_tokens, scalelm_logits
     from scalelm.convert.source import read_lora
-    from scalelm.infer.generate_hf import generate
     from scalelm.generation.sampling import Sampling
+    from scalelm.infer.generate_hf import generate
     from scalelm.model.lora import merge
 
     ckpt = trained_lora["ckpt"]

@@ -90,8 +90,8 @@ def test_a_score_head_exports_as_sequence_classification(architecture, tmp_path)
 def test_what_a_reward_model_cannot_be_is_refused(reward, tmp_path):
     with pytest.raises(ConversionError, match="has a classification head"):
         to_gguf(reward["ckpt"], tmp_path / "x.gguf")
-    from scalelm.infer.generate_hf import generate
     from scalelm.generation.sampling import Sampling
+    from scalelm.infer.generate_hf import generate
 
     with pytest.raises(ConversionError, match="is a classification model"):
         generate(reward["ckpt"], "hi", Sampling(), stream=False)
