@@ -34,5 +34,9 @@ def load_finetune_config(path: str | Path | None, overrides: Sequence[str] = ())
     if saved.get("data", {}).get("tokenizer"):
         base["data"] = {"tokenizer": saved["data"]["tokenizer"]}
     cfg = load_config(path, overrides, base=base)
+    inherited = base.get("data", {}).get("tokenizer")
+    if cfg.data.tokenizer == inherited and not Path(inherited).is_file():
+        raise ConfigError(f"train.init_from's run named its tokenizer {inherited}, which is not found from {Path.cwd()}: "
+                          f"give data.tokenizer=PATH (the .model that run trained with)")
     objectives.check(cfg, "finetune")
     return cfg

@@ -128,3 +128,19 @@ def test_a_finetuned_model_answers_inside_the_template_and_stops_at_end_of_turn(
     answer = generate(run / "checkpoints", "Kalo mi ren?", Sampling(max_new_tokens=24, temperature=0), chat=True,
                       stream=False)
     assert answer == "Yes."  # the reply, then <|end|>: generation stopped there, with 20 tokens still allowed
+
+
+def test_a_tokenizer_the_start_names_by_a_path_not_found_here_is_one_line(sft_start, tmp_path, monkeypatch):
+    """A checkpoint keeps data.tokenizer as its run gave it: a relative path, from another directory, is not found."""
+    import shutil
+
+    ckpt = store.resolve(sft_start)
+    moved = tmp_path / "ckpt"
+    shutil.copytree(ckpt, moved)
+    manifest = json.loads((moved / "manifest.json").read_text())
+    manifest["config"]["data"]["tokenizer"] = "runs/demo/tokenizer.model"
+    (moved / "manifest.json").write_text(json.dumps(manifest))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match=r"^train.init_from's run named its tokenizer runs/demo/tokenizer.model, which "
+                                          r"is not found from .*: give data.tokenizer=PATH"):
+        load_finetune_config(None, [f"train.init_from={moved}", *RUN])
