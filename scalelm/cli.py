@@ -178,15 +178,18 @@ def _training(sub) -> None:
     _run_flags(p, "configs/", "optim.lr=3e-4", commands.pretrain)
     _preflight_flag(p)
 
-    p = sub.add_parser("finetune", help="SFT, DPO, a reward model or a classifier from a pretrained or Hugging Face "
-                                        "model",
+    p = sub.add_parser("finetune", help="SFT, DPO, a reward model, a classifier or RL (GRPO) from a pretrained or "
+                                        "Hugging Face model",
                        description="Finetune the model of train.init_from (a checkpoint of any layout, or `scalelm convert "
                                    "from-hf` output) with finetune.objective: sft on chat shards (`scalelm shard --chat`), "
                                    "packed conversations, the loss on finetune.train_on's tokens; dpo on preference "
                                    "shards (`scalelm shard --preference`), whose reference log-probs a run without LoRA "
                                    "scores first when they are missing (`scalelm score`); reward (a reward model) on "
-                                   "preference shards; classify on labelled texts (`scalelm shard --labels`). The model "
-                                   "and tokenizer default to the start's. Launched, checkpointed and resumed like pretrain.")
+                                   "preference shards; classify on labelled texts (`scalelm shard --labels`); grpo, "
+                                   "dr_grpo, dapo or rloo on prompts (`scalelm shard --prompts`), sampling completions and "
+                                   "scoring them with rl.reward (module:function or a built-in) or rl.reward_model. The "
+                                   "model and tokenizer default to the start's. Launched, checkpointed and resumed like "
+                                   "pretrain.")
     _run_flags(p, "configs/sft-tiny.yaml", "train.init_from=CKPT", commands.finetune)
     _preflight_flag(p)
 

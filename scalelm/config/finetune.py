@@ -70,7 +70,8 @@ class FinetuneConfig:
     chat shards (`scalelm shard --chat`); dpo, preference pairs (`scalelm shard --preference`), the reference being
     the base (LoRA) or train.init_from's scored log-probs; reward, a reward model (head: classification, num_labels:
     1) on preference pairs, Bradley-Terry; classify, the classes of labelled texts (`scalelm shard --labels`, head:
-    classification), cross entropy."""
+    classification), cross entropy; grpo, dr_grpo, dapo, rloo, policy gradients on the model's own completions of
+    prompts (`scalelm shard --prompts`), scored by the rewards of the rl: section."""
     head: Literal["lm", "classification"] = "lm"
     """lm: next-token logits; classification: num_labels scores read at each document's last token (objectives/reward.py, classify.py)."""
     num_labels: int = 2
