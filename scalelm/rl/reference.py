@@ -19,7 +19,7 @@ import torch
 from scalelm.batch import Batch
 from scalelm.model.lora import adapters_off, has_adapters
 from scalelm.objectives import Output
-from scalelm.rl.shares import over_data_parallel
+from scalelm.parallel.shares import over_data_parallel
 
 
 class Reference:

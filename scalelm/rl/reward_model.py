@@ -4,7 +4,7 @@
 Each completion is scored as the reward head was trained to score a reply: its prompt and the completion, and after
 an end of turn the newline the chat template closes a turn with (data/chat.py; where it fits the reward model's
 context), its score the head's output at the last token. The data-parallel ranks split the completions
-(rl/shares.py); the scores are gathered on every rank.
+(parallel/shares.py); the scores are gathered on every rank.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from scalelm.checkpoint import store
 from scalelm.config import Config, load_config, to_dict
 from scalelm.errors import CheckpointError, ConfigError
 from scalelm.objectives import Output, registry
-from scalelm.rl.shares import over_data_parallel
+from scalelm.parallel.shares import over_data_parallel
 
 
 def check(cfg: Config, tokenizer_sha256: str | None) -> tuple[Path, dict]:
