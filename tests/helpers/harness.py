@@ -3,7 +3,8 @@
 from pathlib import Path
 
 
-def scalelm_lm(checkpoints: Path):
+def scalelm_lm(checkpoints: Path, layout):
+    """The checkpoint's model in an engine on `layout` (single_process()'s), as lm-eval's model."""
     from scalelm.checkpoint import store
     from scalelm.checkpoint.resume import init_weights
     from scalelm.config import load_config
@@ -13,13 +14,11 @@ def scalelm_lm(checkpoints: Path):
     from scalelm.model.build import build_model
     from scalelm.objectives.next_token import NextToken
     from scalelm.parallel.engine import Engine
-    from scalelm.parallel.topology import init_distributed
 
     ckpt = store.resolve(checkpoints)
     manifest = store.read_manifest(ckpt)
     cfg = load_config(None, [f"train.init_from={ckpt}", "train.micro_batch_size=4", "train.global_batch_size=4"],
                       base={**manifest["config"], "parallel": {}})
-    layout = init_distributed(cfg.parallel, 0)
     engine = Engine(cfg, layout, build_model(cfg, layout, cfg.model.vocab_size), NextToken(cfg))
     init_weights(cfg, engine, manifest.get("tokenizer_sha256"))
     sp = load_tokenizer(checkpoint_tokenizer(ckpt, manifest))

@@ -53,6 +53,7 @@ def test_the_harness_on_scalelm_equals_lm_eval_on_the_export(trained, exported, 
     import lm_eval
     from lm_eval.tasks import TaskManager
 
+    from scalelm.parallel.topology import single_process
     from tests.helpers.harness import scalelm_lm
 
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
@@ -60,8 +61,9 @@ def test_the_harness_on_scalelm_equals_lm_eval_on_the_export(trained, exported, 
     texts = [r["text"] for r in records if len(r["text"]) > 300][:12]
     tasks = write_tasks(tmp_path / "tasks", texts)
     manager = TaskManager(include_path=str(tasks))
-    ours = lm_eval.simple_evaluate(model=scalelm_lm(trained["gpt"]), tasks=["scalelm_mc", "scalelm_rolling"],
-                                   task_manager=manager, log_samples=True, batch_size=4)
+    with single_process() as layout:  # the engine's process group, destroyed after: the test process goes on
+        ours = lm_eval.simple_evaluate(model=scalelm_lm(trained["gpt"], layout), tasks=["scalelm_mc", "scalelm_rolling"],
+                                       task_manager=manager, log_samples=True, batch_size=4)
     # lm-eval's hf backend puts BOS before a context with add_bos_token=True, as scalelm trains
     theirs = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={exported['gpt']},add_bos_token=True,"
                                                            f"dtype=float32", tasks=["scalelm_mc", "scalelm_rolling"],
